@@ -1,0 +1,156 @@
+"""``asym-export``: export AsymmetricAutoencoderKL to verified ONNX graphs in one folder."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from asym_runtime.errors import AsymInputError
+from asym_runtime.specs import ShapeLimits, parse_shape
+
+from .variants import PUBLISHED, VARIANTS
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+DESCRIPTION = """\
+Export the asymmetric VAE of Stable Diffusion inpainting (diffusers AsymmetricAutoencoderKL)
+into one self-describing folder: encoder.onnx and decoder.onnx (FP32, dynamic batch/height/
+width), each verified with ONNX Runtime against the PyTorch reference at several shapes,
+and manifest.json (written last) with hashes, shape limits, versions and the verification
+results. A verification failure exits 1 and writes no manifest.
+"""
+
+EPILOG = """\
+examples:
+  asym-export --variant x2 --out artifacts/x2                   # hub weights (through the cache)
+  asym-export --variant x2 --weights ./my-vae --out artifacts/x2  # a save_pretrained folder
+  asym-export --variant x2 --random-weights --seed 0 --out /tmp/x2  # offline, for tests/benchmarks
+
+exit codes: 0 verified folder written; 1 export or verification failed; 2 bad arguments,
+unusable weights or output folder.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage dump
+        self.exit(EXIT_USAGE, f"asym-export: error: {message} (see asym-export --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="asym-export", description=DESCRIPTION, epilog=EPILOG,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variant", required=True, metavar="{x1.5,x2}",
+                   help="which published checkpoint: x1.5 or x2 ('tiny' is a test-only config)")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR",
+                   help="output folder (created; an existing manifest there is replaced)")
+    w = p.add_argument_group("weights (default: the variant's hub id, through the hub cache)")
+    src = w.add_mutually_exclusive_group()
+    src.add_argument("--weights", metavar="FOLDER_OR_HUB_ID",
+                     help="a local diffusers folder (config.json + safetensors) or a hub id")
+    src.add_argument("--random-weights", action="store_true",
+                     help="exact variant config with seeded random weights (offline tests, benchmarks)")
+    w.add_argument("--seed", type=int, default=0, help="seed for --random-weights (default 0)")
+    w.add_argument("--revision", help="hub revision (branch, tag or commit) for a hub id")
+    w.add_argument("--allow-pickle", action="store_true",
+                   help="accept pickle (.bin) weights; they can run code when loaded, use only if trusted")
+    v = p.add_argument_group("verification")
+    v.add_argument("--verify-shapes", metavar="BxHxW[,BxHxW...]",
+                   help="extra shapes (batch x height x width pixels, multiples of 8) to verify the "
+                        "graphs at, besides the export shape 2x64x64 (default: 1x64x96,3x48x80)")
+    v.add_argument("--atol", type=float, default=None, metavar="X",
+                   help="max abs error allowed for the FP32 graphs (default 1e-3)")
+    s = p.add_argument_group("shape limits (recorded in the manifest; enforced by the runtime)")
+    s.add_argument("--min-size", default="64", metavar="N|HxW", help="smallest image, pixels (default 64)")
+    s.add_argument("--opt-size", default="512", metavar="N|HxW", help="typical image, pixels (default 512)")
+    s.add_argument("--max-size", default="1024", metavar="N|HxW", help="largest image, pixels (default 1024)")
+    s.add_argument("--max-batch", type=int, default=4, help="largest batch (default 4)")
+    s.add_argument("--opt-batch", type=int, default=1, help="typical batch (default 1)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every step")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
+    return p
+
+
+def _options(args):
+    from .export import DEFAULT_VERIFY_SHAPES, ExportOptions
+    from .verify import FP32_MAX_ABS
+
+    if args.variant not in VARIANTS:
+        raise AsymInputError(f"unknown variant {args.variant!r}; choose one of {', '.join(PUBLISHED)}")
+    limits = ShapeLimits.from_sizes(args.min_size, args.opt_size, args.max_size,
+                                    min_batch=1, opt_batch=args.opt_batch, max_batch=args.max_batch)
+    shapes = DEFAULT_VERIFY_SHAPES
+    if args.verify_shapes:
+        shapes = tuple(parse_shape(s) for s in args.verify_shapes.split(",") if s.strip())
+    atol = FP32_MAX_ABS if args.atol is None else args.atol
+    if not atol > 0:
+        raise AsymInputError(f"--atol {args.atol} must be positive")
+    if args.seed < 0:
+        raise AsymInputError(f"--seed {args.seed} must be >= 0")
+    return ExportOptions(
+        variant=args.variant, out=args.out, weights=args.weights, random_weights=args.random_weights,
+        seed=args.seed, allow_pickle=args.allow_pickle, revision=args.revision, limits=limits,
+        verify_shapes=shapes, fp32_max_abs=atol,
+    )
+
+
+def _summary(result) -> str:
+    lines = [f"artifact folder: {result.out}"]
+    width = max(len(n) for n in result.files)
+    for name, size in sorted(result.files.items()):
+        lines.append(f"  {name.ljust(width)}  {size / 1e6:10.1f} MB")
+    lines.append(f"  {'manifest.json'.ljust(width)}  (written last)")
+    lines.append("")
+    for report in result.reports:
+        lines.append(report.table())
+    lines.append("")
+    lines.append(f"weights: {result.weights.describe()}; total {result.timings['total_s']:.1f} s")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+    )
+    # imported here so `--help` and argument errors answer instantly (torch loads slowly)
+    from .artifact import OutputDirError
+    from .onnx_export import ExportError
+    from .progress import ConsoleProgress
+    from .verify import VerificationError
+    from .weights import WeightsError, WeightsUnavailableError
+
+    try:
+        opts = _options(args)
+        from .export import export_artifact
+
+        result = export_artifact(opts, ConsoleProgress())
+    except (WeightsUnavailableError, WeightsError, OutputDirError, AsymInputError) as e:
+        print(f"asym-export: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except VerificationError as e:
+        print(e.report.table(), file=sys.stderr)
+        print(f"asym-export: {e}\nno manifest was written; the folder is not loadable.", file=sys.stderr)
+        return EXIT_FAILED
+    except ExportError as e:
+        print(f"asym-export: export failed: {e}", file=sys.stderr)
+        if args.debug:
+            raise
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("asym-export: interrupted; no manifest was written", file=sys.stderr)
+        return 130
+    except Exception as e:  # an unexpected failure: one line, the traceback on request
+        if args.debug:
+            raise
+        print(f"asym-export: unexpected error: {type(e).__name__}: {e} (rerun with --debug for "
+              "the traceback)", file=sys.stderr)
+        return EXIT_FAILED
+    print(_summary(result))
+    return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

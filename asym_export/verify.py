@@ -1,0 +1,164 @@
+"""Numerical verification of exported graphs against the PyTorch reference.
+
+Results are objects that are truthy when they pass and keep their statistics for the
+report and the manifest (Polygraphy's comparison results are the model). Every output of
+every shape is compared before anything is raised, so one failure report lists them all.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from asym_runtime.specs import GraphSpec, Shape
+
+log = logging.getLogger(__name__)
+
+#: FP32 graph vs FP32 PyTorch: max abs error allowed on every output. ONNX Runtime and
+#: PyTorch sum convolutions in different orders and ONNX GroupNorm is Reshape +
+#: InstanceNormalization, so float32 rounding differs by ~1e-7 relative per op; through
+#: ~100 layers on outputs of magnitude ~1-10 this measures 1e-5..5e-5 (x2, random weights).
+#: 1e-3 leaves a 20x margin for real weights while catching any semantic error (a wrong
+#: feature level or mask blend moves outputs by 1e-1 or more).
+FP32_MAX_ABS = 1e-3
+
+
+@dataclass
+class OutputStats:
+    name: str
+    max_abs: float
+    mean_abs: float
+    psnr_db: float
+    finite: bool
+    peak: float  # peak-to-peak range behind the PSNR
+
+    def to_dict(self) -> dict:
+        return {"max_abs": self.max_abs, "mean_abs": self.mean_abs,
+                "psnr_db": None if math.isinf(self.psnr_db) else round(self.psnr_db, 2),
+                "finite": self.finite, "peak": self.peak}
+
+
+def psnr(ref: np.ndarray, out: np.ndarray, peak: float) -> float:
+    mse = float(np.mean((ref.astype(np.float64) - out.astype(np.float64)) ** 2))
+    if mse == 0.0:
+        return math.inf
+    return 10.0 * math.log10(peak * peak / mse)
+
+
+def output_stats(name: str, ref: np.ndarray, out: np.ndarray,
+                 value_range: tuple[float, float] | None) -> OutputStats:
+    """Max/mean abs error and PSNR of ``out`` against ``ref``.
+
+    PSNR uses the contract's value range as the peak (2.0 for images in [-1, 1]); for
+    unbounded outputs (latents) it uses the reference's own peak-to-peak range.
+    """
+    if ref.shape != out.shape:
+        raise ValueError(f"{name}: output shape {out.shape} differs from the reference {ref.shape}")
+    finite = bool(np.isfinite(out).all())
+    if value_range is not None:
+        peak = float(value_range[1] - value_range[0])
+    else:
+        peak = float(ref.max() - ref.min()) or 1.0
+    if not finite:
+        return OutputStats(name, math.inf, math.inf, -math.inf, False, peak)
+    diff = np.abs(ref.astype(np.float64) - out.astype(np.float64))
+    return OutputStats(name, float(diff.max()), float(diff.mean()), psnr(ref, out, peak), True, peak)
+
+
+@dataclass
+class Tolerance:
+    """Pass criteria for one comparison. ``None`` disables a criterion."""
+
+    max_abs: float | None = FP32_MAX_ABS
+    min_psnr_db: float | None = None
+
+    def failures(self, s: OutputStats) -> list[str]:
+        out = []
+        if not s.finite:
+            out.append("NaN/Inf in output")
+            return out
+        if self.max_abs is not None and s.max_abs > self.max_abs:
+            out.append(f"max abs {s.max_abs:.3g} > {self.max_abs:g}")
+        if self.min_psnr_db is not None and s.psnr_db < self.min_psnr_db:
+            out.append(f"PSNR {s.psnr_db:.1f} dB < {self.min_psnr_db:g} dB")
+        return out
+
+    def to_dict(self) -> dict:
+        return {"max_abs": self.max_abs, "min_psnr_db": self.min_psnr_db}
+
+
+@dataclass
+class CaseResult:
+    """One graph at one shape: every output's statistics and what failed."""
+
+    graph: str
+    shape: Shape
+    outputs: list[OutputStats]
+    failures: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict:
+        return {"graph": self.graph, "shape": str(self.shape), "passed": bool(self),
+                "outputs": {s.name: s.to_dict() for s in self.outputs}, "failures": self.failures}
+
+
+@dataclass
+class VerificationReport:
+    """All cases of one verification stage (e.g. ``onnx_fp32``); truthy when every case passed."""
+
+    stage: str
+    tolerance: Tolerance
+    cases: list[CaseResult] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.cases) and all(self.cases)
+
+    def add(self, graph: GraphSpec, shape: Shape, ref: dict[str, np.ndarray],
+            out: dict[str, np.ndarray]) -> CaseResult:
+        stats, failures = [], []
+        for spec in graph.outputs:
+            if spec.name not in out:
+                failures.append(f"{spec.name}: missing from the graph's outputs")
+                continue
+            s = output_stats(spec.name, ref[spec.name], out[spec.name], spec.value_range)
+            stats.append(s)
+            failures += [f"{spec.name}: {f}" for f in self.tolerance.failures(s)]
+        case = CaseResult(graph.name, shape, stats, failures)
+        self.cases.append(case)
+        log.info("%s %s %s: %s", self.stage, graph.name, shape,
+                 ", ".join(f"{s.name} max {s.max_abs:.2e} psnr {s.psnr_db:.1f} dB" for s in stats)
+                 + (" FAILED: " + "; ".join(failures) if failures else ""))
+        return case
+
+    def failure_lines(self) -> list[str]:
+        return [f"{c.graph} @ {c.shape}: {f}" for c in self.cases for f in c.failures]
+
+    def to_dict(self) -> dict:
+        return {"stage": self.stage, "passed": bool(self), "tolerance": self.tolerance.to_dict(),
+                "cases": [c.to_dict() for c in self.cases]}
+
+    def table(self) -> str:
+        """Human-readable per-output table, one row per graph/shape/output."""
+        rows = [("stage", "graph", "shape", "output", "max abs", "mean abs", "PSNR dB", "result")]
+        for c in self.cases:
+            for s in c.outputs:
+                bad = [f for f in c.failures if f.startswith(s.name + ":")]
+                rows.append((self.stage, c.graph, str(c.shape), s.name, f"{s.max_abs:.2e}",
+                             f"{s.mean_abs:.2e}", "inf" if math.isinf(s.psnr_db) else f"{s.psnr_db:.1f}",
+                             "FAIL" if bad else "ok"))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows)
+
+
+class VerificationError(RuntimeError):
+    """A verification stage failed; ``report`` holds every case and every failing output."""
+
+    def __init__(self, report: VerificationReport):
+        self.report = report
+        lines = report.failure_lines() or ["no cases were run"]
+        super().__init__(f"{report.stage} verification failed:\n  " + "\n  ".join(lines))

@@ -1,0 +1,207 @@
+"""Load the PyTorch reference: diffusers' own AsymmetricAutoencoderKL, never a rewrite.
+
+Three sources (DESIGN.md, "Reference model"):
+
+* a local diffusers folder (``config.json`` + safetensors, as written by ``save_pretrained``),
+* a hub id, downloaded through the hub cache (``huggingface_hub.snapshot_download``),
+* seeded random weights with the exact variant config, for offline tests and benchmarks.
+
+Pickle weights (``.bin``) can execute code when loaded; they are refused unless the caller
+passes ``allow_pickle=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .variants import Variant
+
+log = logging.getLogger(__name__)
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_SAFETENSORS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")
+_PICKLE = ("diffusion_pytorch_model.bin", "diffusion_pytorch_model.bin.index.json")
+
+
+class WeightsError(ValueError):
+    """The requested weights cannot be used (missing folder, wrong config, pickle refused)."""
+
+
+class WeightsUnavailableError(WeightsError):
+    """The weights are not on this machine and cannot be downloaded (offline, no cache)."""
+
+
+@dataclass
+class WeightsSource:
+    """Where the reference weights came from; recorded in the manifest."""
+
+    kind: str  # "random" | "local" | "hub"
+    location: str | None = None  # folder, or hub id
+    seed: int | None = None
+    revision: str | None = None  # hub commit
+    files: dict = field(default_factory=dict)  # weight file name -> sha256
+    state_dict_sha256: str | None = None  # digest of every parameter, in state-dict order
+
+    def to_dict(self) -> dict:
+        d = {"source": self.kind}
+        for k in ("location", "seed", "revision", "files", "state_dict_sha256"):
+            v = getattr(self, k)
+            if v not in (None, {}):
+                d[k] = v
+        return d
+
+    def describe(self) -> str:
+        if self.kind == "random":
+            return f"seeded random weights (seed {self.seed})"
+        if self.kind == "hub":
+            return f"hub {self.location}@{(self.revision or '?')[:10]}"
+        return f"local folder {self.location}"
+
+
+def state_dict_digest(model: torch.nn.Module) -> str:
+    """sha256 over every parameter and buffer (names, dtypes, shapes, bytes) in state-dict order."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach().contiguous().cpu()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def random_model(variant: Variant, seed: int):
+    """The exact variant config with weights drawn by diffusers' own init under ``seed``."""
+    from diffusers import AsymmetricAutoencoderKL
+
+    torch.manual_seed(seed)
+    model = AsymmetricAutoencoderKL(**variant.config)
+    return model.eval().requires_grad_(False)
+
+
+def load_reference(
+    variant: Variant,
+    weights: str | None = None,
+    *,
+    random_weights: bool = False,
+    seed: int = 0,
+    allow_pickle: bool = False,
+    revision: str | None = None,
+):
+    """Return ``(model, WeightsSource)`` for ``variant``: eval mode, float32, on the CPU.
+
+    ``weights`` is a local diffusers folder or a hub id; ``None`` means the variant's hub id.
+    Raises :class:`WeightsUnavailableError` when nothing can be had offline and
+    :class:`WeightsError` for folders, configs or files that cannot be used.
+    """
+    if random_weights:
+        if weights is not None:
+            raise WeightsError("--weights and --random-weights exclude each other; pass one")
+        log.info("building %s with seeded random weights (seed %d)", variant.name, seed)
+        model = random_model(variant, seed)
+        return model, WeightsSource("random", seed=seed, state_dict_sha256=state_dict_digest(model))
+
+    if weights is None:
+        if variant.hub_id is None:
+            raise WeightsError(
+                f"variant {variant.name} has no published checkpoint; pass --random-weights "
+                "or --weights FOLDER"
+            )
+        weights = variant.hub_id
+
+    path = Path(weights).expanduser()
+    if path.exists():
+        folder = _model_folder(path)
+        source = WeightsSource("local", location=str(folder.resolve()))
+    elif _HUB_ID.match(weights) and not weights.startswith((".", "~")):
+        folder, commit = _download(weights, revision, allow_pickle)
+        source = WeightsSource("hub", location=weights, revision=commit)
+    else:
+        raise WeightsError(f"--weights {weights!r}: no such folder (and it is not a hub id like org/name)")
+
+    model, files = _load_folder(folder, variant, allow_pickle)
+    source.files = files
+    source.state_dict_sha256 = state_dict_digest(model)
+    return model, source
+
+
+def _model_folder(path: Path) -> Path:
+    if not path.is_dir():
+        raise WeightsError(f"--weights {path}: not a folder (expected a diffusers folder with config.json)")
+    if (path / "config.json").is_file():
+        return path
+    if (path / "vae" / "config.json").is_file():  # a pipeline folder: use its vae/
+        return path / "vae"
+    raise WeightsError(
+        f"--weights {path}: no config.json in it; expected a folder written by "
+        "AsymmetricAutoencoderKL.save_pretrained (config.json + diffusion_pytorch_model.safetensors)"
+    )
+
+
+def _download(repo_id: str, revision: str | None, allow_pickle: bool) -> tuple[Path, str | None]:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    patterns = ["config.json", "diffusion_pytorch_model*.safetensors*"]
+    if allow_pickle:
+        patterns.append("diffusion_pytorch_model*.bin*")
+    log.info("fetching %s through the hub cache", repo_id)
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except (LocalEntryNotFoundError, OSError, HfHubHTTPError) as e:
+        # OSError covers connection errors raised by the HTTP client
+        raise WeightsUnavailableError(
+            f"cannot get {repo_id} from the Hugging Face hub and it is not in the local cache "
+            f"({type(e).__name__}). Offline, pass --weights FOLDER (a diffusers folder with "
+            "config.json + safetensors) or --random-weights --seed N"
+        ) from None
+    commit = folder.name if re.fullmatch(r"[0-9a-f]{40}", folder.name) else None
+    return folder, commit
+
+
+def _load_folder(folder: Path, variant: Variant, allow_pickle: bool):
+    from diffusers import AsymmetricAutoencoderKL
+
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise WeightsError(f"{folder}/config.json is not readable JSON: {e}") from None
+    cls = config.get("_class_name")
+    if cls not in (None, "AsymmetricAutoencoderKL"):
+        raise WeightsError(f"{folder}/config.json describes a {cls}, not an AsymmetricAutoencoderKL")
+    bad = variant.mismatches(config)
+    if bad:
+        raise WeightsError(
+            f"{folder}/config.json does not match variant {variant.name}: " + "; ".join(bad)
+        )
+
+    safetensors = [n for n in _SAFETENSORS if (folder / n).is_file()]
+    pickles = [n for n in _PICKLE if (folder / n).is_file()]
+    if not safetensors and not pickles:
+        raise WeightsError(f"{folder}: no diffusion_pytorch_model.safetensors (or .bin) weights in it")
+    if not safetensors and not allow_pickle:
+        raise WeightsError(
+            f"{folder} holds only pickle weights ({pickles[0]}), which can run arbitrary code when "
+            "loaded; convert them to safetensors, or pass --allow-pickle if you trust the file"
+        )
+    use_safetensors = bool(safetensors)
+    try:
+        model = AsymmetricAutoencoderKL.from_pretrained(
+            str(folder), use_safetensors=use_safetensors, torch_dtype=torch.float32
+        )
+    except (OSError, ValueError, RuntimeError) as e:
+        raise WeightsError(f"cannot load weights from {folder}: {e}") from None
+    files = {}
+    from asym_runtime.manifest import sha256_file
+
+    for name in sorted(p.name for p in folder.iterdir()):
+        if name.startswith("diffusion_pytorch_model") and (
+            name.endswith(".safetensors") or (not use_safetensors and name.endswith(".bin"))
+        ):
+            files[name] = sha256_file(folder / name)
+    return model.eval().requires_grad_(False), files

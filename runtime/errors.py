@@ -1,0 +1,25 @@
+"""Errors raised by asym_runtime (and reused by asym_export).
+
+Everything a caller can cause with its input or its files is a ``ValueError`` subclass, so
+``except ValueError`` in a service catches bad requests without catching bugs.
+"""
+
+
+class AsymInputError(ValueError):
+    """An input tensor is wrong: rank, channels, dtype, size, batch, NaN/Inf or value range."""
+
+
+class ShapeOutOfLimitsError(AsymInputError):
+    """A request lies outside the shape limits the artifact was built and verified for."""
+
+
+class ArtifactError(ValueError):
+    """An artifact folder is missing, incomplete, tampered with or of another schema."""
+
+
+class IncompatibleEngineError(ArtifactError):
+    """A TensorRT engine was built for another variant, GPU or TensorRT version."""
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run on this machine (no GPU, no tensorrt, no CUDA provider)."""

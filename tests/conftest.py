@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny reference models, exported artifact folders, offline hub settings.
+
+Artifact folders are exported once per session (module ``_artifacts``) and shared read-only;
+tests that modify a folder copy it first.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+# Never touch the network from the tests: the hub is unreachable on CI machines.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_vae():
+    from asym_export.variants import get_variant
+    from asym_export.weights import random_model
+
+    return random_model(get_variant("tiny"), seed=0)
+
+
+def _export(tmp_root: Path, variant: str, **kw) -> Path:
+    from asym_export.export import ExportOptions, export_artifact
+
+    out = tmp_root / f"artifact-{variant}"
+    export_artifact(ExportOptions(variant=variant, out=out, random_weights=True, seed=0, **kw))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory) -> Path:
+    """A verified tiny artifact folder (FP32 graphs, random weights, seed 0). Read-only."""
+    return _export(tmp_path_factory.mktemp("tiny"), "tiny")
+
+
+@pytest.fixture(scope="session")
+def x2_artifact(tmp_path_factory) -> Path:
+    """The default x2 export with seeded random weights (about a minute). Read-only."""
+    return _export(tmp_path_factory.mktemp("x2"), "x2")
+
+
+@pytest.fixture(scope="session")
+def x2_vae():
+    from asym_export.variants import get_variant
+    from asym_export.weights import random_model
+
+    return random_model(get_variant("x2"), seed=0)
+
+
+@pytest.fixture
+def copy_artifact(tmp_path):
+    """Copy a read-only session artifact into this test's tmp_path before changing it."""
+
+    def _copy(src: Path) -> Path:
+        dst = tmp_path / src.name
+        shutil.copytree(src, dst)
+        return dst
+
+    return _copy
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """An empty hub cache with the hub switched off, as on a machine without network."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"), raising=False)
+    return tmp_path / "hf-home"

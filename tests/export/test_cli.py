@@ -1,0 +1,93 @@
+"""asym-export on the command line: exit codes and one-line errors, never a traceback."""
+
+import subprocess
+import sys
+
+import pytest
+
+from asym_export.cli import main
+
+
+def _run(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "asym_export.cli", *args], capture_output=True,
+                          text=True, env=env, timeout=600)
+
+
+def _one_line_error(r, code, *needles):
+    assert r.returncode == code, r.stderr
+    assert "Traceback" not in r.stderr
+    errors = [ln for ln in r.stderr.splitlines() if "error" in ln]
+    assert len(errors) == 1, r.stderr
+    for n in needles:
+        assert n in errors[0], errors[0]
+
+
+def test_help_explains_the_tool():
+    r = _run("--help")
+    assert r.returncode == 0
+    for s in ("--variant", "--weights", "--random-weights", "--out", "exit codes", "manifest.json"):
+        assert s in r.stdout
+
+
+def test_tiny_export_end_to_end(tmp_path):
+    r = _run("--variant", "tiny", "--random-weights", "--seed", "1", "--out", str(tmp_path / "a"))
+    assert r.returncode == 0, r.stderr
+    assert "decoder.onnx" in r.stdout and "onnx_fp32" in r.stdout and "PSNR" in r.stdout
+    assert "[2] export encoder.onnx" in r.stderr  # progress on the long steps
+    assert (tmp_path / "a" / "manifest.json").is_file()
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--variant", "x3"], ["unknown variant 'x3'", "x1.5, x2"]),
+    (["--variant", "x2", "--weights", "/no/such/folder"], ["no such folder"]),
+    (["--variant", "tiny", "--random-weights", "--verify-shapes", "1x60x64"], ["height 60", "multiples of 8"]),
+    (["--variant", "tiny", "--random-weights", "--verify-shapes", "64x64"], ["BxHxW"]),
+    (["--variant", "tiny", "--random-weights", "--max-size", "1020"], ["1020", "multiples of 8"]),
+    (["--variant", "tiny", "--random-weights", "--min-size", "1024", "--max-size", "512"], ["min <= opt <= max"]),
+    (["--variant", "tiny", "--random-weights", "--max-batch", "0"], ["batch"]),
+])
+def test_bad_arguments_exit_2(tmp_path, args, needles, capsys):
+    code = main([*args, "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    for n in needles:
+        assert n in err
+
+
+def test_missing_required_argument(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--variant", "x2"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--out" in err
+
+
+def test_wrong_config_exit_2(tmp_path, tiny_vae):
+    tiny_vae.save_pretrained(tmp_path / "w")
+    r = _run("--variant", "x2", "--weights", str(tmp_path / "w"), "--out", str(tmp_path / "o"))
+    _one_line_error(r, 2, "does not match variant x2")
+
+
+def test_unwritable_out_exit_2(tmp_path):
+    (tmp_path / "f").write_text("")
+    r = _run("--variant", "tiny", "--random-weights", "--out", str(tmp_path / "f" / "o"))
+    _one_line_error(r, 2, "--out", "cannot create")
+
+
+def test_offline_hub_exit_2(tmp_path):
+    import os
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    env.pop("HF_HUB_CACHE", None)
+    r = _run("--variant", "x2", "--out", str(tmp_path / "o"), env=env)
+    _one_line_error(r, 2, "--weights", "--random-weights")
+
+
+def test_local_weights_folder_end_to_end(tmp_path, tiny_vae):
+    tiny_vae.save_pretrained(tmp_path / "w")
+    assert main(["--variant", "tiny", "--weights", str(tmp_path / "w"), "--out", str(tmp_path / "o")]) == 0
+    import json
+
+    m = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert m["weights"]["source"] == "local"
+    assert set(m["weights"]["files"]) == {"diffusion_pytorch_model.safetensors"}
