@@ -25,6 +25,16 @@ log = logging.getLogger(__name__)
 #: feature level or mask blend moves outputs by 1e-1 or more).
 FP32_MAX_ABS = 1e-3
 
+#: FP16 graphs and engines vs the FP32 PyTorch reference: minimum PSNR per output (dB).
+#: The image output's peak is its [-1, 1] range (2.0). 8-bit output quantisation alone gives
+#: 20*log10(2 / (2/255/sqrt(12))) = 58.9 dB, so 50 dB (RMS error 0.0063, 0.8 of an 8-bit
+#: level) keeps FP16 error below what an 8-bit PNG shows; a plain all-FP16 x2 decoder reaches
+#: about 62 dB with random weights, so 50 leaves room for real weights and still catches
+#: overflow or a lost island (those fall to 20-30 dB or NaN). Latent outputs use their own
+#: peak-to-peak range; logvar only sets the sampling noise (std = exp(logvar / 2)), so it is
+#: held to 40 dB, the floor the FP16 issue sets for any output.
+FP16_MIN_PSNR_DB = {"sample": 50.0, "latent_mean": 50.0, "latent_logvar": 40.0}
+
 
 @dataclass
 class OutputStats:
@@ -73,7 +83,13 @@ class Tolerance:
     """Pass criteria for one comparison. ``None`` disables a criterion."""
 
     max_abs: float | None = FP32_MAX_ABS
-    min_psnr_db: float | None = None
+    #: one floor for every output, or a floor per output name (outputs not named: no floor)
+    min_psnr_db: float | dict[str, float] | None = None
+
+    def psnr_floor(self, output: str) -> float | None:
+        if isinstance(self.min_psnr_db, dict):
+            return self.min_psnr_db.get(output)
+        return self.min_psnr_db
 
     def failures(self, s: OutputStats) -> list[str]:
         out = []
@@ -82,12 +98,17 @@ class Tolerance:
             return out
         if self.max_abs is not None and s.max_abs > self.max_abs:
             out.append(f"max abs {s.max_abs:.3g} > {self.max_abs:g}")
-        if self.min_psnr_db is not None and s.psnr_db < self.min_psnr_db:
-            out.append(f"PSNR {s.psnr_db:.1f} dB < {self.min_psnr_db:g} dB")
+        floor = self.psnr_floor(s.name)
+        if floor is not None and s.psnr_db < floor:
+            out.append(f"PSNR {s.psnr_db:.1f} dB < {floor:g} dB")
         return out
 
     def to_dict(self) -> dict:
         return {"max_abs": self.max_abs, "min_psnr_db": self.min_psnr_db}
+
+
+#: The tolerance of every FP16 stage: emulated FP16 on the CPU and TensorRT engines alike.
+FP16_TOLERANCE = Tolerance(max_abs=None, min_psnr_db=FP16_MIN_PSNR_DB)
 
 
 @dataclass
