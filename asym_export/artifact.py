@@ -111,6 +111,7 @@ class ArtifactWriter:
                           sha256=sha256_file(src), size=src.stat().st_size, data_of=data_of)
         dst = self.out / name
         dst.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(src, 0o666 & ~_umask())  # some writers (onnx external data) create 0600 files
         os.replace(src, dst)
         self.entries[name] = entry
         log.debug("published %s (%d bytes)", name, entry.size)

@@ -17,9 +17,12 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 DESCRIPTION = """\
 Export the asymmetric VAE of Stable Diffusion inpainting (diffusers AsymmetricAutoencoderKL)
 into one self-describing folder: encoder.onnx and decoder.onnx (FP32, dynamic batch/height/
-width), each verified with ONNX Runtime against the PyTorch reference at several shapes,
-and manifest.json (written last) with hashes, shape limits, versions and the verification
-results. A verification failure exits 1 and writes no manifest.
+width), each verified with ONNX Runtime against the PyTorch reference at several shapes;
+their mixed-precision twins encoder.fp16.onnx and decoder.fp16.onnx (FP16 with FP32 islands
+chosen from calibrated activation ranges, float32 inputs/outputs), verified with a faithful
+FP16 emulation on the CPU; and manifest.json (written last) with hashes, shape limits,
+versions and the verification results. A verification failure exits 1 and writes no
+manifest.
 """
 
 EPILOG = """\
@@ -61,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "graphs at, besides the export shape 2x64x64 (default: 1x64x96,3x48x80)")
     v.add_argument("--atol", type=float, default=None, metavar="X",
                    help="max abs error allowed for the FP32 graphs (default 1e-3)")
+    f = p.add_argument_group("FP16 graphs (encoder.fp16.onnx, decoder.fp16.onnx; what TensorRT engines are built from)")
+    f.add_argument("--no-fp16", action="store_true", help="skip the mixed-precision FP16 graphs")
+    f.add_argument("--fp16-headroom", type=float, default=None, metavar="X",
+                   help="a tensor stays FP32 when X times its calibrated max |value| exceeds 65504 "
+                        "(default 4)")
     s = p.add_argument_group("shape limits (recorded in the manifest; enforced by the runtime)")
     s.add_argument("--min-size", default="64", metavar="N|HxW", help="smallest image, pixels (default 64)")
     s.add_argument("--opt-size", default="512", metavar="N|HxW", help="typical image, pixels (default 512)")
@@ -74,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _options(args):
     from .export import DEFAULT_VERIFY_SHAPES, ExportOptions
+    from .fp16 import DEFAULT_HEADROOM
     from .verify import FP32_MAX_ABS
 
     if args.variant not in VARIANTS:
@@ -86,12 +95,15 @@ def _options(args):
     atol = FP32_MAX_ABS if args.atol is None else args.atol
     if not atol > 0:
         raise AsymInputError(f"--atol {args.atol} must be positive")
+    headroom = DEFAULT_HEADROOM if args.fp16_headroom is None else args.fp16_headroom
+    if not headroom >= 1:
+        raise AsymInputError(f"--fp16-headroom {args.fp16_headroom} must be at least 1")
     if args.seed < 0:
         raise AsymInputError(f"--seed {args.seed} must be >= 0")
     return ExportOptions(
         variant=args.variant, out=args.out, weights=args.weights, random_weights=args.random_weights,
         seed=args.seed, allow_pickle=args.allow_pickle, revision=args.revision, limits=limits,
-        verify_shapes=shapes, fp32_max_abs=atol,
+        verify_shapes=shapes, fp32_max_abs=atol, fp16=not args.no_fp16, fp16_headroom=headroom,
     )
 
 

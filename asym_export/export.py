@@ -19,10 +19,20 @@ from asym_runtime.specs import GRAPHS, GraphSpec, Shape, ShapeLimits
 from . import __version__
 from .artifact import ArtifactWriter
 from .feeds import make_feed
+from .fp16 import (
+    DEFAULT_HEADROOM,
+    Fp16Plan,
+    activation_ranges,
+    fp16_counts,
+    plan_islands,
+    weight_ranges,
+    write_emulation_twin,
+    write_mixed,
+)
 from .onnx_export import EXPORT_SHAPE, OPSET, onnx_from_model, reference_outputs
 from .progress import Progress
 from .variants import get_variant
-from .verify import FP32_MAX_ABS, Tolerance, VerificationError, VerificationReport
+from .verify import FP16_TOLERANCE, FP32_MAX_ABS, Tolerance, VerificationError, VerificationReport
 from .weights import WeightsSource, load_reference
 
 log = logging.getLogger(__name__)
@@ -33,6 +43,12 @@ log = logging.getLogger(__name__)
 DEFAULT_VERIFY_SHAPES = (EXPORT_SHAPE, Shape(1, 64, 96), Shape(3, 48, 80))
 #: Seed of the verification inputs (recorded in the manifest).
 VERIFY_SEED = 1234
+#: Calibration inputs for the FP16 islands: batch 1 (activation ranges are per sample), three
+#: shapes, and masks that exercise the conditioned path (random), the pure condition
+#: features (zeros) and the plain decoder path (ones). Seeds differ from verification's, so
+#: the islands are judged on inputs they were not chosen from.
+CALIBRATION = ((Shape(1, 64, 64), "random"), (Shape(1, 48, 80), "zeros"), (Shape(1, 80, 48), "ones"))
+CALIBRATION_SEED = 4321
 
 
 @dataclass
@@ -47,6 +63,8 @@ class ExportOptions:
     limits: ShapeLimits = field(default_factory=ShapeLimits)
     verify_shapes: tuple[Shape, ...] = DEFAULT_VERIFY_SHAPES
     fp32_max_abs: float = FP32_MAX_ABS
+    fp16: bool = True
+    fp16_headroom: float = DEFAULT_HEADROOM
 
 
 @dataclass
@@ -94,13 +112,65 @@ def onnx_outputs(path: Path, graph: GraphSpec, feeds: list[dict[str, np.ndarray]
     return outs
 
 
-def verify_graph(vae, graph: GraphSpec, path: Path, shapes: list[Shape], report: VerificationReport,
-                 scaling_factor: float) -> None:
-    """Compare ``path`` (ONNX Runtime, CPU) with diffusers at every shape; add cases to ``report``."""
-    feeds = [make_feed(graph, s, VERIFY_SEED + i, scaling_factor) for i, s in enumerate(shapes)]
-    outs = onnx_outputs(path, graph, feeds)
-    for shape, feed, out in zip(shapes, feeds, outs):
-        report.add(graph, shape, reference_outputs(vae, graph, feed), out)
+@dataclass
+class Reference:
+    """Verification feeds of one graph and what diffusers computes for them (computed once,
+    compared against every stage)."""
+
+    graph: GraphSpec
+    shapes: list[Shape]
+    feeds: list[dict[str, np.ndarray]]
+    outputs: list[dict[str, np.ndarray]]
+
+    @classmethod
+    def compute(cls, vae, graph: GraphSpec, shapes: list[Shape], scaling_factor: float) -> "Reference":
+        feeds = [make_feed(graph, s, VERIFY_SEED + i, scaling_factor) for i, s in enumerate(shapes)]
+        return cls(graph, shapes, feeds, [reference_outputs(vae, graph, f) for f in feeds])
+
+    def check(self, path: Path, report: VerificationReport) -> None:
+        """Run ``path`` with ONNX Runtime (CPU) on every feed; add one case per shape to ``report``."""
+        for shape, ref, out in zip(self.shapes, self.outputs, onnx_outputs(path, self.graph, self.feeds)):
+            report.add(self.graph, shape, ref, out)
+
+
+def fp16_graph(fp32_path: Path, out_path: Path, ref: Reference, report: VerificationReport,
+               scaling_factor: float, headroom: float) -> Fp16Plan:
+    """Calibrate, choose FP32 islands, write the mixed graph, and verify its FP16 emulation."""
+    graph = ref.graph
+    feeds = [make_feed(graph, s, CALIBRATION_SEED + i, scaling_factor, mask=m)
+             for i, (s, m) in enumerate(CALIBRATION)]
+    import onnx
+
+    plan = plan_islands(onnx.load(str(fp32_path), load_external_data=False),
+                        activation_ranges(fp32_path, feeds), weight_ranges(fp32_path), headroom)
+    write_mixed(fp32_path, out_path, plan, graph.name)
+    plan.weights = fp16_counts(onnx.load(str(out_path), load_external_data=False))
+    twin = out_path.parent / f".{graph.name}.emulation.onnx"
+    try:
+        write_emulation_twin(out_path, twin)
+        ref.check(twin, report)
+    finally:
+        twin.unlink(missing_ok=True)
+        (twin.parent / (twin.name + ".data")).unlink(missing_ok=True)
+    return plan
+
+
+def fp16_section(plans: dict[str, Fp16Plan], opts: ExportOptions) -> dict:
+    return {
+        "converter": f"onnxruntime.transformers.float16 (onnxruntime {_version('onnxruntime')})",
+        "io_types": "float32 (Cast nodes inside)",
+        "islands_from": "activation ranges of the FP32 graph on calibration inputs, and weight magnitudes",
+        "calibration": {"seed": CALIBRATION_SEED, "shapes": [str(s) for s, _ in CALIBRATION],
+                        "masks": [m for _, m in CALIBRATION]},
+        "graphs": {g: p.to_dict() for g, p in plans.items()},
+    }
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "?"
 
 
 def model_config(vae) -> dict:
@@ -133,6 +203,8 @@ def export_artifact(opts: ExportOptions, progress: Progress | None = None) -> Ex
         scaling_factor = float(vae.config.scaling_factor)
 
         fp32_report = VerificationReport("onnx_fp32", Tolerance(max_abs=opts.fp32_max_abs))
+        fp16_report = VerificationReport("onnx_fp16_emulated", FP16_TOLERANCE)
+        plans: dict[str, Fp16Plan] = {}
         for graph in GRAPHS.values():
             name = graph.file_name("fp32")
             path = writer.stage_path(name)
@@ -142,19 +214,33 @@ def export_artifact(opts: ExportOptions, progress: Progress | None = None) -> Ex
                 timings[f"export_{graph.name}_s"] = time.perf_counter() - t0
             with progress.step(f"verify {name} vs PyTorch at {', '.join(map(str, shapes))}"):
                 t0 = time.perf_counter()
-                verify_graph(vae, graph, path, shapes, fp32_report, scaling_factor)
+                ref = Reference.compute(vae, graph, shapes, scaling_factor)
+                ref.check(path, fp32_report)
                 timings[f"verify_{graph.name}_s"] = time.perf_counter() - t0
+            if opts.fp16 and fp32_report:  # no point converting a graph that is already wrong
+                name16 = graph.file_name("fp16")
+                with progress.step(f"FP16 {name16}: calibrate, choose FP32 islands, convert, verify (emulated)"):
+                    t0 = time.perf_counter()
+                    plans[graph.name] = fp16_graph(path, writer.stage_path(name16), ref, fp16_report,
+                                                   scaling_factor, opts.fp16_headroom)
+                    timings[f"fp16_{graph.name}_s"] = time.perf_counter() - t0
+                progress.note(f"{len(plans[graph.name].islands)} node(s) kept in FP32")
+            del ref
             gc.collect()
         if not fp32_report:
             raise VerificationError(fp32_report)
+        if opts.fp16 and not fp16_report:
+            raise VerificationError(fp16_report)
 
         for graph in GRAPHS.values():
-            name = graph.file_name("fp32")
-            writer.publish(name + ".data", role=ROLE_EXTERNAL_DATA, fmt=FORMAT_ONNX_DATA,
-                           precision="fp32", data_of=name)
-            writer.publish(name, role=graph.name, fmt=FORMAT_ONNX, precision="fp32")
+            for precision in ("fp32", "fp16") if opts.fp16 else ("fp32",):
+                name = graph.file_name(precision)
+                writer.publish(name + ".data", role=ROLE_EXTERNAL_DATA, fmt=FORMAT_ONNX_DATA,
+                               precision=precision, data_of=name)
+                writer.publish(name, role=graph.name, fmt=FORMAT_ONNX, precision=precision)
 
         timings["total_s"] = time.perf_counter() - t_all
+        reports = [fp32_report] + ([fp16_report] if opts.fp16 else [])
         manifest = writer.write_manifest({
             "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "variant": variant.name,
@@ -173,12 +259,13 @@ def export_artifact(opts: ExportOptions, progress: Progress | None = None) -> Ex
                 for g in GRAPHS.values()
             },
             "versions": library_versions(),
+            "fp16": fp16_section(plans, opts) if opts.fp16 else None,
             "verification": {
                 "seed": VERIFY_SEED,
                 "shapes": [str(s) for s in shapes],
-                fp32_report.stage: fp32_report.to_dict(),
+                **{r.stage: r.to_dict() for r in reports},
             },
             "timings": {k: round(v, 2) for k, v in timings.items()},
         })
         files = {n: e.size for n, e in writer.entries.items()}
-    return ExportResult(opts.out, manifest, [fp32_report], timings, files, source)
+    return ExportResult(opts.out, manifest, reports, timings, files, source)

@@ -1,0 +1,232 @@
+"""FP16 graphs: faithful emulation on the CPU, data-driven FP32 islands, the overflow proof."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from asym_export import fp16
+from asym_export.export import CALIBRATION, CALIBRATION_SEED, ExportOptions, export_artifact
+from asym_export.feeds import make_feed
+from asym_export.onnx_export import onnx_from_model, reference_outputs
+from asym_export.variants import get_variant
+from asym_export.verify import FP16_TOLERANCE, VerificationError, VerificationReport
+from asym_export.weights import load_reference, random_model
+from asym_runtime.specs import DECODER, GRAPHS, Shape
+
+CPU = ["CPUExecutionProvider"]
+
+
+def _run(path, feed):
+    return ort.InferenceSession(str(path), providers=CPU).run(None, feed)
+
+
+def _save(model, path):
+    onnx.save_model(model, str(path), save_as_external_data=True, location=path.name + ".data",
+                    size_threshold=0)
+    return path
+
+
+def _mul_graph(path, k=1000.0):
+    """y = (x * k) * k: an FP32 graph whose middle tensor overflows FP16 for |x| > 0.0655."""
+    kk = helper.make_tensor("k", TensorProto.FLOAT, [], [k])
+    g = helper.make_graph(
+        [helper.make_node("Mul", ["x", "k"], ["mid"], name="m1"),
+         helper.make_node("Mul", ["mid", "k"], ["y"], name="m2")],
+        "mul", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])], [kk],
+        value_info=[helper.make_tensor_value_info("mid", TensorProto.FLOAT, ["n"])])
+    return _save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), path)
+
+
+def test_onnxruntime_cpu_hides_fp16_overflow_but_the_twin_does_not(tmp_path):
+    """The trap the emulation exists for (FACTS.md), checked on this machine's onnxruntime."""
+    src = _mul_graph(tmp_path / "mul.onnx")
+    fp16.write_mixed(src, tmp_path / "mul.fp16.onnx", fp16.Fp16Plan(), "mul")
+    x = {"x": np.array([1.0, 0.01, -2.0], np.float32)}
+    (direct,) = _run(tmp_path / "mul.fp16.onnx", x)
+    assert np.isfinite(direct).all()  # the CPU provider upcasts: 1e6 stays 1e6
+    fp16.write_emulation_twin(tmp_path / "mul.fp16.onnx", tmp_path / "mul.emu.onnx")
+    (emu,) = _run(tmp_path / "mul.emu.onnx", x)
+    assert np.isinf(emu[0]) and np.isinf(emu[2])  # 1e3 * 1e3 = 1e6 overflows FP16
+    assert emu[1] == np.float32(np.float16(np.float16(np.float16(0.01) * np.float16(1000)) * np.float16(1000)))
+
+
+def test_twin_rounds_every_fp16_tensor_like_numpy(tmp_path):
+    src = _mul_graph(tmp_path / "mul.onnx", k=1.1)
+    fp16.write_mixed(src, tmp_path / "m.fp16.onnx", fp16.Fp16Plan(), "mul")
+    fp16.write_emulation_twin(tmp_path / "m.fp16.onnx", tmp_path / "m.emu.onnx")
+    x = np.random.default_rng(0).normal(size=1000).astype(np.float32)
+    (emu,) = _run(tmp_path / "m.emu.onnx", {"x": x})
+    h, k = np.float16, np.float16(1.1)
+    want = (h(h(x) * k) * k).astype(np.float32)  # numpy float16 arithmetic rounds each product
+    np.testing.assert_array_equal(emu, want)
+
+
+def test_islands_stay_fp32_end_to_end(tmp_path):
+    src = _mul_graph(tmp_path / "mul.onnx")
+    x = {"x": np.array([20.0, -40.0], np.float32)}
+    ranges = fp16.activation_ranges(src, [x])
+    # mid (4e4) still fits FP16 but not with x4 headroom; y (4e7) does not fit at all
+    assert ranges["mid"] == 4e4 and ranges["y"] == 4e7
+    plan = fp16.plan_islands(onnx.load(str(src), load_external_data=False), ranges, fp16.weight_ranges(src))
+    assert sorted(plan.node_names) == ["m1", "m2"]
+    reasons = {i.node: i.reason for i in plan.islands}
+    assert "mid reaches 4e+04" in reasons["m1"] and "y reaches 4e+07" in reasons["m2"]
+    fp16.write_mixed(src, tmp_path / "mul.fp16.onnx", plan, "mul")
+    mixed = onnx.load(str(tmp_path / "mul.fp16.onnx"))
+    # no FP16 round trip left between the two FP32 nodes: m1's output feeds m2 directly
+    producer = {o: n.name for n in mixed.graph.node for o in n.output}
+    m2 = next(n for n in mixed.graph.node if n.name == "m2")
+    assert producer[m2.input[0]] == "m1"
+    assert not [n for n in mixed.graph.node if n.op_type == "Cast"]  # all FP32 but the I/O
+    fp16.write_emulation_twin(tmp_path / "mul.fp16.onnx", tmp_path / "mul.emu.onnx")
+    (emu,) = _run(tmp_path / "mul.emu.onnx", x)
+    np.testing.assert_array_equal(emu, [2e7, -4e7])
+
+
+def test_weights_too_large_for_fp16_keep_their_consumer_fp32(tmp_path):
+    src = _mul_graph(tmp_path / "mul.onnx", k=1e5)
+    plan = fp16.plan_islands(onnx.load(str(src), load_external_data=False), {}, fp16.weight_ranges(src))
+    assert sorted(plan.node_names) == ["m1", "m2"]
+    assert all("weight k holds 1e+05" in i.reason for i in plan.islands)
+
+
+def test_toposort_orders_appended_casts():
+    g = helper.make_graph(
+        [helper.make_node("Relu", ["b"], ["c"], name="late"), helper.make_node("Relu", ["a"], ["b"], name="early")],
+        "g", [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [1])])
+    m = helper.make_model(g)
+    fp16.toposort(m)
+    assert [n.name for n in m.graph.node] == ["early", "late"]
+    m.graph.node[0].input[0] = "missing"
+    with pytest.raises(fp16.Fp16Error, match="dangling input"):
+        fp16.toposort(m)
+
+
+# ----------------------------------------------------------------------- the overflow proof
+
+@pytest.fixture(scope="module")
+def overflow_weights(tmp_path_factory):
+    """Tiny VAE whose decoder activations reach ~2e5 (conv_in scaled by 3e4): FP16 overflows."""
+    vae = random_model(get_variant("tiny"), seed=0)
+    with torch.no_grad():
+        vae.decoder.conv_in.weight.mul_(3e4)
+        vae.decoder.conv_in.bias.mul_(3e4)
+    folder = tmp_path_factory.mktemp("overflow") / "vae"
+    vae.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def overflow_decoder(overflow_weights, tmp_path_factory):
+    vae, _ = load_reference(get_variant("tiny"), str(overflow_weights))
+    path = tmp_path_factory.mktemp("ovdec") / "decoder.onnx"
+    onnx_from_model(vae, DECODER, path, variant="tiny", scaling_factor=0.18215)
+    feeds = [make_feed(DECODER, s, CALIBRATION_SEED + i, 0.18215, mask=m) for i, (s, m) in enumerate(CALIBRATION)]
+    ranges = fp16.activation_ranges(path, feeds)
+    assert max(ranges.values()) > 65504  # the premise: FP32 activations beyond FP16's range
+    return vae, path, ranges
+
+
+def _emulated(vae, mixed, tmp_path):
+    twin = fp16.write_emulation_twin(mixed, tmp_path / (mixed.stem + ".emu.onnx"))
+    report = VerificationReport("emu", FP16_TOLERANCE)
+    for i, shape in enumerate([Shape(1, 64, 64), Shape(2, 48, 80)]):
+        feed = make_feed(DECODER, shape, 50 + i, 0.18215)
+        out = dict(zip(DECODER.output_names, _run(twin, feed)))
+        report.add(DECODER, shape, reference_outputs(vae, DECODER, feed), out)
+    return report
+
+
+def test_plain_fp16_overflows_and_islands_fix_it(overflow_decoder, tmp_path):
+    vae, path, ranges = overflow_decoder
+    plain = fp16.write_mixed(path, tmp_path / "plain.fp16.onnx", fp16.Fp16Plan(), "decoder")
+    report = _emulated(vae, plain, tmp_path)
+    assert not report and all("NaN/Inf" in f for c in report.cases for f in c.failures)
+
+    plan = fp16.plan_islands(onnx.load(str(path), load_external_data=False), ranges, fp16.weight_ranges(path))
+    assert plan.islands and plan.max_observed > 65504
+    fixed = fp16.write_mixed(path, tmp_path / "islands.fp16.onnx", plan, "decoder")
+    report = _emulated(vae, fixed, tmp_path)
+    assert report, report.failure_lines()  # finite, and PSNR above the FP16 floor (50 dB)
+    # most of the graph is still FP16: islands are the exception
+    counts = fp16.fp16_counts(onnx.load(str(fixed), load_external_data=False))
+    assert counts["fp16_weights"] > counts["fp32_weights"]
+
+
+def test_export_records_islands_and_reasons(overflow_weights, tmp_path):
+    res = export_artifact(ExportOptions(variant="tiny", out=tmp_path / "a", weights=str(overflow_weights)))
+    m = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    dec = m["fp16"]["graphs"]["decoder"]
+    assert dec["fp32_nodes"] and all("reaches" in n["reason"] or "weight" in n["reason"] for n in dec["fp32_nodes"])
+    assert m["fp16"]["graphs"]["encoder"]["fp32_nodes"] == []  # the encoder was not scaled
+    assert m["verification"]["onnx_fp16_emulated"]["passed"]
+    assert any(r.stage == "onnx_fp16_emulated" and r for r in res.reports)
+
+
+def test_export_fails_when_fp16_overflows(overflow_weights, tmp_path, monkeypatch):
+    """Without islands the emulated check sees Inf/NaN and the export fails: no manifest."""
+    import asym_export.export as ex
+
+    monkeypatch.setattr(ex, "plan_islands", lambda *a, **k: fp16.Fp16Plan())
+    out = tmp_path / "a"
+    with pytest.raises(VerificationError, match=r"(?s)onnx_fp16_emulated.*decoder @ 2x64x64: sample: NaN/Inf"):
+        export_artifact(ExportOptions(variant="tiny", out=out, weights=str(overflow_weights)))
+    assert not (out / "manifest.json").exists() and list(out.iterdir()) == []
+
+
+# ----------------------------------------------------------------------- the default export
+
+@pytest.mark.parametrize("graph", list(GRAPHS.values()), ids=lambda g: g.name)
+def test_fp16_graphs_keep_the_contract_and_float32_io(tiny_artifact, graph):
+    m = onnx.load(str(tiny_artifact / graph.file_name("fp16")), load_external_data=False)
+    assert [v.name for v in m.graph.input] == graph.input_names
+    assert [v.name for v in m.graph.output] == graph.output_names
+    for v in list(m.graph.input) + list(m.graph.output):
+        assert v.type.tensor_type.elem_type == TensorProto.FLOAT
+        assert [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] == list(graph.tensor(v.name).dims)
+    assert {p.key: p.value for p in m.metadata_props}["asym_export.precision"] == "fp16"
+    assert fp16.fp16_counts(m)["fp16_weights"] > 0
+
+
+def test_manifest_lists_fp16_files_and_their_check(tiny_artifact):
+    m = json.loads((tiny_artifact / "manifest.json").read_text())
+    for g in GRAPHS:
+        assert m["files"][f"{g}.fp16.onnx"]["precision"] == "fp16"
+        assert m["files"][f"{g}.fp16.onnx.data"]["data_of"] == f"{g}.fp16.onnx"
+    v = m["verification"]["onnx_fp16_emulated"]
+    assert v["passed"] and v["tolerance"]["min_psnr_db"]["sample"] == 50.0
+    assert "onnxruntime.transformers.float16" in m["fp16"]["converter"]
+
+
+def test_no_fp16(tmp_path):
+    export_artifact(ExportOptions(variant="tiny", out=tmp_path / "a", random_weights=True, fp16=False))
+    m = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert not any(".fp16." in n for n in m["files"]) and m["fp16"] is None
+    assert "onnx_fp16_emulated" not in m["verification"]
+
+
+@pytest.mark.slow
+def test_x2_fp16_graphs_at_unseen_shapes(x2_artifact, x2_vae):
+    """Done-when of the FP16 issue: x2 FP16 graphs, run directly with onnxruntime at a shape never
+    used in export, stay finite; decoder PSNR >= 60 dB against diffusers FP32 (random weights)."""
+    files = json.loads((x2_artifact / "manifest.json").read_text())["files"]
+    for g in GRAPHS.values():
+        fp32 = files[g.file_name("fp32") + ".data"]["size"]
+        half = files[g.file_name("fp16") + ".data"]["size"]
+        assert 0.45 < half / fp32 < 0.55  # about half the size of the FP32 twin
+    for g in GRAPHS.values():
+        feed = make_feed(g, Shape(2, 96, 160), seed=77, scaling_factor=0.18215)
+        out = dict(zip(g.output_names, _run(x2_artifact / g.file_name("fp16"), feed)))
+        ref = reference_outputs(x2_vae, g, feed)
+        report = VerificationReport("direct", FP16_TOLERANCE)
+        report.add(g, Shape(2, 96, 160), ref, out)
+        assert report, report.failure_lines()
+        if g.name == "decoder":
+            assert report.cases[0].outputs[0].psnr_db >= 60.0
