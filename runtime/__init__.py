@@ -13,4 +13,4 @@ from .errors import (  # noqa: F401
     ShapeOutOfLimitsError,
 )
 from .manifest import Manifest, read_manifest  # noqa: F401
-from .specs import DECODER, ENCODER, GRAPHS, Shape, ShapeLimits  # noqa: F401
+from .specs import DECODER, DECODER_UNCOND, ENCODER, GRAPHS, Shape, ShapeLimits  # noqa: F401

@@ -94,8 +94,15 @@ DECODER = GraphSpec(
     outputs=(SAMPLE,),
 )
 
+DECODER_UNCOND = GraphSpec(
+    name="decoder_uncond",
+    doc="vae.decode(latent).sample: the plain decoder without the condition encoder (cheaper)",
+    inputs=(LATENT,),
+    outputs=(SAMPLE,),
+)
+
 #: Graphs every export writes, in export order.
-GRAPHS: dict[str, GraphSpec] = {g.name: g for g in (ENCODER, DECODER)}
+GRAPHS: dict[str, GraphSpec] = {g.name: g for g in (ENCODER, DECODER, DECODER_UNCOND)}
 
 
 def dim_sizes(batch: int, height: int, width: int) -> dict[str, int]:

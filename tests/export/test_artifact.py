@@ -25,10 +25,11 @@ def test_manifest_describes_every_file(tiny_artifact):
     for name, e in m.files.items():
         assert e.sha256 == sha256_file(tiny_artifact / name)
         assert e.size == (tiny_artifact / name).stat().st_size
-        assert e.precision == "fp32"
+        assert e.precision == ("fp16" if ".fp16." in name else "fp32")
     for g in GRAPHS.values():
-        assert m.files[g.file_name()].role == g.name
-        assert [c.name for c in m.companions(g.file_name())] == [g.file_name() + ".data"]
+        for precision in ("fp32", "fp16"):
+            assert m.files[g.file_name(precision)].role == g.name
+            assert [c.name for c in m.companions(g.file_name(precision))] == [g.file_name(precision) + ".data"]
     v = d["verification"]["onnx_fp32"]
     assert v["passed"] and v["tolerance"]["max_abs"] == 1e-3
     shapes = {c["shape"] for c in v["cases"]}
@@ -42,7 +43,11 @@ def test_graph_that_computes_the_wrong_thing_fails_the_export(tmp_path, monkeypa
     """A genuinely wrong graph (final blend dropped) is exported, caught, and never published."""
     import asym_export.wrappers as w
 
+    orig = w.DecoderWrapper.forward
+
     def no_final_blend(self, latent, image=None, mask=None):
+        if not self.conditional:
+            return orig(self, latent)
         d = self.decoder
         sample = d.mid_block(d.conv_in(self.post_quant_conv(latent)), None)
         feats = self._condition_features((1 - mask) * image)
