@@ -279,7 +279,7 @@ class EngineRunner:
     def __init__(self, plan_path: str | Path, *, host_code_allowed: bool = False):
         self.plan_path = Path(plan_path)
         self.host_code_allowed = host_code_allowed
-        self.engine = self.context = None
+        self.engine = self.context = self._bound = None
 
     def __enter__(self) -> "EngineRunner":
         self.activate()
@@ -290,6 +290,9 @@ class EngineRunner:
 
     def activate(self) -> None:
         trt = require_tensorrt()
+        import torch
+
+        self.stream = torch.cuda.Stream()
         self._trt = trt
         self._logger = _logger(trt)
         self._runtime = trt.Runtime(self._logger)
@@ -307,7 +310,7 @@ class EngineRunner:
         self._dtypes = _torch_dtypes(trt)
 
     def deactivate(self) -> None:
-        self.context = self.engine = None
+        self.context = self.engine = self._bound = None
 
     def profile_shapes(self, name: str) -> tuple[tuple[int, ...], ...]:
         """(min, opt, max) of input ``name`` in the engine's only profile."""
@@ -323,9 +326,14 @@ class EngineRunner:
             if len(value.shape) != len(lo) or any(not a <= v <= b for v, a, b in zip(value.shape, lo, hi)):
                 raise ShapeOutOfLimitsError(f"{name} shape {tuple(value.shape)} is outside the engine's "
                                             f"profile (min {lo}, max {hi})")
-        return self._infer(feed)
+        buffers = self.bind(feed)
+        self.launch()
+        return {n: buffers[n].float().cpu().numpy() for n in self.outputs}
 
-    def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def bind(self, feed: dict[str, np.ndarray]) -> dict:
+        """Copy ``feed`` to the GPU, set the input shapes, allocate the outputs and bind every
+        address; returns the torch CUDA tensors by name. :meth:`launch` then runs the engine
+        on them as often as wanted (what the latency benchmark times)."""
         import torch
 
         ctx, buffers = self.context, {}
@@ -341,9 +349,17 @@ class EngineRunner:
                                         device="cuda")
         for name, t in buffers.items():
             ctx.set_tensor_address(name, t.data_ptr())
-        stream = torch.cuda.current_stream()
-        if not ctx.execute_async_v3(stream.cuda_stream):
+        self._bound = buffers  # keeps the memory alive while its addresses are bound
+        return buffers
+
+    def launch(self, synchronize: bool = True) -> None:
+        """Run the engine on the buffers of the last :meth:`bind`, on :attr:`stream`."""
+        import torch
+
+        # a stream of our own (TensorRT warns about the default stream), ordered after the copies
+        self.stream.wait_stream(torch.cuda.current_stream())
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
             raise EngineBuildError(f"TensorRT failed to run {self.plan_path.name}: "
                                    + ("; ".join(self._logger.errors) or "execute_async_v3 returned False"))
-        stream.synchronize()
-        return {n: buffers[n].float().cpu().numpy() for n in self.outputs}
+        if synchronize:
+            self.stream.synchronize()
