@@ -6,6 +6,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -113,3 +114,13 @@ def test_engines_without_a_gpu_still_write_the_verified_onnx_artifact(tmp_path):
     assert not [k for k in v if k.startswith("engine_")]
     assert "decoder.onnx" in r.stdout  # the summary of what was written
     json.dumps(m.data)
+
+
+@needs_no_gpu
+def test_gpu_check_says_what_is_missing_and_exits_non_zero(tmp_path):
+    r = subprocess.run([sys.executable, "scripts/gpu_check.py", "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=300,
+                       cwd=Path(__file__).resolve().parents[2])
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == f"gpu_check: cannot run here: {tensorrt_unavailable_reason()}"
+    assert not (tmp_path / "o").exists()
