@@ -272,6 +272,11 @@ def check_graph(path: str | Path, graph: GraphSpec, limits: ShapeLimits) -> Read
     for f in model.functions:
         report.problems.append(f"the model defines local function {f.domain}.{f.name}; TensorRT may map it "
                                "to a plugin, so it is not allowed")
+    for v in list(model.graph.input) + list(model.graph.output):
+        t = v.type.tensor_type.elem_type
+        if t not in _TABLE_TYPE:
+            report.problems.append(f"graph {'input' if v in model.graph.input else 'output'} {v.name} is "
+                                   f"{_type_name(t)}, which is not a TensorRT I/O type")
     ops: Counter = Counter()
     seen: set[str] = set()
     _check_nodes(model.graph.node, _with_inferred_types(model), opset, table, report.problems, ops, seen)

@@ -131,7 +131,8 @@ def test_a_tiny_supported_graph_passes(tmp_path):
     (_encoder_like("Relu", domain="com.example"), ["domain 'com.example'", "plugin"]),
     (_encoder_like("Col2Im"), ["Col2Im", "marked unsupported", "plugin"]),
     (_encoder_like("MyOwnOp"), ["MyOwnOp", "not in TensorRT's ONNX support table"]),
-    (_encoder_like("Relu", dtype=TensorProto.DOUBLE), ["input 0 'image' is DOUBLE", "Relu for FP32"]),
+    (_encoder_like("Relu", dtype=TensorProto.DOUBLE), ["input 0 'image' is DOUBLE", "Relu for FP32",
+                                                       "graph input image is DOUBLE, which is not a TensorRT"]),
     (_encoder_like("Relu", opset=22), ["opset 22 is outside 9..20"]),
     (_encoder_like("Resize", mode="cubic"), ["mode='cubic' is not supported"]),
 ], ids=["custom-domain", "unsupported-op", "unknown-op", "unsupported-dtype", "opset", "resize-mode"])
