@@ -30,9 +30,11 @@ examples:
   asym-export --variant x2 --out artifacts/x2                   # hub weights (through the cache)
   asym-export --variant x2 --weights ./my-vae --out artifacts/x2  # a save_pretrained folder
   asym-export --variant x2 --random-weights --seed 0 --out /tmp/x2  # offline, for tests/benchmarks
+  asym-export --variant x2 --engines --out artifacts/x2          # + FP16 TensorRT engines (GPU + tensorrt)
 
-exit codes: 0 verified folder written; 1 export or verification failed; 2 bad arguments,
-unusable weights or output folder.
+exit codes: 0 verified folder written; 1 export or verification failed, or --engines on a
+machine without a GPU and tensorrt (the verified ONNX folder is still written); 2 bad
+arguments, unusable weights or output folder.
 """
 
 
@@ -75,6 +77,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-size", default="1024", metavar="N|HxW", help="largest image, pixels (default 1024)")
     s.add_argument("--max-batch", type=int, default=4, help="largest batch (default 4)")
     s.add_argument("--opt-batch", type=int, default=1, help="typical batch (default 1)")
+    e = p.add_argument_group("TensorRT engines (need a CUDA GPU and the tensorrt package)")
+    e.add_argument("--engines", action="store_true",
+                   help="also build engines/encoder.plan and engines/decoder.plan (strongly typed, from the "
+                        "FP16 graphs), one optimization profile from the shape limits, verified on the GPU "
+                        "at min/opt/max")
+    e.add_argument("--opt-level", type=int, default=None, metavar="N",
+                   help="builder optimization level 0-5 (default 3)")
+    e.add_argument("--workspace-gib", type=float, default=None, metavar="X",
+                   help="limit TensorRT's workspace memory to X GiB (default: TensorRT's own limit)")
+    e.add_argument("--version-compatible", action="store_true",
+                   help="engines that later TensorRT versions can run (may be slower)")
+    e.add_argument("--hardware-compat", default=None, metavar="{none,ampere_plus,same_compute_capability}",
+                   help="engines that run on other GPUs than the one that built them (default none; may be slower)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every step")
     p.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
     return p
@@ -92,6 +107,7 @@ def _options(args):
     shapes = DEFAULT_VERIFY_SHAPES
     if args.verify_shapes:
         shapes = tuple(parse_shape(s) for s in args.verify_shapes.split(",") if s.strip())
+    engine = _engine_options(args)
     atol = FP32_MAX_ABS if args.atol is None else args.atol
     if not atol > 0:
         raise AsymInputError(f"--atol {args.atol} must be positive")
@@ -104,7 +120,23 @@ def _options(args):
         variant=args.variant, out=args.out, weights=args.weights, random_weights=args.random_weights,
         seed=args.seed, allow_pickle=args.allow_pickle, revision=args.revision, limits=limits,
         verify_shapes=shapes, fp32_max_abs=atol, fp16=not args.no_fp16, fp16_headroom=headroom,
+        engine=engine,
     )
+
+
+def _engine_options(args):
+    from .engines import EngineOptions
+
+    given = [flag for flag, v in (("--opt-level", args.opt_level), ("--workspace-gib", args.workspace_gib),
+                                  ("--version-compatible", args.version_compatible or None),
+                                  ("--hardware-compat", args.hardware_compat)) if v is not None]
+    if not args.engines:
+        if given:
+            raise AsymInputError(f"{', '.join(given)} only applies to engine builds; add --engines")
+        return None
+    return EngineOptions(opt_level=3 if args.opt_level is None else args.opt_level,
+                         workspace_gib=args.workspace_gib, version_compatible=args.version_compatible,
+                         hardware_compat=args.hardware_compat or "none")
 
 
 def _summary(result) -> str:
@@ -129,13 +161,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     # imported here so `--help` and argument errors answer instantly (torch loads slowly)
     from .artifact import OutputDirError
+    from .engine_verify import EnginesNotBuiltError
+    from .engines import EngineBuildError
     from .onnx_export import ExportError
     from .progress import ConsoleProgress
+    from .trt_readiness import TensorRTReadinessError
     from .verify import VerificationError
     from .weights import WeightsError, WeightsUnavailableError
 
     try:
         opts = _options(args)
+        if opts.engine:
+            from .engines import tensorrt_unavailable_reason
+
+            reason = tensorrt_unavailable_reason()
+            if reason:
+                print(f"asym-export: warning: --engines: no TensorRT engines can be built on this machine: "
+                      f"{reason}; exporting and verifying the ONNX graphs only", file=sys.stderr)
         from .export import export_artifact
 
         result = export_artifact(opts, ConsoleProgress())
@@ -146,7 +188,15 @@ def main(argv: list[str] | None = None) -> int:
         print(e.report.table(), file=sys.stderr)
         print(f"asym-export: {e}\nno manifest was written; the folder is not loadable.", file=sys.stderr)
         return EXIT_FAILED
-    except ExportError as e:
+    except EnginesNotBuiltError as e:
+        print(_summary(e.result))
+        print(f"asym-export: error: {e}; the ONNX graphs and manifest.json in {e.result.out} are complete "
+              "and verified", file=sys.stderr)
+        return EXIT_FAILED
+    except TensorRTReadinessError as e:
+        print(f"asym-export: {e}\nno manifest was written; the folder is not loadable.", file=sys.stderr)
+        return EXIT_FAILED
+    except (ExportError, EngineBuildError) as e:
         print(f"asym-export: export failed: {e}", file=sys.stderr)
         if args.debug:
             raise

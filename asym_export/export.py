@@ -18,6 +18,8 @@ from asym_runtime.specs import GRAPHS, GraphSpec, Shape, ShapeLimits
 
 from . import __version__
 from .artifact import ArtifactWriter
+from .engine_verify import EngineStep, EnginesNotBuiltError
+from .engines import EngineOptions
 from .feeds import make_feed
 from .fp16 import (
     DEFAULT_HEADROOM,
@@ -31,6 +33,8 @@ from .fp16 import (
 )
 from .onnx_export import EXPORT_SHAPE, OPSET, onnx_from_model, reference_outputs
 from .progress import Progress
+from .trt_readiness import check_folder
+from .trt_readiness import manifest_section as readiness_section
 from .variants import get_variant
 from .verify import FP16_TOLERANCE, FP32_MAX_ABS, Tolerance, VerificationError, VerificationReport
 from .weights import WeightsSource, load_reference
@@ -65,6 +69,8 @@ class ExportOptions:
     fp32_max_abs: float = FP32_MAX_ABS
     fp16: bool = True
     fp16_headroom: float = DEFAULT_HEADROOM
+    #: ``--engines``: build and verify TensorRT engines (None: ONNX only)
+    engine: EngineOptions | None = None
 
 
 @dataclass
@@ -190,6 +196,7 @@ def export_artifact(opts: ExportOptions, progress: Progress | None = None) -> Ex
     timings: dict[str, float] = {}
     shapes = verification_shapes(opts.verify_shapes)
     t_all = time.perf_counter()
+    engine_step = EngineStep.start(opts.engine) if opts.engine else None
 
     with ArtifactWriter(opts.out) as writer:
         with progress.step(f"load {variant.name} reference"):
@@ -232,12 +239,18 @@ def export_artifact(opts: ExportOptions, progress: Progress | None = None) -> Ex
         if opts.fp16 and not fp16_report:
             raise VerificationError(fp16_report)
 
+        with progress.step("check TensorRT readiness of the graphs engines are built from"):
+            readiness = check_folder(writer.staging, opts.limits)
+
         for graph in GRAPHS.values():
             for precision in ("fp32", "fp16") if opts.fp16 else ("fp32",):
                 name = graph.file_name(precision)
                 writer.publish(name + ".data", role=ROLE_EXTERNAL_DATA, fmt=FORMAT_ONNX_DATA,
                                precision=precision, data_of=name)
                 writer.publish(name, role=graph.name, fmt=FORMAT_ONNX, precision=precision)
+
+        engines = engine_step.run(writer, vae, opts.limits, variant.name, scaling_factor, progress) \
+            if engine_step else None
 
         timings["total_s"] = time.perf_counter() - t_all
         reports = [fp32_report] + ([fp16_report] if opts.fp16 else [])
@@ -264,8 +277,15 @@ def export_artifact(opts: ExportOptions, progress: Progress | None = None) -> Ex
                 "seed": VERIFY_SEED,
                 "shapes": [str(s) for s in shapes],
                 **{r.stage: r.to_dict() for r in reports},
+                "tensorrt_readiness": readiness_section(readiness),
+                **({engines.report.stage: engines.report.to_dict()} if engines else {}),
             },
+            **({"engines": engines.section} if engines else {}),
             "timings": {k: round(v, 2) for k, v in timings.items()},
         })
         files = {n: e.size for n, e in writer.entries.items()}
-    return ExportResult(opts.out, manifest, reports, timings, files, source)
+    result = ExportResult(opts.out, manifest, reports + ([engines.report] if engines else []),
+                          timings, files, source)
+    if engine_step and engine_step.reason:
+        raise EnginesNotBuiltError(engine_step.reason, result)
+    return result

@@ -166,8 +166,10 @@ def onnx_from_model(vae, graph: GraphSpec, path: str | Path, *, variant: str,
 
 
 def reference_outputs(vae, graph: GraphSpec, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """What diffusers itself computes for ``feed`` (not the wrapper): the verification truth."""
-    t = {k: torch.from_numpy(v) for k, v in feed.items()}
+    """What diffusers itself computes for ``feed`` (not the wrapper): the verification truth.
+    Runs on the model's device (CPU for the export checks, CUDA for engine verification)."""
+    device = next(vae.parameters()).device
+    t = {k: torch.from_numpy(v).to(device) for k, v in feed.items()}
     with torch.no_grad():
         if graph.name == "encoder":
             dist = vae.encode(t["image"]).latent_dist
@@ -178,4 +180,4 @@ def reference_outputs(vae, graph: GraphSpec, feed: dict[str, np.ndarray]) -> dic
             out = {"sample": vae.decode(t["latent"]).sample}
         else:
             raise ValueError(f"no reference for graph {graph.name!r}")
-    return {k: v.float().numpy() for k, v in out.items()}
+    return {k: v.float().cpu().numpy() for k, v in out.items()}

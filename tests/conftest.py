@@ -46,6 +46,15 @@ def x2_artifact(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def x15_artifact(tmp_path_factory) -> Path:
+    """An x1.5 export with seeded random weights, verified at the export shape only (the x1.5
+    graphs' numerics are covered by test_x15_export_matches_diffusers). Read-only."""
+    from asym_runtime.specs import Shape
+
+    return _export(tmp_path_factory.mktemp("x15"), "x1.5", verify_shapes=(Shape(2, 64, 64),))
+
+
+@pytest.fixture(scope="session")
 def x2_vae():
     from asym_export.variants import get_variant
     from asym_export.weights import random_model

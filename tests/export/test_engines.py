@@ -1,0 +1,126 @@
+"""Everything around the TensorRT layer that a machine without a GPU can check: profiles from
+the shape limits, engine options, the one-sentence "what is missing", and `--engines` on such
+a machine (the ONNX artifact is complete and verified, no engines folder, exit 1)."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from asym_export.cli import main
+from asym_export.engine_verify import _true_fp32, profile_shapes
+from asym_export.engines import EngineOptions, engine_from_onnx, require_tensorrt, tensorrt_unavailable_reason
+from asym_runtime.errors import AsymInputError, BackendUnavailableError
+from asym_runtime.manifest import read_manifest
+from asym_runtime.specs import DECODER, ENCODER, GRAPHS, Shape, ShapeLimits
+
+NO_ENGINES_HERE = tensorrt_unavailable_reason() is not None
+needs_no_gpu = pytest.mark.skipif(not NO_ENGINES_HERE, reason="this machine can build engines")
+
+
+def test_profile_is_derived_from_the_shape_limits():
+    limits = ShapeLimits.from_sizes("64", "512x768", "1024", opt_batch=2, max_batch=4)
+    p = limits.profile(DECODER)
+    assert p["latent"] == ((1, 4, 8, 8), (2, 4, 64, 96), (4, 4, 128, 128))
+    assert p["image"] == ((1, 3, 64, 64), (2, 3, 512, 768), (4, 3, 1024, 1024))
+    assert p["mask"] == ((1, 1, 64, 64), (2, 1, 512, 768), (4, 1, 1024, 1024))
+    assert list(limits.profile(ENCODER)) == ["image"]
+    assert profile_shapes(limits) == [Shape(1, 64, 64), Shape(2, 512, 768), Shape(4, 1024, 1024)]
+    same = ShapeLimits(1, 1, 1, 64, 64, 64, 64, 64, 64)
+    assert profile_shapes(same) == [Shape(1, 64, 64)]  # one shape verified once
+
+
+@pytest.mark.parametrize("kw, needle", [
+    ({"opt_level": 6}, "0..5"), ({"opt_level": -1}, "0..5"), ({"workspace_gib": 0}, "positive"),
+    ({"hardware_compat": "turing"}, "ampere_plus"),
+])
+def test_engine_options_are_validated(kw, needle):
+    with pytest.raises(AsymInputError, match=needle):
+        EngineOptions(**kw)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--opt-level", "5"], "add --engines"),
+    (["--hardware-compat", "ampere_plus"], "add --engines"),
+    (["--engines", "--opt-level", "9"], "0..5"),
+    (["--engines", "--hardware-compat", "any"], "none, ampere_plus, same_compute_capability"),
+    (["--engines", "--workspace-gib", "-1"], "positive"),
+])
+def test_bad_engine_flags_exit_2(tmp_path, capsys, args, needle):
+    assert main(["--variant", "tiny", "--random-weights", *args, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()  # rejected before anything was written
+
+
+@needs_no_gpu
+def test_what_is_missing_is_one_sentence():
+    reason = tensorrt_unavailable_reason()
+    assert "\n" not in reason and not reason.endswith(".")
+    if importlib.util.find_spec("tensorrt") is None:
+        assert "the tensorrt Python package is not installed (pip install 'asym-export[tensorrt]'" in reason
+    with pytest.raises(BackendUnavailableError, match="tensorrt|GPU"):
+        require_tensorrt()
+
+
+@needs_no_gpu
+def test_building_without_tensorrt_raises_a_clear_error(tiny_artifact, tmp_path):
+    with pytest.raises(BackendUnavailableError) as e:
+        engine_from_onnx(tiny_artifact / "decoder.onnx", tmp_path / "d.plan", DECODER, ShapeLimits(),
+                         timing_cache=tmp_path / "timing.cache")
+    assert str(e.value) == tensorrt_unavailable_reason()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_gpu_reference_runs_in_true_fp32_and_restores_torch_settings():
+    import torch
+
+    conv = torch.backends.cudnn.conv
+    before = conv.fp32_precision
+    with _true_fp32():
+        assert conv.fp32_precision == "ieee" and torch.backends.cuda.matmul.fp32_precision == "ieee"
+    assert conv.fp32_precision == before
+
+
+@needs_no_gpu
+def test_engines_without_a_gpu_still_write_the_verified_onnx_artifact(tmp_path):
+    """Done-when of issue 3: exit 1, one clear sentence, no traceback, no engines folder, and the
+    ONNX artifact complete and verified (tiny variant: same code path as x2)."""
+    out = tmp_path / "a"
+    r = subprocess.run([sys.executable, "-m", "asym_export.cli", "--variant", "tiny", "--random-weights",
+                        "--engines", "--verify-shapes", "1x64x96", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    errors = [ln for ln in r.stderr.splitlines() if "error" in ln.lower()]
+    assert len(errors) == 1, r.stderr
+    assert errors[0].startswith("asym-export: error: no TensorRT engines were built because ")
+    assert tensorrt_unavailable_reason() in errors[0] and "complete and verified" in errors[0]
+    warning = r.stderr.splitlines()[0]  # said up front, before minutes of export
+    assert warning.startswith("asym-export: warning: --engines: no TensorRT engines can be built")
+    assert not (out / "engines").exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging left behind
+    m = read_manifest(out)
+    assert "engines" not in m.data
+    assert not [e for e in m.files.values() if e.format.startswith("tensorrt")]
+    for name in m.files:
+        m.verify_file(name)
+    assert {g.file_name() for g in GRAPHS.values()} <= set(m.files)
+    v = m.data["verification"]
+    assert v["onnx_fp32"]["passed"] and v["tensorrt_readiness"]["passed"]
+    assert not [k for k in v if k.startswith("engine_")]
+    assert "decoder.onnx" in r.stdout  # the summary of what was written
+    json.dumps(m.data)
+
+
+@needs_no_gpu
+def test_gpu_check_says_what_is_missing_and_exits_non_zero(tmp_path):
+    r = subprocess.run([sys.executable, "scripts/gpu_check.py", "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=300,
+                       cwd=Path(__file__).resolve().parents[2])
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == f"gpu_check: cannot run here: {tensorrt_unavailable_reason()}"
+    assert not (tmp_path / "o").exists()
