@@ -386,8 +386,10 @@ def _intersect(a: ShapeLimits, b: ShapeLimits | None) -> ShapeLimits:
         if lo > hi:
             raise ArtifactError(f"the engines' profile ({b}) and the manifest's shape limits ({a}) "
                                 f"share no {axis}")
-        kw.update({f"min_{axis}": lo, f"max_{axis}": hi,
-                   f"opt_{axis}": min(max(getattr(a, f"opt_{axis}"), lo), hi)})
+        opt = getattr(b, f"opt_{axis}")  # the narrower (engine) profile's opt, if it fits
+        if not lo <= opt <= hi:
+            opt = min(max(getattr(a, f"opt_{axis}"), lo), hi)
+        kw.update({f"min_{axis}": lo, f"max_{axis}": hi, f"opt_{axis}": opt})
     return ShapeLimits(**kw)
 
 
