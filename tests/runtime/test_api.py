@@ -42,16 +42,45 @@ def test_conditional_decode_matches_diffusers(tiny_rt, tiny_vae, shape, mask):
 
 
 def test_plain_decode_matches_diffusers_decode_z(tiny_rt, tiny_vae):
-    """Without a decoder_uncond graph the runtime runs the conditional graph with mask = 1 and
-    image = 0; there every blend is sample * 1 + feature * 0, so this IS the plain decoder."""
-    assert "decoder_uncond" not in tiny_rt.backends  # the fallback is what runs here
     f = feed("decoder", Shape(2, 64, 96), seed=3)
-    out = tiny_rt.decode(f["latent"])
     ref = diffusers_decode(tiny_vae, f["latent"])
-    np.testing.assert_allclose(out, ref, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(tiny_rt.decode(f["latent"]), ref, atol=ATOL, rtol=0)
     # ...and the plain decode really is another function than the conditional one
     cond = diffusers_decode(tiny_vae, **f)
     assert np.abs(cond - ref).max() > 1000 * ATOL
+
+
+@pytest.fixture(scope="module")
+def fallback_rt(tiny_artifact, tmp_path_factory):
+    """The tiny folder without a decoder_uncond graph (as exports before that graph wrote)."""
+    import json
+    import shutil
+
+    folder = tmp_path_factory.mktemp("no-uncond") / "artifact"
+    shutil.copytree(tiny_artifact, folder)
+    data = json.loads((folder / "manifest.json").read_text())
+    data["files"] = {n: e for n, e in data["files"].items()
+                     if e["role"] != "decoder_uncond" and not (e.get("data_of") or "").startswith("decoder_uncond")}
+    (folder / "manifest.json").write_text(json.dumps(data))
+    with asym_runtime.load(folder, backend="onnxruntime-cpu") as rt:
+        yield rt
+
+
+def test_without_a_plain_graph_the_conditional_one_decodes_plainly(fallback_rt, tiny_vae):
+    """The conditional graph with mask = 1 and image = 0: there every blend is
+    sample * 1 + feature * 0, so it IS the plain decoder."""
+    assert "decoder_uncond" not in fallback_rt.backends
+    calls = []
+    infer = fallback_rt.backends["decoder"].infer
+    fallback_rt.backends["decoder"].infer = lambda feed: calls.append(feed) or infer(feed)
+    f = feed("decoder", Shape(2, 64, 96), seed=3)
+    try:
+        out = fallback_rt.decode(f["latent"])
+    finally:
+        del fallback_rt.backends["decoder"].infer
+    (sent,) = calls
+    assert sent["mask"].min() == 1 and sent["image"].max() == sent["image"].min() == 0
+    np.testing.assert_allclose(out, diffusers_decode(tiny_vae, f["latent"]), atol=ATOL, rtol=0)
 
 
 def test_sample_with_a_torch_generator_equals_diffusers(tiny_rt, tiny_vae):
@@ -171,7 +200,8 @@ def test_fp16_graphs_run_when_the_folder_has_them(tiny_artifact, tiny_vae):
 
 @pytest.fixture(scope="module")
 def uncond_artifact(tiny_artifact, tiny_vae, tmp_path_factory):
-    """The tiny folder plus a plain-decoder graph, as the decoder_uncond issue will write it."""
+    """A tiny folder with the plain-decoder graph: the session's export if it writes one, else a
+    copy with decoder_uncond.onnx exported and recorded the way asym-export records graphs."""
     import json
     import shutil
 
@@ -179,14 +209,16 @@ def uncond_artifact(tiny_artifact, tiny_vae, tmp_path_factory):
     from asym_runtime.api import DECODER_UNCOND
     from asym_runtime.manifest import sha256_file
 
+    if asym_runtime.read_manifest(tiny_artifact).find("decoder_uncond", "onnx", "fp32"):
+        return tiny_artifact
     out = tmp_path_factory.mktemp("uncond") / "artifact"
     shutil.copytree(tiny_artifact, out)
     onnx_from_model(tiny_vae, DECODER_UNCOND, out / "decoder_uncond.onnx", variant="tiny", scaling_factor=0.18215)
     data = json.loads((out / "manifest.json").read_text())
-    for name, extra in (("decoder_uncond.onnx", {"role": "decoder_uncond"}),
-                        ("decoder_uncond.onnx.data", {"role": "external_data", "data_of": "decoder_uncond.onnx"})):
-        data["files"][name] = {"format": "onnx" if "data_of" not in extra else "onnx_external_data",
-                               "precision": "fp32", "sha256": sha256_file(out / name),
+    for name, extra in (("decoder_uncond.onnx", {"role": "decoder_uncond", "format": "onnx"}),
+                        ("decoder_uncond.onnx.data", {"role": "external_data", "format": "onnx_external_data",
+                                                      "data_of": "decoder_uncond.onnx"})):
+        data["files"][name] = {"precision": "fp32", "sha256": sha256_file(out / name),
                                "size": (out / name).stat().st_size, **extra}
     (out / "manifest.json").write_text(json.dumps(data))
     return out
@@ -200,5 +232,7 @@ def test_a_decoder_uncond_graph_is_used_when_the_folder_has_one(uncond_artifact,
         infer = rt.backends["decoder_uncond"].infer
         rt.backends["decoder_uncond"].infer = lambda feed: calls.append(sorted(feed)) or infer(feed)
         out = rt.decode(f["latent"])
+        cond = rt.decode(f["latent"], image=f["image"], mask=f["mask"])  # the conditional graph still runs
     assert calls == [["latent"]]
     np.testing.assert_allclose(out, diffusers_decode(tiny_vae, f["latent"]), atol=ATOL, rtol=0)
+    np.testing.assert_allclose(cond, diffusers_decode(tiny_vae, **f), atol=ATOL, rtol=0)
