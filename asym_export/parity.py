@@ -84,8 +84,10 @@ def reference_from_manifest(manifest: Manifest):
 
 def candidates(manifest: Manifest, backends: list[str] | None = None) -> list[Candidate]:
     """Every (backend, precision) the folder offers; the machine decides later which run."""
+    order = {"fp32": 0, "fp16": 1}  # the exact graphs first
     onnx_precisions = sorted({e.precision for e in manifest.files.values()
-                              if e.format == FORMAT_ONNX and e.role == "decoder" and e.precision})
+                              if e.format == FORMAT_ONNX and e.role == "decoder" and e.precision},
+                             key=lambda p: (order.get(p, 2), p))
     out = []
     for b in ("onnxruntime-cpu", "onnxruntime-cuda"):
         out += [Candidate(b, p) for p in onnx_precisions]
