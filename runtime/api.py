@@ -18,7 +18,7 @@ import hashlib
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -142,7 +142,10 @@ def _noise(shape: tuple[int, ...], generator: Any, ref: Any) -> Any:
             rand_device = device
         else:
             g0 = gens[0] if isinstance(gens, list) else gens
-            rand_device = torch.device("cpu") if g0.device.type == "cpu" else device
+            if not arrays.is_torch(ref):  # numpy result: draw where the generator lives
+                rand_device = g0.device
+            else:
+                rand_device = torch.device("cpu") if g0.device.type == "cpu" else device
         if isinstance(gens, list):
             if len(gens) != shape[0]:
                 raise AsymInputError(f"sample: {len(gens)} generators for a batch of {shape[0]}")
@@ -152,7 +155,7 @@ def _noise(shape: tuple[int, ...], generator: Any, ref: Any) -> Any:
         else:
             noise = torch.randn(shape, generator=gens, device=rand_device, dtype=torch.float32)
         noise = noise.to(device)
-        return noise if arrays.is_torch(ref) else noise.numpy()
+        return noise if arrays.is_torch(ref) else noise.cpu().numpy()
     if generator is None or isinstance(generator, (int, np.integer)):
         generator = np.random.default_rng(generator)
     if not isinstance(generator, np.random.Generator):
@@ -239,8 +242,10 @@ class AsymVAE:
 
     def _run(self, graph: str, feed: dict[str, Any]) -> dict[str, Any]:
         backend = self.backends.get(graph)
-        if backend is None or not backend.active:
-            raise RuntimeError(f"this AsymVAE is closed (or has no {graph} graph)")
+        if backend is None:
+            raise RuntimeError(f"this AsymVAE was loaded without the {graph} graph (see load(..., graphs=))")
+        if not backend.active:
+            raise RuntimeError("this AsymVAE is closed")
         return backend.infer(feed)
 
     # ----- lifecycle
@@ -267,7 +272,8 @@ class AsymVAE:
 # --------------------------------------------------------------------------- loading
 
 def load(path: str | os.PathLike, backend: str = "auto", precision: str | None = None, *,
-         verify_onnx: bool = True, device_id: int = 0, cuda_graph: bool = False) -> AsymVAE:
+         verify_onnx: bool = True, device_id: int = 0, cuda_graph: bool = False,
+         graphs: Iterable[str] | None = None) -> AsymVAE:
     """Load the artifact folder ``path`` (written by ``asym-export``) and pick a backend.
 
     Args:
@@ -285,6 +291,10 @@ def load(path: str | os.PathLike, backend: str = "auto", precision: str | None =
             loading it (default True). Engines are always checked.
         device_id: the CUDA device for GPU backends.
         cuda_graph: TensorRT only: capture a CUDA graph per shape and replay it.
+        graphs: which graphs to load, of ``encoder``, ``decoder``, ``decoder_uncond``
+            (default: all the folder has). A decode-only service saves the encoder's memory
+            with ``graphs=("decoder", "decoder_uncond")``; without ``decoder_uncond`` plain
+            decodes run through ``decoder``.
 
     Raises:
         ArtifactError: no manifest, another schema version, a file missing or changed
@@ -298,11 +308,15 @@ def load(path: str | os.PathLike, backend: str = "auto", precision: str | None =
         raise ValueError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if precision is not None and precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: choose fp32, fp16 or None (the folder's default)")
+    wanted = tuple(_SPECS) if graphs is None else tuple(dict.fromkeys(graphs))
+    unknown = [g for g in wanted if g not in _SPECS]
+    if unknown or not wanted:
+        raise ValueError(f"graphs {list(graphs or [])!r}: choose from {', '.join(_SPECS)}")
     manifest = read_manifest(path)
 
     if backend in ("auto", "tensorrt"):
-        engines = _engine_entries(manifest, precision)
-        reason = trt_backend.unavailable_reason(device_id)
+        engines = _engine_entries(manifest, precision, wanted)
+        reason = trt_backend.unavailable_reason(device_id) if backend == "tensorrt" or engines else None
         if backend == "tensorrt":
             if reason:
                 raise BackendUnavailableError(reason)
@@ -323,34 +337,36 @@ def load(path: str | os.PathLike, backend: str = "auto", precision: str | None =
                 except (IncompatibleEngineError, BackendUnavailableError) as e:
                     log.warning("%s; using ONNX Runtime instead", e)
 
-    return _load_onnxruntime(manifest, backend, precision or "fp32", verify_onnx, device_id)
+    return _load_onnxruntime(manifest, backend, precision or "fp32", verify_onnx, device_id, wanted)
 
 
-def _engine_entries(manifest: Manifest, precision: str | None) -> dict[str, str] | None:
-    """role -> engine file name, if the folder has engines for every required graph."""
+def _engine_entries(manifest: Manifest, precision: str | None, wanted: tuple[str, ...]) -> dict[str, str] | None:
+    """role -> engine file name, if the folder has engines for every required wanted graph."""
     found = {}
-    for role in _SPECS:
+    for role in wanted:
         e = manifest.find(role, FORMAT_PLAN, precision)
         if e is not None:
             found[role] = e.name
-    if not all(r in found for r in _REQUIRED):
+    if not found or not all(r in found for r in _REQUIRED if r in wanted):
         return None
     return found
 
 
-def _onnx_entries(manifest: Manifest, precision: str) -> dict[str, str]:
+def _onnx_entries(manifest: Manifest, precision: str, wanted: tuple[str, ...]) -> dict[str, str]:
     found = {}
-    for role in _SPECS:
+    for role in wanted:
         e = manifest.find(role, FORMAT_ONNX, precision)
         if e is not None:
             found[role] = e.name
-    missing = [r for r in _REQUIRED if r not in found]
+    missing = [r for r in _REQUIRED if r in wanted and r not in found]
+    if not found and not missing:
+        missing = list(wanted)
     if missing:
         have = sorted({e.precision for e in manifest.files.values() if e.format == FORMAT_ONNX and e.precision})
+        hint = f"; pass precision={have[0]!r}" if have and precision not in have else ""
         raise ArtifactError(
             f"{manifest.root} has no {precision} ONNX graph for {', '.join(missing)} (its "
-            f"{MANIFEST_NAME} lists precisions: {', '.join(have) or 'none'}); pass "
-            f"precision={have[0]!r}" if have else f"{manifest.root} lists no ONNX graphs"
+            f"{MANIFEST_NAME} lists precisions: {', '.join(have) or 'none'}){hint}"
         )
     return found
 
@@ -432,8 +448,8 @@ def _load_tensorrt(manifest: Manifest, engines: dict[str, str], device_id: int,
 
 
 def _load_onnxruntime(manifest: Manifest, backend: str, precision: str, verify: bool,
-                      device_id: int) -> AsymVAE:
-    graphs = _onnx_entries(manifest, precision)
+                      device_id: int, wanted: tuple[str, ...]) -> AsymVAE:
+    graphs = _onnx_entries(manifest, precision, wanted)
     if verify:
         for name in graphs.values():
             manifest.verify_file(name)

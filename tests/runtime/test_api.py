@@ -236,3 +236,14 @@ def test_a_decoder_uncond_graph_is_used_when_the_folder_has_one(uncond_artifact,
     assert calls == [["latent"]]
     np.testing.assert_allclose(out, diffusers_decode(tiny_vae, f["latent"]), atol=ATOL, rtol=0)
     np.testing.assert_allclose(cond, diffusers_decode(tiny_vae, **f), atol=ATOL, rtol=0)
+
+
+def test_graphs_picks_what_is_loaded(tiny_artifact, tiny_vae):
+    f = feed("decoder", Shape(1, 64, 64), seed=12)
+    with asym_runtime.load(tiny_artifact, backend="onnxruntime-cpu", graphs=["decoder"]) as rt:
+        assert sorted(rt.backends) == ["decoder"]
+        np.testing.assert_allclose(rt.decode(f["latent"]), diffusers_decode(tiny_vae, f["latent"]), atol=ATOL, rtol=0)
+        with pytest.raises(RuntimeError, match="loaded without the encoder graph"):
+            rt.encode(f["image"])
+    with pytest.raises(ValueError, match="choose from encoder, decoder, decoder_uncond"):
+        asym_runtime.load(tiny_artifact, graphs=["decoder", "vae"])
