@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np

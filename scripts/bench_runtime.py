@@ -58,7 +58,8 @@ def main() -> None:
         load_s = time.perf_counter() - t0
         label = f"{vae.backend}/{vae.precision}"
         print(f"{label}: load {load_s:.1f} s")
-        results[label] = {name: timed(lambda: fn(vae), args.repeats, args.warmup) for name, fn in calls.items()}
+        results[label] = {name: timed(lambda fn=fn, vae=vae: fn(vae), args.repeats, args.warmup)
+                          for name, fn in calls.items()}
         vae.close()
 
     if not args.no_reference:
@@ -70,7 +71,8 @@ def main() -> None:
         t = {k: torch.from_numpy(v) for k, v in {**enc, **{f"d_{k}": v for k, v in dec.items()}}.items()}
         ref_calls = {
             "encode (mean)": lambda: ref.encode(t["image"]).latent_dist.mean.numpy(),
-            "decode conditional": lambda: ref.decode(t["d_latent"], image=t["d_image"], mask=t["d_mask"]).sample.numpy(),
+            "decode conditional": lambda: ref.decode(t["d_latent"], image=t["d_image"],
+                                                     mask=t["d_mask"]).sample.numpy(),
             "decode plain": lambda: ref.decode(t["d_latent"]).sample.numpy(),
         }
         with torch.no_grad():

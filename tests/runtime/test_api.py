@@ -137,7 +137,7 @@ def test_config_mirrors_diffusers(tiny_rt, tiny_vae):
     for key in ("latent_channels", "block_out_channels", "up_block_out_channels", "layers_per_up_block"):
         assert tiny_rt.config[key] == (list(v) if isinstance(v := tiny_vae.config[key], tuple) else v)
     with pytest.raises(AttributeError, match="no 'nope'"):
-        tiny_rt.config.nope
+        _ = tiny_rt.config.nope
     assert tiny_rt.variant == "tiny" and tiny_rt.limits == tiny_rt.manifest.limits
 
 

@@ -1,6 +1,5 @@
 """The backend interface: activate / infer / deactivate, checked public methods, one place for options."""
 
-import numpy as np
 import pytest
 from runtime_helpers import feed
 

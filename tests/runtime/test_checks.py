@@ -56,7 +56,8 @@ BAD_DECODES = [
     ("image-size-vs-latent", _with(image=G["image"][..., :88], mask=G["mask"][..., :88]), AsymInputError,
      r"sizes disagree: latent \(2, 4, 8, 12\) is 64x96 pixels, image \(2, 3, 64, 88\) is 64x88"),
     ("mask-size-vs-image", _with(mask=G["mask"][:, :, :56]), AsymInputError, r"sizes disagree: .*mask .* is 56x96"),
-    ("batch", _with(image=G["image"][:1]), AsymInputError, r"batch sizes disagree: latent has 2, image has 1, mask has 2"),
+    ("batch", _with(image=G["image"][:1]), AsymInputError,
+     r"batch sizes disagree: latent has 2, image has 1, mask has 2"),
     ("empty", dict(latent=G["latent"][:0]), AsymInputError, r"empty dim"),
     ("nan-latent", _with(latent=_nan(G["latent"])), AsymInputError, r"latent contains NaN"),
     ("inf-image", _with(image=_inf(G["image"])), AsymInputError, r"image contains Inf"),
@@ -72,9 +73,11 @@ BAD_DECODES = [
      r"height 1032 is above this artifact's max_height 1024"),
     ("width-below-limit", _with(latent=G["latent"][..., :7], image=G["image"][..., :56], mask=G["mask"][..., :56]),
      ShapeOutOfLimitsError, r"width 56 is below this artifact's min_width 64"),
-    ("list", dict(latent=G["latent"].tolist()), AsymInputError, r"latent must be a numpy array or a torch tensor, got builtins.list"),
+    ("list", dict(latent=G["latent"].tolist()), AsymInputError,
+     r"latent must be a numpy array or a torch tensor, got builtins.list"),
     ("pil", _with(image=Image.new("RGB", (96, 64))), AsymInputError, r"got PIL.Image.Image; convert PIL images"),
-    ("mixed-kinds", _with(image=torch.from_numpy(G["image"])), AsymInputError, r"must all be numpy arrays or all torch tensors"),
+    ("mixed-kinds", _with(image=torch.from_numpy(G["image"])), AsymInputError,
+     r"must all be numpy arrays or all torch tensors"),
 ]
 
 
