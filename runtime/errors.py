@@ -22,4 +22,15 @@ class IncompatibleEngineError(ArtifactError):
 
 
 class BackendUnavailableError(RuntimeError):
-    """The requested backend cannot run on this machine (no GPU, no tensorrt, no CUDA provider)."""
+    """The requested backend cannot run on this machine (no GPU, no tensorrt, no CUDA provider).
+
+    A ``RuntimeError``, not a ``ValueError``: the machine, not the caller's input, is missing
+    something. The message says in one sentence what is missing.
+    """
+
+
+class BackendError(RuntimeError):
+    """A backend failed while running a graph (e.g. ``execute_async_v3`` returned False).
+
+    Never raised for bad input: inputs are checked before any backend runs.
+    """

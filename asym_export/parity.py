@@ -1,0 +1,251 @@
+"""``asym-parity DIR``: the runtime against the PyTorch reference, on every backend this machine has.
+
+The reference is diffusers' ``AsymmetricAutoencoderKL`` rebuilt from the manifest's weights
+source (seeded random weights, a local folder or a hub commit), checked against the
+manifest's ``state_dict_sha256`` so the comparison is against the weights the folder was
+exported from. Each available backend (ONNX Runtime CPU and CUDA for every ONNX precision
+in the folder, TensorRT for its engines) runs ``encode``, the conditional ``decode`` and the
+plain ``decode`` through the public ``asym_runtime`` API at the manifest's verification
+shapes, on the same seeded inputs the export verified with. FP32 is held to a max abs
+error (the export's tolerance), FP16 graphs and engines to the PSNR floors of ``verify.py``.
+
+Exit codes: 0 every backend passed; 1 a comparison failed; 2 bad arguments, an unusable
+folder or reference weights that differ from the manifest's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from asym_runtime.errors import (ArtifactError, AsymInputError, BackendUnavailableError,
+                                 IncompatibleEngineError)
+from asym_runtime.manifest import FORMAT_ONNX, FORMAT_PLAN, Manifest, read_manifest
+from asym_runtime.specs import DECODER, ENCODER, Shape, parse_shape
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+log = logging.getLogger(__name__)
+
+
+class ParityError(ValueError):
+    """The comparison cannot be set up (reference weights differ, no shapes in the limits)."""
+
+
+@dataclass
+class Candidate:
+    backend: str  # an asym_runtime.load backend name
+    precision: str | None
+
+    @property
+    def label(self) -> str:
+        return f"{self.backend}/{self.precision or 'engine'}"
+
+
+@dataclass
+class ParityResult:
+    reports: list = field(default_factory=list)  # VerificationReport per candidate that ran
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (label, reason)
+    skipped_shapes: list[tuple[Shape, str]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)  # label -> seconds of runtime calls
+
+    def __bool__(self) -> bool:
+        return bool(self.reports) and all(self.reports)
+
+
+def reference_from_manifest(manifest: Manifest):
+    """diffusers' model with the weights the folder was exported from (digest checked)."""
+    from .variants import get_variant
+    from .weights import load_reference, random_model, state_dict_digest
+
+    variant = get_variant(manifest.variant)
+    w = manifest.data["weights"]
+    source = w.get("source")
+    if source == "random":
+        vae = random_model(variant, int(w.get("seed", 0)))
+    elif source in ("local", "hub"):
+        vae, _ = load_reference(variant, w["location"], revision=w.get("revision"))
+    else:
+        raise ParityError(f"manifest weights source {source!r} is unknown")
+    want = w.get("state_dict_sha256")
+    got = state_dict_digest(vae)
+    if want and got != want:
+        raise ParityError(
+            f"the reference weights ({source} {w.get('location') or w.get('seed')}) have state-dict "
+            f"sha256 {got[:16]}..., the manifest records {want[:16]}...: they are not the weights "
+            "this folder was exported from"
+        )
+    return vae
+
+
+def candidates(manifest: Manifest, backends: list[str] | None = None) -> list[Candidate]:
+    """Every (backend, precision) the folder offers; the machine decides later which run."""
+    order = {"fp32": 0, "fp16": 1}  # the exact graphs first
+    onnx_precisions = sorted({e.precision for e in manifest.files.values()
+                              if e.format == FORMAT_ONNX and e.role == "decoder" and e.precision},
+                             key=lambda p: (order.get(p, 2), p))
+    out = []
+    for b in ("onnxruntime-cpu", "onnxruntime-cuda"):
+        out += [Candidate(b, p) for p in onnx_precisions]
+    engine_precisions = sorted({e.precision for e in manifest.files.values()
+                                if e.format == FORMAT_PLAN and e.role == "decoder"})
+    out += [Candidate("tensorrt", p) for p in engine_precisions]
+    if backends:
+        out = [c for c in out if c.backend in backends]
+    return out
+
+
+def default_shapes(manifest: Manifest) -> list[Shape]:
+    shapes = manifest.data.get("verification", {}).get("shapes") or [manifest.data.get("export_shape", "2x64x64")]
+    return [parse_shape(s) for s in shapes]
+
+
+def run_parity(root: str | Path, *, backends: list[str] | None = None, shapes: list[Shape] | None = None,
+               fp32_max_abs: float | None = None, seed: int | None = None) -> ParityResult:
+    """Compare every available backend with the reference; returns the reports (no printing)."""
+    import numpy as np
+    import torch
+
+    import asym_runtime
+    from asym_runtime.api import DECODER_UNCOND
+
+    from .export import VERIFY_SEED
+    from .feeds import make_feed
+    from .onnx_export import reference_outputs
+    from .verify import FP16_TOLERANCE, FP32_MAX_ABS, Tolerance, VerificationReport
+
+    manifest = read_manifest(root)
+    result = ParityResult()
+    if fp32_max_abs is None:
+        fp32_max_abs = (manifest.data.get("verification", {}).get("onnx_fp32", {})
+                        .get("tolerance", {}).get("max_abs")) or FP32_MAX_ABS
+    seed = VERIFY_SEED if seed is None else seed
+    usable = []
+    for s in shapes or default_shapes(manifest):
+        if manifest.limits.contains(s):
+            usable.append(s)
+        else:
+            result.skipped_shapes.append((s, f"outside the folder's shape limits ({manifest.limits})"))
+    if not usable:
+        raise ParityError("no comparison shape lies inside the folder's shape limits; pass --shapes")
+
+    vae = reference_from_manifest(manifest)
+    sf = manifest.scaling_factor
+    cases = []
+    for i, s in enumerate(usable):
+        enc = make_feed(ENCODER, s, seed + i, sf)
+        dec = make_feed(DECODER, s, seed + i, sf)
+        unc = {"latent": dec["latent"]}
+        refs = (reference_outputs(vae, ENCODER, enc), reference_outputs(vae, DECODER, dec),
+                {"sample": vae.decode(torch.from_numpy(unc["latent"])).sample.detach().float().numpy()})
+        cases.append((s, enc, dec, unc, refs))
+    del vae
+
+    for cand in candidates(manifest, backends):
+        try:
+            rt = asym_runtime.load(root, backend=cand.backend, precision=cand.precision)
+        except (BackendUnavailableError, IncompatibleEngineError) as e:
+            result.skipped.append((cand.label, str(e)))
+            continue
+        precision = rt.precision
+        tol = Tolerance(max_abs=fp32_max_abs) if precision == "fp32" else FP16_TOLERANCE
+        report = VerificationReport(cand.label, tol)
+        t_total = 0.0
+        try:
+            for s, enc, dec, unc, (r_enc, r_dec, r_unc) in cases:
+                t0 = time.perf_counter()
+                dist = rt.encode(enc["image"])
+                cond = rt.decode(dec["latent"], image=dec["image"], mask=dec["mask"])
+                plain = rt.decode(unc["latent"])
+                t_total += time.perf_counter() - t0
+                report.add(ENCODER, s, r_enc, {"latent_mean": np.asarray(dist.mean),
+                                               "latent_logvar": np.asarray(dist.logvar)})
+                report.add(DECODER, s, r_dec, {"sample": np.asarray(cond)})
+                report.add(DECODER_UNCOND, s, r_unc, {"sample": np.asarray(plain)})
+        finally:
+            rt.close()
+        result.reports.append(report)
+        result.timings[cand.label] = t_total
+    return result
+
+
+DESCRIPTION = """\
+Compare an artifact folder, run through asym_runtime on every backend this machine offers
+(ONNX Runtime CPU/CUDA for each ONNX precision, TensorRT engines), with the PyTorch
+reference rebuilt from the manifest's weights source: encode (mean, logvar), conditional
+decode and plain decode at the manifest's verification shapes. FP32 is held to a max abs
+error (default: the export's tolerance), FP16 to PSNR floors.
+"""
+
+EPILOG = """\
+exit codes: 0 every backend passed; 1 a comparison failed; 2 bad arguments, an unusable
+folder, or reference weights that differ from the ones the folder was exported from.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"asym-parity: error: {message} (see asym-parity --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="asym-parity", description=DESCRIPTION, epilog=EPILOG,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dir", type=Path, metavar="DIR", help="artifact folder written by asym-export")
+    p.add_argument("--backends", metavar="NAME[,NAME...]",
+                   help="only these: onnxruntime-cpu, onnxruntime-cuda, tensorrt (default: all available)")
+    p.add_argument("--shapes", metavar="BxHxW[,BxHxW...]",
+                   help="comparison shapes (default: the manifest's verification shapes inside its limits)")
+    p.add_argument("--atol", type=float, default=None, metavar="X",
+                   help="max abs error allowed at FP32 (default: the export's tolerance, 1e-3)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the inputs (default: the export's)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every step")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    from .weights import WeightsError
+
+    try:
+        backends = None
+        if args.backends:
+            backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+            known = {"onnxruntime-cpu", "onnxruntime-cuda", "tensorrt"}
+            bad = [b for b in backends if b not in known]
+            if bad:
+                raise AsymInputError(f"--backends {','.join(bad)}: choose from {', '.join(sorted(known))}")
+        shapes = [parse_shape(s) for s in args.shapes.split(",") if s.strip()] if args.shapes else None
+        if args.atol is not None and not args.atol > 0:
+            raise AsymInputError(f"--atol {args.atol} must be positive")
+        result = run_parity(args.dir, backends=backends, shapes=shapes, fp32_max_abs=args.atol, seed=args.seed)
+    except (ArtifactError, AsymInputError, ParityError, WeightsError) as e:
+        print(f"asym-parity: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+    for report in result.reports:
+        print(report.table())
+        print(f"  {report.stage}: {result.timings[report.stage]:.2f} s in runtime calls\n")
+    for label, reason in result.skipped:
+        print(f"skipped {label}: {reason}")
+    for s, reason in result.skipped_shapes:
+        print(f"skipped shape {s}: {reason}")
+    if not result.reports:
+        print("asym-parity: no backend could run on this machine", file=sys.stderr)
+        return EXIT_FAILED
+    failed = [r for r in result.reports if not r]
+    for r in failed:
+        print(f"FAILED {r.stage}:\n  " + "\n  ".join(r.failure_lines()), file=sys.stderr)
+    ran = ", ".join(r.stage for r in result.reports)
+    print(f"asym-parity: {'FAILED' if failed else 'passed'} ({ran})")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

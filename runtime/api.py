@@ -1,0 +1,481 @@
+"""``asym_runtime.load``: an artifact folder in, a loaded VAE out (numpy in, numpy out).
+
+    vae = asym_runtime.load("artifacts/x2")                 # TensorRT > ONNX Runtime CUDA > CPU
+    dist = vae.encode(image)                                # image [B, 3, H, W] in [-1, 1]
+    z = dist.sample(np.random.default_rng(0)) * vae.config.scaling_factor
+    out = vae.decode(z / vae.config.scaling_factor, image=image, mask=mask)   # conditional
+    out = vae.decode(z / vae.config.scaling_factor)                          # plain decode
+
+The calls mirror diffusers' ``AsymmetricAutoencoderKL``: ``encode`` gives the latent
+distribution, ``decode`` the raw decoder output (not clamped; scaling by
+``config.scaling_factor`` is the caller's, as in diffusers). Inputs are checked
+(``checks.py``) before any backend runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from typing import Any, Iterable
+
+import numpy as np
+
+from . import arrays
+from .backends import tensorrt as trt_backend
+from .backends.base import Backend
+from .backends.onnxrt import OnnxRuntimeBackend, cuda_provider_available
+from .checks import check_inputs
+from .errors import (ArtifactError, AsymInputError, BackendUnavailableError,
+                     IncompatibleEngineError)
+from .manifest import FORMAT_ONNX, FORMAT_PLAN, MANIFEST_NAME, Manifest, read_manifest
+from .specs import DECODER, ENCODER, GRAPHS, LATENT, SAMPLE, GraphSpec, ShapeLimits
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "tensorrt", "onnxruntime", "onnxruntime-cuda", "onnxruntime-cpu")
+PRECISIONS = ("fp32", "fp16")
+
+#: The plain decoder graph, written by exports that have it (a later issue). Without it the
+#: runtime runs the conditional graph with mask = 1 and image = 0: there the blends are
+#: ``sample * 1 + feature * 0``, exactly the plain decoder (tests/runtime/test_api.py proves it
+#: against diffusers).
+DECODER_UNCOND = GRAPHS.get("decoder_uncond") or GraphSpec(
+    name="decoder_uncond",
+    doc="vae.decode(latent).sample: the plain decoder, no image/mask conditioning",
+    inputs=(LATENT,),
+    outputs=(SAMPLE,),
+)
+_SPECS = {"encoder": ENCODER, "decoder": DECODER, "decoder_uncond": DECODER_UNCOND}
+_REQUIRED = ("encoder", "decoder")
+
+
+# --------------------------------------------------------------------------- results
+
+class VAEConfig:
+    """Read-only model config from the manifest: ``config.scaling_factor`` or ``config["..."]``."""
+
+    def __init__(self, data: dict):
+        self._data = dict(data)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["_data"][name]
+        except KeyError:
+            raise AttributeError(f"the model config has no {name!r}") from None
+
+    def __getitem__(self, name: str) -> Any:
+        return self._data[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._data
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self._data.get(name, default)
+
+    def keys(self):
+        return self._data.keys()
+
+    def to_dict(self) -> dict:
+        return dict(self._data)
+
+    def __repr__(self) -> str:
+        return f"VAEConfig({self._data!r})"
+
+
+class LatentDistribution:
+    """diffusers' ``latent_dist`` (``DiagonalGaussianDistribution``) from the encoder's outputs.
+
+    ``mean`` and ``logvar`` (already clamped to [-30, 20] by the graph) are arrays of the
+    input's kind: numpy, or torch tensors on the input's device.
+    """
+
+    def __init__(self, mean: Any, logvar: Any):
+        self.mean = mean
+        self.logvar = logvar
+
+    @property
+    def std(self) -> Any:
+        return self._exp(0.5 * self.logvar)
+
+    @property
+    def var(self) -> Any:
+        return self._exp(self.logvar)
+
+    def _exp(self, x: Any) -> Any:
+        return np.exp(x) if isinstance(x, np.ndarray) else x.exp()
+
+    def mode(self) -> Any:
+        return self.mean
+
+    def sample(self, generator: Any = None) -> Any:
+        """``mean + std * noise``.
+
+        ``generator``: for numpy results a ``numpy.random.Generator``, an int seed or None; a
+        ``torch.Generator`` (or a list, one per batch item) draws the noise exactly as
+        diffusers' ``randn_tensor`` does, so the sample equals diffusers' for the same
+        generator state.
+        """
+        noise = _noise(tuple(self.mean.shape), generator, self.mean)
+        return self.mean + self.std * noise
+
+
+def _is_torch_generator(g: Any) -> bool:
+    torch = arrays.torch_module()
+    if torch is None:
+        return False
+    if isinstance(g, (list, tuple)):
+        return len(g) > 0 and all(isinstance(x, torch.Generator) for x in g)
+    return isinstance(g, torch.Generator)
+
+
+def _noise(shape: tuple[int, ...], generator: Any, ref: Any) -> Any:
+    if _is_torch_generator(generator) or (arrays.is_torch(ref) and generator is None):
+        torch = arrays.torch_module()
+        device = ref.device if arrays.is_torch(ref) else torch.device("cpu")
+        gens = list(generator) if isinstance(generator, (list, tuple)) else generator
+        if isinstance(gens, list) and len(gens) == 1:
+            gens = gens[0]
+        # diffusers' randn_tensor: CPU generators draw on the CPU, then move
+        if gens is None:
+            rand_device = device
+        else:
+            g0 = gens[0] if isinstance(gens, list) else gens
+            if not arrays.is_torch(ref):  # numpy result: draw where the generator lives
+                rand_device = g0.device
+            else:
+                rand_device = torch.device("cpu") if g0.device.type == "cpu" else device
+        if isinstance(gens, list):
+            if len(gens) != shape[0]:
+                raise AsymInputError(f"sample: {len(gens)} generators for a batch of {shape[0]}")
+            parts = [torch.randn((1,) + shape[1:], generator=g, device=rand_device, dtype=torch.float32)
+                     for g in gens]
+            noise = torch.cat(parts, dim=0)
+        else:
+            noise = torch.randn(shape, generator=gens, device=rand_device, dtype=torch.float32)
+        noise = noise.to(device)
+        return noise if arrays.is_torch(ref) else noise.cpu().numpy()
+    if generator is None or isinstance(generator, (int, np.integer)):
+        generator = np.random.default_rng(generator)
+    if not isinstance(generator, np.random.Generator):
+        raise AsymInputError(
+            f"sample: generator must be a numpy.random.Generator, an int seed, None or a "
+            f"torch.Generator; got {type(generator).__name__}"
+        )
+    noise = generator.standard_normal(shape, dtype=np.float32)
+    return noise if isinstance(ref, np.ndarray) else arrays.like(noise, ref)
+
+
+# --------------------------------------------------------------------------- the loaded VAE
+
+class AsymVAE:
+    """A loaded artifact: ``encode``, ``decode`` and the model config.
+
+    Thread safety: one instance may be used from many threads at once and gives the same
+    results as serial calls. ONNX Runtime sessions are safe for concurrent ``run``; the
+    TensorRT backend keeps one execution context per engine and serialises calls on it with
+    a lock (a context is not thread-safe, and a second context would double the activation
+    memory for little gain on one GPU).
+    """
+
+    def __init__(self, manifest: Manifest, backends: dict[str, Backend], *, backend: str,
+                 precision: str, limits: ShapeLimits, device: str):
+        self.manifest = manifest
+        self.backends = backends
+        #: "tensorrt", "onnxruntime-cuda" or "onnxruntime-cpu"
+        self.backend = backend
+        #: precision of the graphs or engines that run: "fp32" or "fp16"
+        self.precision = precision
+        #: the shapes this runtime accepts (manifest limits, narrowed by an engine's profile)
+        self.limits = limits
+        #: "cpu" or "cuda:N": where the backend computes
+        self.device = device
+        cfg = dict(manifest.model_config)
+        cfg["scaling_factor"] = manifest.scaling_factor
+        self.config = VAEConfig(cfg)
+
+    @property
+    def variant(self) -> str:
+        return self.manifest.variant
+
+    def __repr__(self) -> str:
+        return (f"<AsymVAE {self.variant} {self.backend} {self.precision} on {self.device}, "
+                f"{self.manifest.root}>")
+
+    # ----- calls
+    def encode(self, image: Any) -> LatentDistribution:
+        """image [B, 3, H, W] in [-1, 1] -> the latent distribution (``.mean``, ``.logvar``,
+        ``.std``, ``.sample(generator)``), as diffusers' ``encode(image).latent_dist``."""
+        req = check_inputs("encode", ENCODER.inputs, {"image": image}, self.limits)
+        out = self._run("encoder", req.feed)
+        return LatentDistribution(out["latent_mean"], out["latent_logvar"])
+
+    def decode(self, latent: Any, image: Any = None, mask: Any = None) -> Any:
+        """Decode ``latent`` [B, 4, H/8, W/8] (already divided by ``scaling_factor``).
+
+        With ``image`` [B, 3, H, W] in [-1, 1] (the unmasked image) and ``mask``
+        [B, 1, H, W] in [0, 1] (1 = repaint): the conditional decode, diffusers'
+        ``decode(latent, image=image, mask=mask).sample``. With neither: the plain decode,
+        ``decode(latent).sample``. Returns [B, 3, H, W], float32, not clamped.
+        """
+        if (image is None) != (mask is None):
+            given, missing = ("image", "mask") if mask is None else ("mask", "image")
+            raise AsymInputError(
+                f"decode: got {given} but no {missing}; pass both image and mask for the "
+                "conditional (inpainting) decode, or neither for a plain decode"
+            )
+        if image is None:
+            uncond = "decoder_uncond" in self.backends
+            spec = DECODER_UNCOND if uncond else DECODER
+            req = check_inputs("decode", (spec.tensor("latent"),), {"latent": latent}, self.limits)
+            if uncond:
+                return self._run("decoder_uncond", req.feed)["sample"]
+            lat = req.feed["latent"]
+            b, h, w = req.shape.batch, req.shape.height, req.shape.width
+            feed = {"latent": lat, "image": arrays.full(lat, (b, 3, h, w), 0.0),
+                    "mask": arrays.full(lat, (b, 1, h, w), 1.0)}
+            return self._run("decoder", feed)["sample"]
+        req = check_inputs("decode", DECODER.inputs, {"latent": latent, "image": image, "mask": mask},
+                           self.limits)
+        return self._run("decoder", req.feed)["sample"]
+
+    def _run(self, graph: str, feed: dict[str, Any]) -> dict[str, Any]:
+        backend = self.backends.get(graph)
+        if backend is None:
+            raise RuntimeError(f"this AsymVAE was loaded without the {graph} graph (see load(..., graphs=))")
+        if not backend.active:
+            raise RuntimeError("this AsymVAE is closed")
+        return backend.infer(feed)
+
+    # ----- lifecycle
+    def close(self) -> None:
+        """Free sessions, engines and buffers. The instance cannot run afterwards."""
+        for b in self.backends.values():
+            b.deactivate()
+
+    def __enter__(self) -> "AsymVAE":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close()
+
+    # ----- diffusers
+    def as_diffusers(self):
+        """An ``AsymmetricAutoencoderKL`` stand-in that runs on this runtime, to assign as
+        ``pipe.vae`` (imports torch and diffusers)."""
+        from .diffusers_adapter import RuntimeAsymmetricAutoencoderKL
+
+        return RuntimeAsymmetricAutoencoderKL(self)
+
+
+# --------------------------------------------------------------------------- loading
+
+def load(path: str | os.PathLike, backend: str = "auto", precision: str | None = None, *,
+         verify_onnx: bool = True, device_id: int = 0, cuda_graph: bool = False,
+         graphs: Iterable[str] | None = None) -> AsymVAE:
+    """Load the artifact folder ``path`` (written by ``asym-export``) and pick a backend.
+
+    Args:
+        path: the artifact folder (with ``manifest.json``).
+        backend: ``"auto"`` (default): TensorRT engines if the folder has them and they can
+            run here (tensorrt, cuda-python, a GPU, engines built for this variant, GPU and
+            TensorRT version), else ONNX Runtime with the CUDA provider where it starts,
+            else ONNX Runtime on the CPU. ``"tensorrt"``, ``"onnxruntime"`` (CUDA if it
+            starts, else CPU), ``"onnxruntime-cuda"`` or ``"onnxruntime-cpu"`` force one.
+        precision: ``"fp32"`` or ``"fp16"`` picks the graph pair (ONNX graphs
+            ``encoder.onnx`` or ``encoder.fp16.onnx``, ...) and, for TensorRT, the engines
+            of that precision. None (default): the engines as built for TensorRT, the FP32
+            graphs for ONNX Runtime.
+        verify_onnx: check the sha256 of every ONNX file against the manifest before
+            loading it (default True). Engines are always checked.
+        device_id: the CUDA device for GPU backends.
+        cuda_graph: TensorRT only: capture a CUDA graph per shape and replay it.
+        graphs: which graphs to load, of ``encoder``, ``decoder``, ``decoder_uncond``
+            (default: all the folder has). A decode-only service saves the encoder's memory
+            with ``graphs=("decoder", "decoder_uncond")``; without ``decoder_uncond`` plain
+            decodes run through ``decoder``.
+
+    Raises:
+        ArtifactError: no manifest, another schema version, a file missing or changed
+            (sha256), no graphs of the asked precision. ``IncompatibleEngineError`` (a
+            subclass) for engines of another variant, GPU or TensorRT version when
+            ``backend="tensorrt"`` (with ``"auto"`` they are skipped with a warning).
+        BackendUnavailableError: the forced backend cannot run on this machine.
+        ValueError: an unknown ``backend`` or ``precision``.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: choose fp32, fp16 or None (the folder's default)")
+    wanted = tuple(_SPECS) if graphs is None else tuple(dict.fromkeys(graphs))
+    unknown = [g for g in wanted if g not in _SPECS]
+    if unknown or not wanted:
+        raise ValueError(f"graphs {list(graphs or [])!r}: choose from {', '.join(_SPECS)}")
+    manifest = read_manifest(path)
+
+    if backend in ("auto", "tensorrt"):
+        engines = _engine_entries(manifest, precision, wanted)
+        reason = trt_backend.unavailable_reason(device_id) if backend == "tensorrt" or engines else None
+        if backend == "tensorrt":
+            if reason:
+                raise BackendUnavailableError(reason)
+            if engines is None:
+                raise ArtifactError(
+                    f"{manifest.root} has no TensorRT engines"
+                    + (f" of precision {precision}" if precision else "")
+                    + " (engines/encoder.plan, engines/decoder.plan); build them with asym-export "
+                    "on a machine with a GPU, or use backend='onnxruntime'"
+                )
+            return _load_tensorrt(manifest, engines, device_id, cuda_graph)
+        if engines is not None:
+            if reason:
+                log.info("%s has TensorRT engines, but %s; using ONNX Runtime", manifest.root, reason)
+            else:
+                try:
+                    return _load_tensorrt(manifest, engines, device_id, cuda_graph)
+                except (IncompatibleEngineError, BackendUnavailableError) as e:
+                    log.warning("%s; using ONNX Runtime instead", e)
+
+    return _load_onnxruntime(manifest, backend, precision or "fp32", verify_onnx, device_id, wanted)
+
+
+def _engine_entries(manifest: Manifest, precision: str | None, wanted: tuple[str, ...]) -> dict[str, str] | None:
+    """role -> engine file name, if the folder has engines for every required wanted graph."""
+    found = {}
+    for role in wanted:
+        e = manifest.find(role, FORMAT_PLAN, precision)
+        if e is not None:
+            found[role] = e.name
+    if not found or not all(r in found for r in _REQUIRED if r in wanted):
+        return None
+    return found
+
+
+def _onnx_entries(manifest: Manifest, precision: str, wanted: tuple[str, ...]) -> dict[str, str]:
+    found = {}
+    for role in wanted:
+        e = manifest.find(role, FORMAT_ONNX, precision)
+        if e is not None:
+            found[role] = e.name
+    missing = [r for r in _REQUIRED if r in wanted and r not in found]
+    if not found and not missing:
+        missing = list(wanted)
+    if missing:
+        have = sorted({e.precision for e in manifest.files.values() if e.format == FORMAT_ONNX and e.precision})
+        hint = f"; pass precision={have[0]!r}" if have and precision not in have else ""
+        raise ArtifactError(
+            f"{manifest.root} has no {precision} ONNX graph for {', '.join(missing)} (its "
+            f"{MANIFEST_NAME} lists precisions: {', '.join(have) or 'none'}){hint}"
+        )
+    return found
+
+
+def read_verified(manifest: Manifest, name: str) -> bytes:
+    """The bytes of ``name``, checked against the manifest's size and sha256 (read once, so
+    what is checked is what is used)."""
+    entry = manifest.files.get(name)
+    if entry is None:
+        raise ArtifactError(f"{manifest.root}: {name!r} is not listed in {MANIFEST_NAME}")
+    p = manifest.path(name)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        raise ArtifactError(f"{manifest.root}: {name} is listed in {MANIFEST_NAME} but missing") from None
+    if len(data) != entry.size:
+        raise ArtifactError(f"{manifest.root}: {name} is {len(data)} bytes, the manifest records "
+                            f"{entry.size}; the file was changed or truncated after export")
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != entry.sha256:
+        raise ArtifactError(f"{manifest.root}: sha256 of {name} is {digest[:16]}..., the manifest "
+                            f"records {entry.sha256[:16]}...; the file was changed after export")
+    return data
+
+
+def _intersect(a: ShapeLimits, b: ShapeLimits | None) -> ShapeLimits:
+    if b is None or a == b:
+        return a
+    kw = {}
+    for axis in ("batch", "height", "width"):
+        lo = max(getattr(a, f"min_{axis}"), getattr(b, f"min_{axis}"))
+        hi = min(getattr(a, f"max_{axis}"), getattr(b, f"max_{axis}"))
+        if lo > hi:
+            raise ArtifactError(f"the engines' profile ({b}) and the manifest's shape limits ({a}) "
+                                f"share no {axis}")
+        opt = getattr(b, f"opt_{axis}")  # the narrower (engine) profile's opt, if it fits
+        if not lo <= opt <= hi:
+            opt = min(max(getattr(a, f"opt_{axis}"), lo), hi)
+        kw.update({f"min_{axis}": lo, f"max_{axis}": hi, f"opt_{axis}": opt})
+    return ShapeLimits(**kw)
+
+
+def _load_tensorrt(manifest: Manifest, engines: dict[str, str], device_id: int,
+                   cuda_graph: bool) -> AsymVAE:
+    import tensorrt as trt  # present: unavailable_reason() said so
+
+    meta = manifest.data.get("engines")
+    if not isinstance(meta, dict):
+        raise IncompatibleEngineError(
+            f"{manifest.root} lists engine files but its {MANIFEST_NAME} has no 'engines' record "
+            "(TensorRT version, GPU) to check them against; re-export the engines"
+        )
+    dev = trt_backend.device_info(device_id)
+    trt_backend.check_engine_compatibility(
+        meta, variant=manifest.variant, tensorrt_version=trt.__version__,
+        compute_capability=dev["compute_capability"], device_name=dev["name"],
+    )
+    limits = manifest.limits
+    if isinstance(meta.get("profile"), dict):
+        limits = _intersect(limits, ShapeLimits.from_dict(meta["profile"]))
+    plans = {role: read_verified(manifest, name) for role, name in engines.items()}
+    backends: dict[str, Backend] = {}
+    try:
+        for role, plan in plans.items():
+            b = trt_backend.TensorRTBackend(
+                _SPECS[role], plan, device_id=device_id, cuda_graph=cuda_graph,
+                version_compatible=bool(meta.get("version_compatible")), label=engines[role],
+            )
+            backends[role] = b.activate()
+            limits = _intersect(limits, b.limits)
+    except BaseException:
+        for b in backends.values():
+            b.deactivate()
+        raise
+    precision = manifest.files[engines["decoder"]].precision or "fp16"
+    log.info("loaded %s with TensorRT %s on %s (%s)", manifest.root, trt.__version__, dev["name"], precision)
+    return AsymVAE(manifest, backends, backend="tensorrt", precision=precision, limits=limits,
+                   device=f"cuda:{device_id}")
+
+
+def _load_onnxruntime(manifest: Manifest, backend: str, precision: str, verify: bool,
+                      device_id: int, wanted: tuple[str, ...]) -> AsymVAE:
+    graphs = _onnx_entries(manifest, precision, wanted)
+    if verify:
+        for name in graphs.values():
+            manifest.verify_file(name)
+            for data in manifest.companions(name):
+                manifest.verify_file(data.name)
+    if backend == "onnxruntime-cpu":
+        devices = ["cpu"]
+    elif backend == "onnxruntime-cuda":
+        devices = ["cuda"]
+    else:
+        devices = ["cuda", "cpu"] if cuda_provider_available() else ["cpu"]
+    last: Exception | None = None
+    for device in devices:
+        backends: dict[str, Backend] = {}
+        try:
+            for role, name in graphs.items():
+                b = OnnxRuntimeBackend(_SPECS[role], manifest.path(name), device=device, device_id=device_id)
+                backends[role] = b.activate()
+        except BackendUnavailableError as e:
+            for b in backends.values():
+                b.deactivate()
+            if backend == "onnxruntime-cuda":
+                raise
+            log.info("%s; trying the next ONNX Runtime provider", e)
+            last = e
+            continue
+        log.info("loaded %s with ONNX Runtime (%s, %s)", manifest.root, device, precision)
+        return AsymVAE(manifest, backends, backend=f"onnxruntime-{device}", precision=precision,
+                       limits=manifest.limits, device=f"cuda:{device_id}" if device == "cuda" else "cpu")
+    raise BackendUnavailableError(f"no ONNX Runtime provider could start: {last}")  # pragma: no cover

@@ -1,0 +1,485 @@
+"""TensorRT backend: one serialized engine, buffers preallocated per shape, optional CUDA graphs.
+
+Written against the TensorRT 10.12+/11 Python API and cuda-python (``cuda.bindings.runtime``,
+or ``cuda.cudart`` in older releases); both are imported only when a backend is activated, so
+this module imports on any machine and :func:`check_engine_compatibility` is plain Python.
+
+Threading: a TensorRT execution context is not safe to share between threads. This backend
+keeps ONE context and serialises calls on it with a lock: a VAE decode fills the GPU by itself,
+so concurrent contexts would gain little, while each context takes its own activation memory
+(for x2 at the top of the profile, gigabytes). Calls from several threads are therefore safe
+and give the same results as serial calls; they queue on the lock.
+
+Per call (under the lock): ``set_input_shape`` and ``set_tensor_address`` for every I/O tensor,
+copy the inputs into preallocated device buffers (host->device for numpy, device->device for
+torch CUDA tensors, so a torch caller never round-trips through the host),
+``execute_async_v3`` (its return value checked) or a captured CUDA graph, copy the outputs
+out, synchronize the stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .. import arrays
+from ..checks import DIM_AXES, output_shapes, request_shape
+from ..errors import ArtifactError, BackendError, BackendUnavailableError, IncompatibleEngineError
+from ..specs import GraphSpec, Shape, ShapeLimits
+from .base import Backend
+
+log = logging.getLogger(__name__)
+
+#: ``hardware_compatibility_level`` values the manifest may record (TensorRT's
+#: HardwareCompatibilityLevel NONE / AMPERE_PLUS / SAME_COMPUTE_CAPABILITY).
+HW_LEVELS = ("none", "ampere_plus", "same_compute_capability")
+#: Major-version pairs (built, runtime) across which version-compatible engines run
+#: (TensorRT support matrix: 8 -> 9/10 and 10 -> 11); within one major any later release.
+_CROSS_MAJOR = {(8, 9), (8, 10), (10, 11)}
+
+INSTALL_HINT = ("pip install 'asym-export[tensorrt]' (tensorrt and cuda-python) on a machine with an "
+                "NVIDIA GPU")
+
+
+# --------------------------------------------------------------------------- imports, devices
+
+def import_tensorrt():
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise BackendUnavailableError(
+            f"the TensorRT backend needs the tensorrt Python package, which is not installed: {INSTALL_HINT}"
+        ) from None
+    return trt
+
+
+def import_cudart():
+    try:
+        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
+    except ImportError:
+        try:
+            from cuda import cudart  # older cuda-python
+        except ImportError:
+            raise BackendUnavailableError(
+                f"the TensorRT backend needs cuda-python for device memory and streams, which is "
+                f"not installed: {INSTALL_HINT}"
+            ) from None
+    return cudart
+
+
+def _cuda(result):
+    """Unpack a cuda-python call's ``(err, *values)`` and raise on an error."""
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        cudart = import_cudart()
+        _, name = cudart.cudaGetErrorName(err)
+        raise BackendError(f"CUDA call failed: {name.decode() if isinstance(name, bytes) else name}")
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def device_info(device_id: int = 0) -> dict:
+    """``{"name": ..., "compute_capability": "9.0"}`` of CUDA device ``device_id``."""
+    cudart = import_cudart()
+    props = _cuda(cudart.cudaGetDeviceProperties(device_id))
+    name = props.name
+    if isinstance(name, (bytes, bytearray)):
+        name = bytes(name).split(b"\0", 1)[0].decode(errors="replace")
+    return {"name": str(name), "compute_capability": f"{props.major}.{props.minor}"}
+
+
+def unavailable_reason(device_id: int = 0) -> str | None:
+    """One sentence saying why the TensorRT backend cannot run here, or None if it can."""
+    try:
+        import_tensorrt()
+        cudart = import_cudart()
+    except BackendUnavailableError as e:
+        return str(e)
+    err, count = cudart.cudaGetDeviceCount()
+    if int(err) != 0 or count == 0:
+        return "the TensorRT backend needs a CUDA GPU, and none is visible on this machine"
+    if device_id >= count:
+        return f"CUDA device {device_id} was asked for, but only {count} GPU(s) are visible"
+    return None
+
+
+# --------------------------------------------------------------------------- compatibility
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    out = []
+    for part in str(v).split("."):
+        digits = "".join(ch for ch in part if ch.isdigit())
+        out.append(int(digits) if digits else 0)
+    return tuple(out)
+
+
+def _cc_tuple(cc: str) -> tuple[int, int]:
+    major, _, minor = str(cc).partition(".")
+    return int(major), int(minor or 0)
+
+
+def check_engine_compatibility(meta: dict, *, variant: str, tensorrt_version: str,
+                               compute_capability: str, device_name: str | None = None) -> None:
+    """Refuse engines this machine cannot run, before any plan is deserialized.
+
+    ``meta`` is the manifest's ``engines`` object. Rules: the engines' variant must be the
+    folder's; the TensorRT release (major.minor.patch) must be the installed one, unless the
+    engines are version compatible and the installed release is the same or later (same
+    major, or 8->9/10, 10->11); the GPU's compute capability must be the one they were
+    built for, unless built with hardware compatibility ``ampere_plus`` (any GPU of compute
+    capability 8.0 or later). Raises :class:`IncompatibleEngineError` listing every problem.
+    """
+    problems = []
+    built_variant = meta.get("variant")
+    if built_variant is not None and built_variant != variant:
+        problems.append(f"the engines were built for variant {built_variant}, the folder holds {variant}")
+
+    built = meta.get("tensorrt_version")
+    if not built:
+        problems.append("the manifest does not record the TensorRT version the engines were built with")
+    else:
+        b, r = _version_tuple(built), _version_tuple(tensorrt_version)
+        if b[:3] != r[:3]:
+            if not meta.get("version_compatible"):
+                problems.append(
+                    f"the engines were built with TensorRT {built} and this machine has {tensorrt_version}; "
+                    "rebuild them with this TensorRT (or build them version compatible)"
+                )
+            elif not (r[:3] >= b[:3] and (r[0] == b[0] or (b[0], r[0]) in _CROSS_MAJOR)):
+                problems.append(
+                    f"the engines are version compatible from TensorRT {built}, which does not extend "
+                    f"to {tensorrt_version} (only to later releases of the same major, or 8->10, 10->11)"
+                )
+
+    level = meta.get("hardware_compatibility_level", "none") or "none"
+    device = meta.get("device") or {}
+    built_cc = device.get("compute_capability")
+    if level not in HW_LEVELS:
+        problems.append(f"unknown hardware_compatibility_level {level!r} (known: {', '.join(HW_LEVELS)})")
+    elif level == "ampere_plus":
+        if _cc_tuple(compute_capability) < (8, 0):
+            problems.append(
+                f"the engines are hardware compatible for Ampere and later (compute capability >= 8.0); "
+                f"this GPU has compute capability {compute_capability}"
+            )
+    elif built_cc is None:
+        problems.append("the manifest does not record the compute capability the engines were built for")
+    elif _cc_tuple(built_cc) != _cc_tuple(compute_capability):
+        problems.append(
+            f"the engines were built for a GPU of compute capability {built_cc}"
+            f"{' (' + device['name'] + ')' if device.get('name') else ''}, this GPU "
+            f"{'(' + device_name + ') ' if device_name else ''}has {compute_capability}; rebuild them "
+            "on this GPU (or build them with hardware compatibility ampere_plus)"
+        )
+    if problems:
+        raise IncompatibleEngineError("incompatible TensorRT engines: " + "; ".join(problems))
+    if device_name and device.get("name") and device["name"] != device_name and level == "none":
+        log.info("engines were built on %s, running on %s (same compute capability)", device["name"], device_name)
+
+
+# --------------------------------------------------------------------------- backend
+
+def _np_dtype(trt, dtype) -> np.dtype:
+    table = {trt.float32: np.float32, trt.float16: np.float16, trt.int32: np.int32,
+             trt.int8: np.int8, trt.bool: np.bool_}
+    for name, np_t in (("int64", np.int64), ("uint8", np.uint8)):
+        if hasattr(trt, name):
+            table[getattr(trt, name)] = np_t
+    if dtype not in table:
+        raise ArtifactError(f"engine I/O dtype {dtype} has no numpy equivalent; the contract is float32 I/O")
+    return np.dtype(table[dtype])
+
+
+def _torch_dtype(np_dtype: np.dtype):
+    torch = arrays.torch_module()
+    return {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16}[np.dtype(np_dtype)]
+
+
+class _TrtLogger:
+    """Routes TensorRT's log into ``logging`` (built lazily: it subclasses trt.ILogger)."""
+
+    _instance = None
+
+    @classmethod
+    def get(cls, trt):
+        if cls._instance is None:
+            levels = {trt.ILogger.INTERNAL_ERROR: logging.CRITICAL, trt.ILogger.ERROR: logging.ERROR,
+                      trt.ILogger.WARNING: logging.WARNING, trt.ILogger.INFO: logging.DEBUG,
+                      trt.ILogger.VERBOSE: logging.DEBUG}
+
+            class Logger(trt.ILogger):
+                def __init__(self):
+                    trt.ILogger.__init__(self)
+
+                def log(self, severity, msg):
+                    log.log(levels.get(severity, logging.INFO), "TensorRT: %s", msg)
+
+            cls._instance = Logger()
+        return cls._instance
+
+
+@dataclass
+class _Slot:
+    """Device buffers (and optionally a CUDA graph) for one request shape."""
+
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, np.dtype]
+    ptrs: dict[str, int] = field(default_factory=dict)
+    warm: bool = False
+    graph_exec: Any = None
+
+    def nbytes(self, name: str) -> int:
+        return int(np.prod(self.shapes[name])) * self.dtypes[name].itemsize
+
+
+class TensorRTBackend(Backend):
+    """One TensorRT engine (plan bytes already sha256-checked by the caller) on one GPU.
+
+    ``cuda_graph=True`` captures a CUDA graph per shape on the second call of that shape
+    (the first runs normally, so TensorRT finishes its shape-dependent setup) and replays
+    it afterwards; if capture fails the backend logs it and runs without graphs.
+    ``max_shapes`` bounds how many shapes keep their buffers (least recently used go).
+    """
+
+    name = "tensorrt"
+
+    def __init__(self, graph: GraphSpec, plan: bytes, *, device_id: int = 0, cuda_graph: bool = False,
+                 max_shapes: int = 4, version_compatible: bool = False, label: str = "engine"):
+        super().__init__(graph)
+        self.plan = plan
+        self.device_id = device_id
+        self.cuda_graph = cuda_graph
+        self.max_shapes = max(1, int(max_shapes))
+        self.version_compatible = version_compatible
+        self.label = label
+        self._lock = threading.Lock()
+        self._slots: OrderedDict[Shape, _Slot] = OrderedDict()
+        self._trt = self._cudart = None
+        self._runtime = self._engine = self._context = self._stream = None
+        self._dtypes: dict[str, np.dtype] = {}
+
+    # ----- lifecycle
+    def _activate(self) -> None:
+        reason = unavailable_reason(self.device_id)
+        if reason:
+            raise BackendUnavailableError(reason)
+        trt, cudart = import_tensorrt(), import_cudart()
+        self._trt, self._cudart = trt, cudart
+        _cuda(cudart.cudaSetDevice(self.device_id))
+        runtime = trt.Runtime(_TrtLogger.get(trt))
+        if self.version_compatible:
+            # a version-compatible plan carries its own lean runtime (host code); the plan's
+            # sha256 was checked against the manifest before we got here
+            runtime.engine_host_code_allowed = True
+        engine = runtime.deserialize_cuda_engine(self.plan)
+        if engine is None:
+            raise IncompatibleEngineError(
+                f"TensorRT {trt.__version__} could not deserialize {self.label} (see the TensorRT "
+                "messages logged above); rebuild the engines on this machine"
+            )
+        self._check_io(trt, engine)
+        context = engine.create_execution_context()
+        if context is None:
+            raise BackendError(f"TensorRT could not create an execution context for {self.label} "
+                               "(out of GPU memory?)")
+        self._runtime, self._engine, self._context = runtime, engine, context
+        self._stream = _cuda(cudart.cudaStreamCreate())
+        self.limits = self._profile_limits(engine)
+
+    def _check_io(self, trt, engine) -> None:
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        if sorted(inputs) != sorted(self.graph.input_names) or sorted(outputs) != sorted(self.graph.output_names):
+            raise ArtifactError(
+                f"{self.label} has inputs {inputs} and outputs {outputs}; the {self.graph.name} "
+                f"contract is {self.graph.input_names} -> {self.graph.output_names}"
+            )
+        for n in names:
+            dt = _np_dtype(trt, engine.get_tensor_dtype(n))
+            if dt not in (np.float32, np.float16):
+                raise ArtifactError(f"{self.label}: {n} is {dt}; the contract has float I/O")
+            self._dtypes[n] = dt
+
+    def _profile_limits(self, engine) -> ShapeLimits | None:
+        """The engine's own optimization profile 0 as shape limits (pixels)."""
+        lo = {"batch": 0, "height": 0, "width": 0}
+        opt = {}
+        hi = {"batch": 1 << 30, "height": 1 << 30, "width": 1 << 30}
+        for spec in self.graph.inputs:
+            mins, opts, maxs = (tuple(d) for d in engine.get_tensor_profile_shape(spec.name, 0))
+            for i, dim in enumerate(spec.dims):
+                if isinstance(dim, str):
+                    axis, scale = DIM_AXES[dim]
+                    lo[axis] = max(lo[axis], mins[i] * scale)
+                    hi[axis] = min(hi[axis], maxs[i] * scale)
+                    opt.setdefault(axis, opts[i] * scale)
+        try:
+            return ShapeLimits(
+                min_batch=lo["batch"], opt_batch=opt["batch"], max_batch=hi["batch"],
+                min_height=lo["height"], opt_height=opt["height"], max_height=hi["height"],
+                min_width=lo["width"], opt_width=opt["width"], max_width=hi["width"],
+            )
+        except ValueError as e:
+            log.warning("%s: cannot read its optimization profile as shape limits (%s)", self.label, e)
+            return None
+
+    def _deactivate(self) -> None:
+        with self._lock:
+            for slot in self._slots.values():
+                self._free(slot)
+            self._slots.clear()
+            if self._stream is not None:
+                self._cudart.cudaStreamDestroy(self._stream)
+            # destroy in dependency order: context, engine, runtime
+            self._context = None
+            self._engine = None
+            self._runtime = None
+            self._stream = None
+
+    def _free(self, slot: _Slot) -> None:
+        cudart = self._cudart
+        if slot.graph_exec is not None:
+            cudart.cudaGraphExecDestroy(slot.graph_exec)
+            slot.graph_exec = None
+        for ptr in slot.ptrs.values():
+            cudart.cudaFree(ptr)
+        slot.ptrs.clear()
+
+    # ----- buffers
+    def _slot(self, shape: Shape) -> _Slot:
+        slot = self._slots.get(shape)
+        if slot is not None:
+            self._slots.move_to_end(shape)
+            return slot
+        ctx = self._context
+        in_shapes = {t.name: t.shape(shape.batch, shape.height, shape.width) for t in self.graph.inputs}
+        for name, s in in_shapes.items():
+            if not ctx.set_input_shape(name, s):
+                raise BackendError(f"{self.label}: set_input_shape({name}, {s}) was refused (outside "
+                                   "the engine's optimization profile?)")
+        shapes = dict(in_shapes)
+        expected = output_shapes(self.graph, shape)
+        for name in self.graph.output_names:
+            s = tuple(ctx.get_tensor_shape(name))
+            if s != expected[name]:
+                raise BackendError(f"{self.label}: output {name} has shape {s} at {shape}, the "
+                                   f"contract says {expected[name]}")
+            shapes[name] = s
+        slot = _Slot(shapes, {n: self._dtypes[n] for n in shapes})
+        try:
+            for name in shapes:
+                slot.ptrs[name] = _cuda(self._cudart.cudaMalloc(max(slot.nbytes(name), 1)))
+        except BackendError:
+            self._free(slot)
+            raise
+        while len(self._slots) >= self.max_shapes:
+            _, old = self._slots.popitem(last=False)
+            self._free(old)
+        self._slots[shape] = slot
+        log.debug("%s: buffers for %s allocated", self.label, shape)
+        return slot
+
+    # ----- running
+    def _infer(self, feed: dict[str, Any]) -> dict[str, Any]:
+        cudart = self._cudart
+        shape = request_shape(self.graph, feed)
+        ref = next(iter(feed.values()))
+        on_gpu = arrays.is_cuda_tensor(ref)
+        if on_gpu and (ref.device.index or 0) != self.device_id:
+            raise ValueError(f"inputs are on {ref.device}, this engine runs on cuda:{self.device_id}")
+        H2D, D2H, D2D = (cudart.cudaMemcpyKind.cudaMemcpyHostToDevice,
+                         cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost,
+                         cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice)
+        with self._lock:
+            _cuda(cudart.cudaSetDevice(self.device_id))  # the current device is per thread
+            slot = self._slot(shape)
+            ctx, stream = self._context, self._stream
+            for spec in self.graph.inputs:
+                if not ctx.set_input_shape(spec.name, slot.shapes[spec.name]):
+                    raise BackendError(f"{self.label}: set_input_shape({spec.name}) was refused")
+            for name, ptr in slot.ptrs.items():
+                if not ctx.set_tensor_address(name, ptr):
+                    raise BackendError(f"{self.label}: set_tensor_address({name}) was refused")
+
+            keep = []  # sources stay alive until the stream is synchronized
+            if on_gpu:
+                torch = arrays.torch_module()
+                torch.cuda.current_stream(ref.device).synchronize()  # inputs written on torch's stream
+            for name, x in feed.items():
+                dt = slot.dtypes[name]
+                if on_gpu:
+                    src = x.to(_torch_dtype(dt)).contiguous()
+                    keep.append(src)
+                    _cuda(cudart.cudaMemcpyAsync(slot.ptrs[name], src.data_ptr(), slot.nbytes(name), D2D, stream))
+                else:
+                    src = np.ascontiguousarray(arrays.to_numpy(x), dtype=dt)
+                    keep.append(src)
+                    _cuda(cudart.cudaMemcpyAsync(slot.ptrs[name], src.ctypes.data, slot.nbytes(name), H2D, stream))
+
+            self._execute(slot)
+
+            outs = {}
+            for name in self.graph.output_names:
+                dt = slot.dtypes[name]
+                if on_gpu:
+                    dst = torch.empty(slot.shapes[name], dtype=_torch_dtype(dt), device=ref.device)
+                    _cuda(cudart.cudaMemcpyAsync(dst.data_ptr(), slot.ptrs[name], slot.nbytes(name), D2D, stream))
+                else:
+                    dst = np.empty(slot.shapes[name], dtype=dt)
+                    _cuda(cudart.cudaMemcpyAsync(dst.ctypes.data, slot.ptrs[name], slot.nbytes(name), D2H, stream))
+                outs[name] = dst
+            _cuda(cudart.cudaStreamSynchronize(stream))
+            del keep
+
+        result = {}
+        for name, v in outs.items():
+            if on_gpu:
+                result[name] = v.float() if v.dtype != _torch_dtype(np.dtype(np.float32)) else v
+            else:
+                result[name] = arrays.like(v.astype(np.float32, copy=False), ref)
+        return result
+
+    def _execute(self, slot: _Slot) -> None:
+        cudart, ctx, stream = self._cudart, self._context, self._stream
+        handle = int(stream)
+        if self.cuda_graph and slot.graph_exec is not None:
+            _cuda(cudart.cudaGraphLaunch(slot.graph_exec, stream))
+            return
+        if self.cuda_graph and slot.warm:
+            if self._capture(slot):
+                _cuda(cudart.cudaGraphLaunch(slot.graph_exec, stream))
+                return
+        if not ctx.execute_async_v3(handle):
+            raise BackendError(f"{self.label}: execute_async_v3 returned False (see the TensorRT "
+                               "messages logged above)")
+        slot.warm = True
+
+    def _capture(self, slot: _Slot) -> bool:
+        """Capture one execution of the (warm) context into a CUDA graph for this slot's shape."""
+        cudart, stream = self._cudart, self._stream
+        _cuda(cudart.cudaStreamBeginCapture(
+            stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal))
+        ok = self._context.execute_async_v3(int(stream))
+        err, graph = cudart.cudaStreamEndCapture(stream)
+        if not ok or int(err) != 0:
+            log.warning("%s: CUDA graph capture failed (execute_async_v3 %s, %s); running without "
+                        "CUDA graphs", self.label, ok, err)
+            self.cuda_graph = False
+            return False
+        try:
+            slot.graph_exec = _cuda(cudart.cudaGraphInstantiate(graph, 0))
+        except BackendError as e:
+            log.warning("%s: CUDA graph instantiation failed (%s); running without CUDA graphs", self.label, e)
+            self.cuda_graph = False
+            return False
+        finally:
+            cudart.cudaGraphDestroy(graph)
+        log.debug("%s: CUDA graph captured for %s", self.label, slot.shapes)
+        return True

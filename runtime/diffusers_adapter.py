@@ -1,0 +1,65 @@
+"""Run a diffusers pipeline's VAE on the runtime: ``pipe.vae = vae.as_diffusers()``.
+
+``StableDiffusionInpaintPipeline`` passes ``image=`` and ``mask=`` to the VAE's ``decode``
+only when ``isinstance(pipe.vae, AsymmetricAutoencoderKL)``, so the adapter is a subclass of
+it that builds no layers: it registers the artifact's model config (the pipeline reads
+``config.scaling_factor``, ``config.latent_channels`` and ``config.block_out_channels``) and
+forwards ``encode`` / ``decode`` to the loaded runtime. Tensors stay torch tensors; with a
+GPU backend CUDA tensors go to the backend without a host round trip.
+
+Importing this module imports torch and diffusers; ``asym_runtime`` itself never does.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AsymmetricAutoencoderKL
+from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
+from diffusers.models.modeling_outputs import AutoencoderKLOutput
+from diffusers.models.modeling_utils import ModelMixin
+
+from .api import AsymVAE
+
+
+class RuntimeAsymmetricAutoencoderKL(AsymmetricAutoencoderKL):
+    """An ``AsymmetricAutoencoderKL`` whose ``encode`` / ``decode`` run on an :class:`AsymVAE`.
+
+    It has no parameters; one empty buffer gives it the ``device`` and ``dtype`` that
+    pipelines ask models for (``pipe.to(...)`` moves it). Outputs come back in the dtype of
+    the input (the graphs compute with float32 I/O).
+    """
+
+    def __init__(self, runtime: AsymVAE):
+        # Deliberately not AsymmetricAutoencoderKL.__init__: it would build the whole network.
+        ModelMixin.__init__(self)
+        self.register_to_config(**runtime.config.to_dict())
+        self.runtime = runtime
+        self.register_buffer("_device_anchor", torch.zeros(0, dtype=torch.float32), persistent=False)
+
+    def encode(self, x: torch.Tensor, return_dict: bool = True):
+        dist = self.runtime.encode(x)
+        moments = torch.cat([dist.mean, dist.logvar], dim=1).to(x.dtype)
+        posterior = DiagonalGaussianDistribution(moments)
+        if not return_dict:
+            return (posterior,)
+        return AutoencoderKLOutput(latent_dist=posterior)
+
+    def _decode(self, z: torch.Tensor, image: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                return_dict: bool = True):
+        dec = self.runtime.decode(z, image=image, mask=mask).to(z.dtype)
+        if not return_dict:
+            return (dec,)
+        return DecoderOutput(sample=dec)
+
+    def decode(self, z: torch.Tensor, generator: torch.Generator | None = None, image: torch.Tensor | None = None,
+               mask: torch.Tensor | None = None, return_dict: bool = True):
+        return self._decode(z, image, mask, return_dict=return_dict)
+
+    def forward(self, sample: torch.Tensor, mask: torch.Tensor | None = None, sample_posterior: bool = False,
+                return_dict: bool = True, generator: torch.Generator | None = None):
+        posterior = self.encode(sample).latent_dist
+        z = posterior.sample(generator=generator) if sample_posterior else posterior.mode()
+        return self.decode(z, generator, sample, mask, return_dict=return_dict)
+
+    def __repr__(self) -> str:
+        return f"RuntimeAsymmetricAutoencoderKL({self.runtime!r})"

@@ -1,0 +1,81 @@
+"""PIL helpers: images and masks in, batches for the runtime out, and decoded batches back.
+
+They follow diffusers' ``VaeImageProcessor`` as StableDiffusionInpaintPipeline configures it,
+so a batch made here is the one the pipeline would hand the VAE:
+
+* images: RGB, resized with Lanczos when a size is given, ``/ 255`` then ``* 2 - 1``
+  -> float32 [B, 3, H, W] in [-1, 1];
+* masks: grayscale, resized with Lanczos when a size is given, ``/ 255``, binarised at 0.5
+  -> float32 [B, 1, H, W] in {0, 1}; white (1) = repaint, black (0) = keep;
+* decoded batches: ``(x / 2 + 0.5)`` clipped to [0, 1], ``* 255`` rounded -> RGB images.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from PIL import Image
+
+from . import arrays
+from .errors import AsymInputError
+from .specs import VAE_SCALE
+
+
+def _as_list(images: Any, what: str) -> list[Image.Image]:
+    items = [images] if isinstance(images, Image.Image) else list(images)
+    if not items:
+        raise AsymInputError(f"{what}: no images given")
+    for im in items:
+        if not isinstance(im, Image.Image):
+            raise AsymInputError(f"{what}: expected PIL images, got {type(im).__name__}")
+    return items
+
+
+def _sized(images: Sequence[Image.Image], size: tuple[int, int] | None, what: str) -> list[Image.Image]:
+    """Resize to ``size`` = (height, width) with Lanczos, or check that all share one valid size."""
+    if size is not None:
+        h, w = (int(v) for v in size)
+        if h < VAE_SCALE or w < VAE_SCALE or h % VAE_SCALE or w % VAE_SCALE:
+            raise AsymInputError(f"{what}: size {h}x{w} is not allowed; height and width must be "
+                                 f"positive multiples of {VAE_SCALE}")
+        return [im if im.size == (w, h) else im.resize((w, h), resample=Image.Resampling.LANCZOS)
+                for im in images]
+    sizes = {im.size for im in images}
+    if len(sizes) > 1:
+        raise AsymInputError(f"{what}: images have different sizes {sorted(sizes)} (width x height); "
+                             "pass size=(height, width) to resize them to one")
+    (w, h), = sizes
+    if h % VAE_SCALE or w % VAE_SCALE:
+        raise AsymInputError(
+            f"{what}: image is {w}x{h} (width x height); both must be multiples of {VAE_SCALE}. "
+            f"Pass size=({h // VAE_SCALE * VAE_SCALE}, {w // VAE_SCALE * VAE_SCALE}) to resize, "
+            "as diffusers does"
+        )
+    return list(images)
+
+
+def images_to_batch(images: Image.Image | Iterable[Image.Image],
+                    size: tuple[int, int] | None = None) -> np.ndarray:
+    """PIL image(s) -> float32 [B, 3, H, W] in [-1, 1]. ``size`` = (height, width) resizes."""
+    items = _sized([im.convert("RGB") for im in _as_list(images, "images_to_batch")], size, "images_to_batch")
+    batch = np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in items])
+    return np.ascontiguousarray(batch.transpose(0, 3, 1, 2) * 2.0 - 1.0, dtype=np.float32)
+
+
+def masks_to_batch(masks: Image.Image | Iterable[Image.Image],
+                   size: tuple[int, int] | None = None) -> np.ndarray:
+    """PIL mask(s) -> float32 [B, 1, H, W] in {0, 1}: white (>= 0.5 after / 255) = 1 = repaint."""
+    items = _sized([m.convert("L") for m in _as_list(masks, "masks_to_batch")], size, "masks_to_batch")
+    batch = np.stack([np.asarray(m, dtype=np.float32) / 255.0 for m in items])[:, None]
+    return (batch >= 0.5).astype(np.float32)
+
+
+def batch_to_images(batch: Any) -> list[Image.Image]:
+    """Decoded float batch [B, 3, H, W] (about [-1, 1]; numpy or torch) -> RGB PIL images."""
+    x = arrays.to_numpy(batch)
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise AsymInputError(f"batch_to_images: expected [batch, 3, height, width], got shape {tuple(x.shape)}")
+    x = np.clip(x.astype(np.float32) / 2.0 + 0.5, 0.0, 1.0)
+    x = (x.transpose(0, 2, 3, 1) * 255.0).round().astype(np.uint8)
+    return [Image.fromarray(im) for im in x]

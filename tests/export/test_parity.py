@@ -1,0 +1,59 @@
+"""asym-parity: every available backend against the reference; non-zero exit on failure."""
+
+import json
+
+import pytest
+
+from asym_export.parity import EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
+
+
+def test_parity_passes_on_a_fresh_export(tiny_artifact, capsys):
+    assert main([str(tiny_artifact)]) == EXIT_OK
+    out = capsys.readouterr().out
+    for graph, output in (("encoder", "latent_mean"), ("encoder", "latent_logvar"), ("decoder", "sample"),
+                          ("decoder_uncond", "sample")):
+        for shape in ("2x64x64", "1x64x96"):
+            assert any(graph in line and output in line and shape in line and line.rstrip().endswith("ok")
+                       for line in out.splitlines()), (graph, output, shape)
+    assert "onnxruntime-cpu/fp32" in out and "asym-parity: passed" in out
+    # 3x48x80, a verification shape below the default min size 64, is reported, not run
+    assert "skipped shape 3x48x80: outside the folder's shape limits" in out
+
+
+def test_parity_fails_with_exit_1_when_a_backend_is_off(tiny_artifact, capsys):
+    # 1e-9 is below float32 rounding: every output fails, as a real numeric drift would
+    assert main([str(tiny_artifact), "--atol", "1e-9", "--shapes", "1x64x64"]) == EXIT_FAILED
+    captured = capsys.readouterr()
+    assert "FAIL" in captured.out and "FAILED onnxruntime-cpu/fp32" in captured.err
+    assert "decoder @ 1x64x64: sample: max abs" in captured.err
+
+
+def test_parity_refuses_a_reference_that_is_not_the_exported_one(tiny_artifact, copy_artifact, capsys):
+    folder = copy_artifact(tiny_artifact)
+    data = json.loads((folder / "manifest.json").read_text())
+    data["weights"]["seed"] = 1
+    (folder / "manifest.json").write_text(json.dumps(data))
+    assert main([str(folder)]) == EXIT_USAGE
+    assert "not the weights this folder was exported from" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["{missing}"], "is not a folder"),
+    (["{tiny}", "--backends", "openvino"], "--backends openvino: choose from"),
+    (["{tiny}", "--shapes", "1x60x64"], "multiples of 8"),
+    (["{tiny}", "--shapes", "8x64x64"], "no comparison shape lies inside"),
+])
+def test_parity_usage_errors_exit_2(tiny_artifact, tmp_path, capsys, argv, message):
+    argv = [a.format(missing=tmp_path / "nope", tiny=tiny_artifact) for a in argv]
+    assert main(argv) == EXIT_USAGE
+    assert message in capsys.readouterr().err
+
+
+def test_parity_with_no_runnable_backend_is_a_failure(tiny_artifact, capsys):
+    from asym_runtime.backends.onnxrt import cuda_provider_available
+
+    if cuda_provider_available():
+        pytest.skip("onnxruntime-gpu is installed")
+    assert main([str(tiny_artifact), "--backends", "onnxruntime-cuda", "--shapes", "1x64x64"]) == EXIT_FAILED
+    captured = capsys.readouterr()
+    assert "skipped onnxruntime-cuda/fp32" in captured.out and "no backend could run" in captured.err

@@ -1,0 +1,249 @@
+"""asym_runtime.load / encode / decode on the tiny artifact: diffusers' numbers, diffusers' calls."""
+
+import numpy as np
+import pytest
+import torch
+from runtime_helpers import diffusers_decode, diffusers_encode, feed
+
+import asym_runtime
+from asym_runtime.backends.onnxrt import cuda_provider_available
+from asym_runtime.errors import ArtifactError, BackendUnavailableError
+from asym_runtime.specs import Shape
+
+#: Tolerance of the tiny FP32 comparisons. The export holds the graphs to 1e-3 (the contract,
+#: sized for real weights); on the tiny model ONNX Runtime and PyTorch measure at most ~1e-5
+#: apart (float32 summation order), while a semantic slip (wrong branch, mask polarity, a
+#: missing blend) moves outputs by 1e-1 or more. 1e-4 is ten times the measured error.
+ATOL = 1e-4
+
+#: Shapes other than the export shape (2x64x64): non-square, another batch, odd latent sizes.
+SHAPES = [Shape(2, 64, 96), Shape(1, 72, 64)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_encode_matches_diffusers(tiny_rt, tiny_vae, shape):
+    image = feed("encoder", shape, seed=1)["image"]
+    dist = tiny_rt.encode(image)
+    ref = diffusers_encode(tiny_vae, image)
+    assert dist.mean.shape == (shape.batch, 4, shape.height // 8, shape.width // 8)
+    for name in ("mean", "logvar", "std", "var"):
+        np.testing.assert_allclose(getattr(dist, name), getattr(ref, name).numpy(), atol=ATOL, rtol=0,
+                                   err_msg=name)
+    assert dist.mode() is dist.mean
+
+
+@pytest.mark.parametrize("mask", ["random", "zeros", "ones"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_conditional_decode_matches_diffusers(tiny_rt, tiny_vae, shape, mask):
+    f = feed("decoder", shape, seed=2, mask=mask)
+    out = tiny_rt.decode(f["latent"], image=f["image"], mask=f["mask"])
+    assert isinstance(out, np.ndarray) and out.dtype == np.float32 and out.shape == f["image"].shape
+    np.testing.assert_allclose(out, diffusers_decode(tiny_vae, **f), atol=ATOL, rtol=0)
+
+
+def test_plain_decode_matches_diffusers_decode_z(tiny_rt, tiny_vae):
+    f = feed("decoder", Shape(2, 64, 96), seed=3)
+    ref = diffusers_decode(tiny_vae, f["latent"])
+    np.testing.assert_allclose(tiny_rt.decode(f["latent"]), ref, atol=ATOL, rtol=0)
+    # ...and the plain decode really is another function than the conditional one
+    cond = diffusers_decode(tiny_vae, **f)
+    assert np.abs(cond - ref).max() > 1000 * ATOL
+
+
+@pytest.fixture(scope="module")
+def fallback_rt(tiny_artifact, tmp_path_factory):
+    """The tiny folder without a decoder_uncond graph (as exports before that graph wrote)."""
+    import json
+    import shutil
+
+    folder = tmp_path_factory.mktemp("no-uncond") / "artifact"
+    shutil.copytree(tiny_artifact, folder)
+    data = json.loads((folder / "manifest.json").read_text())
+    data["files"] = {n: e for n, e in data["files"].items()
+                     if e["role"] != "decoder_uncond" and not (e.get("data_of") or "").startswith("decoder_uncond")}
+    (folder / "manifest.json").write_text(json.dumps(data))
+    with asym_runtime.load(folder, backend="onnxruntime-cpu") as rt:
+        yield rt
+
+
+def test_without_a_plain_graph_the_conditional_one_decodes_plainly(fallback_rt, tiny_vae):
+    """The conditional graph with mask = 1 and image = 0: there every blend is
+    sample * 1 + feature * 0, so it IS the plain decoder."""
+    assert "decoder_uncond" not in fallback_rt.backends
+    calls = []
+    infer = fallback_rt.backends["decoder"].infer
+    fallback_rt.backends["decoder"].infer = lambda feed: calls.append(feed) or infer(feed)
+    f = feed("decoder", Shape(2, 64, 96), seed=3)
+    try:
+        out = fallback_rt.decode(f["latent"])
+    finally:
+        del fallback_rt.backends["decoder"].infer
+    (sent,) = calls
+    assert sent["mask"].min() == 1 and sent["image"].max() == sent["image"].min() == 0
+    np.testing.assert_allclose(out, diffusers_decode(tiny_vae, f["latent"]), atol=ATOL, rtol=0)
+
+
+def test_sample_with_a_torch_generator_equals_diffusers(tiny_rt, tiny_vae):
+    image = feed("encoder", Shape(2, 64, 96), seed=4)["image"]
+    got = tiny_rt.encode(image).sample(torch.Generator().manual_seed(7))
+    ref = diffusers_encode(tiny_vae, image).sample(torch.Generator().manual_seed(7)).numpy()
+    assert isinstance(got, np.ndarray)
+    np.testing.assert_allclose(got, ref, atol=ATOL, rtol=0)
+    # one generator per batch item, as diffusers takes them
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    ref_gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    np.testing.assert_allclose(tiny_rt.encode(image).sample(gens),
+                               diffusers_encode(tiny_vae, image).sample(ref_gens).numpy(), atol=ATOL, rtol=0)
+
+
+def test_sample_with_a_numpy_generator(tiny_rt):
+    dist = tiny_rt.encode(feed("encoder", Shape(2, 64, 96), seed=5)["image"])
+    a = dist.sample(np.random.default_rng(3))
+    np.testing.assert_array_equal(a, dist.sample(3))
+    assert not np.array_equal(a, dist.sample(np.random.default_rng(4)))
+    noise = np.random.default_rng(3).standard_normal(a.shape, dtype=np.float32)
+    np.testing.assert_allclose(a, dist.mean + dist.std * noise, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="generator must be"):
+        dist.sample("seed")
+
+
+def test_torch_tensors_in_give_torch_tensors_out(tiny_rt):
+    f = feed("decoder", Shape(1, 64, 64), seed=6)
+    t = {k: torch.from_numpy(v) for k, v in f.items()}
+    out = tiny_rt.decode(t["latent"], image=t["image"], mask=t["mask"])
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.float32
+    np.testing.assert_array_equal(out.numpy(), tiny_rt.decode(f["latent"], image=f["image"], mask=f["mask"]))
+    dist = tiny_rt.encode(t["image"])
+    assert isinstance(dist.mean, torch.Tensor) and isinstance(dist.std, torch.Tensor)
+    assert isinstance(dist.sample(torch.Generator().manual_seed(0)), torch.Tensor)
+    assert isinstance(tiny_rt.decode(t["latent"]), torch.Tensor)
+
+
+def test_other_float_dtypes_and_strided_inputs_give_the_same_numbers(tiny_rt):
+    f = feed("decoder", Shape(2, 64, 96), seed=7)
+    base = tiny_rt.decode(f["latent"], image=f["image"], mask=f["mask"])
+    f64 = {k: v.astype(np.float64) for k, v in f.items()}  # float32 -> float64 -> float32 is exact
+    np.testing.assert_array_equal(tiny_rt.decode(f64["latent"], image=f64["image"], mask=f64["mask"]), base)
+    channels_last = f["image"].transpose(0, 2, 3, 1).copy().transpose(0, 3, 1, 2)
+    assert not channels_last.flags.c_contiguous
+    out = tiny_rt.decode(np.asfortranarray(f["latent"]), image=channels_last, mask=f["mask"])
+    np.testing.assert_array_equal(out, base)
+    half = tiny_rt.decode(f["latent"].astype(np.float16), image=f["image"], mask=f["mask"])
+    assert half.dtype == np.float32 and np.abs(half - base).max() < 0.05  # fp16 rounding of the latent
+
+
+def test_config_mirrors_diffusers(tiny_rt, tiny_vae):
+    assert tiny_rt.config.scaling_factor == tiny_vae.config.scaling_factor == 0.18215
+    for key in ("latent_channels", "block_out_channels", "up_block_out_channels", "layers_per_up_block"):
+        assert tiny_rt.config[key] == (list(v) if isinstance(v := tiny_vae.config[key], tuple) else v)
+    with pytest.raises(AttributeError, match="no 'nope'"):
+        _ = tiny_rt.config.nope
+    assert tiny_rt.variant == "tiny" and tiny_rt.limits == tiny_rt.manifest.limits
+
+
+@pytest.mark.skipif(cuda_provider_available(), reason="onnxruntime-gpu is installed: auto may pick CUDA")
+def test_auto_picks_onnxruntime_on_the_cpu_here_and_close_ends_it(tiny_artifact):
+    f = feed("decoder", Shape(1, 64, 64))
+    with asym_runtime.load(tiny_artifact) as rt:
+        assert (rt.backend, rt.device, rt.precision) == ("onnxruntime-cpu", "cpu", "fp32")
+        rt.decode(f["latent"])
+    with pytest.raises(RuntimeError, match="closed"):
+        rt.decode(f["latent"])
+
+
+def test_unknown_backend_or_precision_is_a_value_error(tiny_artifact):
+    with pytest.raises(ValueError, match="choose one of auto, tensorrt, onnxruntime"):
+        asym_runtime.load(tiny_artifact, backend="openvino")
+    with pytest.raises(ValueError, match="choose fp32, fp16"):
+        asym_runtime.load(tiny_artifact, precision="bf16")
+
+
+def test_tensorrt_requested_where_it_cannot_run_says_what_is_missing(tiny_artifact):
+    from asym_runtime.backends.tensorrt import unavailable_reason
+
+    if unavailable_reason() is None:
+        pytest.skip("tensorrt, cuda-python and a GPU are present here")
+    with pytest.raises(BackendUnavailableError) as e:
+        asym_runtime.load(tiny_artifact, backend="tensorrt")
+    msg = str(e.value)
+    assert "\n" not in msg and ("tensorrt" in msg or "GPU" in msg)
+    # one sentence, not an ImportError traceback chained under it
+    assert e.value.__cause__ is None and (e.value.__context__ is None or e.value.__suppress_context__)
+
+
+@pytest.mark.skipif(cuda_provider_available(), reason="onnxruntime-gpu is installed")
+def test_onnxruntime_cuda_requested_without_it_says_so(tiny_artifact):
+    with pytest.raises(BackendUnavailableError, match="no CUDA provider; install onnxruntime-gpu"):
+        asym_runtime.load(tiny_artifact, backend="onnxruntime-cuda")
+
+
+def test_a_precision_the_folder_lacks_names_the_ones_it_has(tiny_artifact):
+    if asym_runtime.read_manifest(tiny_artifact).find("decoder", "onnx", "fp16"):
+        pytest.skip("this export has fp16 graphs")
+    with pytest.raises(ArtifactError, match=r"no fp16 ONNX graph for encoder, decoder .*precisions: fp32"):
+        asym_runtime.load(tiny_artifact, precision="fp16")
+
+
+def test_fp16_graphs_run_when_the_folder_has_them(tiny_artifact, tiny_vae):
+    from asym_export.verify import FP16_MIN_PSNR_DB, psnr
+
+    if not asym_runtime.read_manifest(tiny_artifact).find("decoder", "onnx", "fp16"):
+        pytest.skip("the folder has no fp16 graphs (the FP16 export is not in this build)")
+    f = feed("decoder", Shape(2, 64, 96), seed=8)
+    with asym_runtime.load(tiny_artifact, backend="onnxruntime-cpu", precision="fp16") as rt:
+        assert rt.precision == "fp16"
+        out = rt.decode(f["latent"], image=f["image"], mask=f["mask"])
+    assert psnr(diffusers_decode(tiny_vae, **f), out, 2.0) >= FP16_MIN_PSNR_DB["sample"]
+
+
+# --------------------------------------------------------------------------- decoder_uncond
+
+@pytest.fixture(scope="module")
+def uncond_artifact(tiny_artifact, tiny_vae, tmp_path_factory):
+    """A tiny folder with the plain-decoder graph: the session's export if it writes one, else a
+    copy with decoder_uncond.onnx exported and recorded the way asym-export records graphs."""
+    import json
+    import shutil
+
+    from asym_export.onnx_export import onnx_from_model
+    from asym_runtime.api import DECODER_UNCOND
+    from asym_runtime.manifest import sha256_file
+
+    if asym_runtime.read_manifest(tiny_artifact).find("decoder_uncond", "onnx", "fp32"):
+        return tiny_artifact
+    out = tmp_path_factory.mktemp("uncond") / "artifact"
+    shutil.copytree(tiny_artifact, out)
+    onnx_from_model(tiny_vae, DECODER_UNCOND, out / "decoder_uncond.onnx", variant="tiny", scaling_factor=0.18215)
+    data = json.loads((out / "manifest.json").read_text())
+    for name, extra in (("decoder_uncond.onnx", {"role": "decoder_uncond", "format": "onnx"}),
+                        ("decoder_uncond.onnx.data", {"role": "external_data", "format": "onnx_external_data",
+                                                      "data_of": "decoder_uncond.onnx"})):
+        data["files"][name] = {"precision": "fp32", "sha256": sha256_file(out / name),
+                               "size": (out / name).stat().st_size, **extra}
+    (out / "manifest.json").write_text(json.dumps(data))
+    return out
+
+
+def test_a_decoder_uncond_graph_is_used_when_the_folder_has_one(uncond_artifact, tiny_vae):
+    f = feed("decoder", Shape(2, 64, 96), seed=9)
+    with asym_runtime.load(uncond_artifact, backend="onnxruntime-cpu") as rt:
+        assert "decoder_uncond" in rt.backends
+        calls = []
+        infer = rt.backends["decoder_uncond"].infer
+        rt.backends["decoder_uncond"].infer = lambda feed: calls.append(sorted(feed)) or infer(feed)
+        out = rt.decode(f["latent"])
+        cond = rt.decode(f["latent"], image=f["image"], mask=f["mask"])  # the conditional graph still runs
+    assert calls == [["latent"]]
+    np.testing.assert_allclose(out, diffusers_decode(tiny_vae, f["latent"]), atol=ATOL, rtol=0)
+    np.testing.assert_allclose(cond, diffusers_decode(tiny_vae, **f), atol=ATOL, rtol=0)
+
+
+def test_graphs_picks_what_is_loaded(tiny_artifact, tiny_vae):
+    f = feed("decoder", Shape(1, 64, 64), seed=12)
+    with asym_runtime.load(tiny_artifact, backend="onnxruntime-cpu", graphs=["decoder"]) as rt:
+        assert sorted(rt.backends) == ["decoder"]
+        np.testing.assert_allclose(rt.decode(f["latent"]), diffusers_decode(tiny_vae, f["latent"]), atol=ATOL, rtol=0)
+        with pytest.raises(RuntimeError, match="loaded without the encoder graph"):
+            rt.encode(f["image"])
+    with pytest.raises(ValueError, match="choose from encoder, decoder, decoder_uncond"):
+        asym_runtime.load(tiny_artifact, graphs=["decoder", "vae"])

@@ -1,0 +1,125 @@
+"""Bad input is refused with a ValueError that names the problem, before any backend runs."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from runtime_helpers import feed
+
+from asym_runtime.errors import AsymInputError, ShapeOutOfLimitsError
+from asym_runtime.specs import Shape
+
+
+@pytest.fixture
+def spied(tiny_rt, monkeypatch):
+    """tiny_rt whose backends record every call: a refused input must leave the list empty."""
+    calls = []
+    for name, backend in tiny_rt.backends.items():
+        monkeypatch.setattr(backend, "infer", lambda f, name=name: calls.append(name))
+    return tiny_rt, calls
+
+
+def _good():
+    return feed("decoder", Shape(2, 64, 96), seed=11)
+
+
+def _with(**changes):
+    f = _good()
+    f.update(changes)
+    return f
+
+
+def _nan(a):
+    a = a.copy()
+    a.flat[7] = np.nan
+    return a
+
+
+def _inf(a):
+    a = a.copy()
+    a.flat[3] = -np.inf
+    return a
+
+
+G = _good()
+BAD_DECODES = [
+    # (id, kwargs, error class, regex the message must match)
+    ("latent-rank", dict(latent=G["latent"][0]), AsymInputError, r"latent has rank 3 .* must be rank 4"),
+    ("latent-channels", dict(latent=G["latent"][:, :3]), AsymInputError, r"latent has 3 channels .* 4 channels"),
+    ("image-channels", _with(image=G["image"][:, :1]), AsymInputError, r"image has 1 channels .*3 channels"),
+    ("mask-channels", _with(mask=np.repeat(G["mask"], 3, axis=1)), AsymInputError, r"mask has 3 channels .*1 channels"),
+    ("int-dtype", dict(latent=G["latent"].astype(np.int32)), AsymInputError, r"dtype int32; a floating dtype"),
+    ("uint8-image", _with(image=(G["image"] * 127 + 128).astype(np.uint8)), AsymInputError, r"image has dtype uint8"),
+    ("bool-mask", _with(mask=G["mask"].astype(bool)), AsymInputError, r"mask has dtype bool"),
+    ("size-not-multiple-of-8", _with(image=G["image"][..., :92], mask=G["mask"][..., :92]), AsymInputError,
+     r"image width 92 is not a multiple of 8"),
+    ("image-size-vs-latent", _with(image=G["image"][..., :88], mask=G["mask"][..., :88]), AsymInputError,
+     r"sizes disagree: latent \(2, 4, 8, 12\) is 64x96 pixels, image \(2, 3, 64, 88\) is 64x88"),
+    ("mask-size-vs-image", _with(mask=G["mask"][:, :, :56]), AsymInputError, r"sizes disagree: .*mask .* is 56x96"),
+    ("batch", _with(image=G["image"][:1]), AsymInputError,
+     r"batch sizes disagree: latent has 2, image has 1, mask has 2"),
+    ("empty", dict(latent=G["latent"][:0]), AsymInputError, r"empty dim"),
+    ("nan-latent", _with(latent=_nan(G["latent"])), AsymInputError, r"latent contains NaN"),
+    ("inf-image", _with(image=_inf(G["image"])), AsymInputError, r"image contains Inf"),
+    ("nan-latent-plain", dict(latent=_nan(G["latent"])), AsymInputError, r"latent contains NaN"),
+    ("mask-above-1", _with(mask=G["mask"] * 255), AsymInputError, r"mask values must lie in \[0, 1\] .*max 255"),
+    ("mask-below-0", _with(mask=G["mask"] - 0.5), AsymInputError, r"mask values must lie in \[0, 1\] .*min -0.5"),
+    ("image-0-255", _with(image=(G["image"] + 1) * 127.5), AsymInputError, r"image values must lie in \[-1, 1\]"),
+    ("image-without-mask", dict(latent=G["latent"], image=G["image"]), AsymInputError, r"got image but no mask"),
+    ("mask-without-image", dict(latent=G["latent"], mask=G["mask"]), AsymInputError, r"got mask but no image"),
+    ("batch-above-limit", dict(latent=np.zeros((5, 4, 8, 8), np.float32)), ShapeOutOfLimitsError,
+     r"batch 5 is above this artifact's max_batch 4"),
+    ("height-above-limit", dict(latent=np.zeros((1, 4, 129, 8), np.float32)), ShapeOutOfLimitsError,
+     r"height 1032 is above this artifact's max_height 1024"),
+    ("width-below-limit", _with(latent=G["latent"][..., :7], image=G["image"][..., :56], mask=G["mask"][..., :56]),
+     ShapeOutOfLimitsError, r"width 56 is below this artifact's min_width 64"),
+    ("list", dict(latent=G["latent"].tolist()), AsymInputError,
+     r"latent must be a numpy array or a torch tensor, got builtins.list"),
+    ("pil", _with(image=Image.new("RGB", (96, 64))), AsymInputError, r"got PIL.Image.Image; convert PIL images"),
+    ("mixed-kinds", _with(image=torch.from_numpy(G["image"])), AsymInputError,
+     r"must all be numpy arrays or all torch tensors"),
+]
+
+
+@pytest.mark.parametrize("kwargs, error, message", [c[1:] for c in BAD_DECODES], ids=[c[0] for c in BAD_DECODES])
+def test_bad_decode_input_is_refused_before_the_backend(spied, kwargs, error, message):
+    rt, calls = spied
+    with pytest.raises(error, match=message) as e:
+        rt.decode(**kwargs)
+    assert isinstance(e.value, ValueError)
+    assert str(e.value).startswith("decode: ")
+    assert calls == []
+
+
+BAD_ENCODES = [
+    ("rank", G["image"][0], AsymInputError, r"image has rank 3"),
+    ("channels", np.zeros((1, 4, 64, 64), np.float32), AsymInputError, r"image has 4 channels"),
+    ("height", np.zeros((1, 3, 60, 64), np.float32), AsymInputError, r"image height 60 is not a multiple of 8"),
+    ("nan", _nan(G["image"]), AsymInputError, r"image contains NaN"),
+    ("limit", np.zeros((1, 3, 64, 1040), np.float32), ShapeOutOfLimitsError, r"width 1040 is above .*max_width 1024"),
+    ("float-torch-int", torch.zeros((1, 3, 64, 64), dtype=torch.int64), AsymInputError, r"dtype int64"),
+]
+
+
+@pytest.mark.parametrize("image, error, message", [c[1:] for c in BAD_ENCODES], ids=[c[0] for c in BAD_ENCODES])
+def test_bad_encode_input_is_refused_before_the_backend(spied, image, error, message):
+    rt, calls = spied
+    with pytest.raises(error, match=message):
+        rt.encode(image)
+    assert calls == []
+
+
+def test_nan_in_a_torch_tensor_is_caught_too(spied):
+    rt, calls = spied
+    bad = torch.from_numpy(_nan(G["latent"]))
+    with pytest.raises(AsymInputError, match="latent contains NaN"):
+        rt.decode(bad)
+    assert calls == []
+
+
+def test_soft_masks_and_slightly_overshooting_images_are_accepted(tiny_rt):
+    """[0, 1] masks need not be binary (the graph blends), and resampled images that overshoot
+    [-1, 1] a little are normal; neither is refused."""
+    f = _good()
+    soft = np.clip(f["mask"] * 0.7 + 0.1, 0, 1)
+    tiny_rt.decode(f["latent"], image=np.clip(f["image"] * 1.2, -1.3, 1.3), mask=soft)

@@ -1,0 +1,226 @@
+"""GPU backends for real: TensorRT engines and ONNX Runtime's CUDA provider.
+
+Every test here skips itself on a machine without a CUDA GPU (and tensorrt + cuda-python, or
+onnxruntime-gpu). Nothing is mocked: engines are built from the tiny artifact's FP32 graphs
+with the TensorRT builder, written into a copy of the folder with their manifest record, and
+loaded through ``asym_runtime.load`` like any export's engines.
+"""
+
+import json
+import logging
+import threading
+
+import numpy as np
+import pytest
+from runtime_helpers import diffusers_decode, diffusers_encode, feed
+
+import asym_runtime
+from asym_runtime.errors import ArtifactError, IncompatibleEngineError, ShapeOutOfLimitsError
+from asym_runtime.specs import DECODER, ENCODER, Shape, ShapeLimits
+
+pytestmark = pytest.mark.gpu
+
+#: FP32 engines and the CUDA provider against diffusers: the export's FP32 contract. TF32 is
+#: off in both (builder flag cleared; ORT provider option use_tf32=0), so measured errors
+#: should sit near the CPU's ~1e-5.
+ATOL = 1e-3
+#: The engines' profile: small, so the build takes seconds and the limit check is visible.
+LIMITS = ShapeLimits(min_batch=1, opt_batch=1, max_batch=2, min_height=64, opt_height=64, max_height=128,
+                     min_width=64, opt_width=96, max_width=128)
+
+
+def _cuda_available() -> bool:
+    torch = pytest.importorskip("torch")
+    return torch.cuda.is_available()
+
+
+def _build_plan(trt, onnx_path, graph, limits: ShapeLimits) -> bytes:
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 0
+    if hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise AssertionError(f"TensorRT cannot parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    if hasattr(trt.BuilderFlag, "TF32"):
+        try:
+            config.clear_flag(trt.BuilderFlag.TF32)
+        except Exception:  # strongly typed builds may not take the flag
+            pass
+    profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in limits.profile(graph).items():
+        profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+    plan = builder.build_serialized_network(network, config)
+    assert plan is not None, "engine build failed"
+    return bytes(plan)
+
+
+@pytest.fixture(scope="module")
+def trt_artifact(tiny_artifact, tmp_path_factory):
+    """The tiny folder with FP32 engines for this GPU, recorded in its manifest."""
+    trt = pytest.importorskip("tensorrt")
+    from asym_runtime.backends.tensorrt import device_info, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    import shutil
+
+    from asym_runtime.manifest import sha256_file
+
+    folder = tmp_path_factory.mktemp("trt") / "artifact"
+    shutil.copytree(tiny_artifact, folder)
+    (folder / "engines").mkdir()
+    data = json.loads((folder / "manifest.json").read_text())
+    for graph in (ENCODER, DECODER):
+        name = graph.engine_name()
+        (folder / name).write_bytes(_build_plan(trt, folder / graph.file_name(), graph, LIMITS))
+        data["files"][name] = {"role": graph.name, "format": "tensorrt_plan", "precision": "fp32",
+                               "sha256": sha256_file(folder / name), "size": (folder / name).stat().st_size}
+    data["engines"] = {"tensorrt_version": trt.__version__, "device": device_info(0), "version_compatible": False,
+                       "hardware_compatibility_level": "none", "variant": "tiny", "profile": LIMITS.to_dict()}
+    (folder / "manifest.json").write_text(json.dumps(data))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trt_rt(trt_artifact):
+    rt = asym_runtime.load(trt_artifact, backend="tensorrt")
+    yield rt
+    rt.close()
+
+
+def test_tensorrt_matches_diffusers(trt_rt, tiny_vae):
+    assert trt_rt.backend == "tensorrt" and trt_rt.device == "cuda:0"
+    for i, shape in enumerate([Shape(2, 64, 96), Shape(1, 128, 64)]):
+        f = feed("decoder", shape, seed=50 + i)
+        image = feed("encoder", shape, seed=60 + i)["image"]
+        np.testing.assert_allclose(trt_rt.encode(image).mean, diffusers_encode(tiny_vae, image).mean.numpy(),
+                                   atol=ATOL, rtol=0)
+        np.testing.assert_allclose(trt_rt.decode(f["latent"], image=f["image"], mask=f["mask"]),
+                                   diffusers_decode(tiny_vae, **f), atol=ATOL, rtol=0)
+        np.testing.assert_allclose(trt_rt.decode(f["latent"]), diffusers_decode(tiny_vae, f["latent"]),
+                                   atol=ATOL, rtol=0)
+
+
+def test_auto_picks_tensorrt_when_engines_can_run(trt_artifact):
+    with asym_runtime.load(trt_artifact) as rt:
+        assert rt.backend == "tensorrt"
+
+
+def test_tensorrt_takes_torch_cuda_tensors_without_leaving_the_gpu(trt_rt):
+    import torch
+
+    f = feed("decoder", Shape(2, 64, 96), seed=70)
+    want = trt_rt.decode(f["latent"], image=f["image"], mask=f["mask"])
+    t = {k: torch.from_numpy(v).cuda() for k, v in f.items()}
+    out = trt_rt.decode(t["latent"], image=t["image"], mask=t["mask"])
+    assert out.is_cuda and out.dtype == torch.float32
+    np.testing.assert_allclose(out.cpu().numpy(), want, atol=1e-6, rtol=0)
+    dist = trt_rt.encode(t["image"])
+    assert dist.mean.is_cuda and dist.sample(torch.Generator("cuda").manual_seed(0)).is_cuda
+
+
+def test_tensorrt_limits_come_from_the_engine_profile(trt_rt):
+    assert trt_rt.limits.max_width == 128 and trt_rt.limits.max_batch == 2
+    with pytest.raises(ShapeOutOfLimitsError, match="width 136 is above this artifact's max_width 128"):
+        trt_rt.decode(np.zeros((1, 4, 8, 17), np.float32))
+
+
+def test_tensorrt_threads_give_serial_results(trt_rt):
+    feeds = [feed("decoder", Shape(1 + i % 2, 64, 64 + 8 * (i % 4)), seed=80 + i) for i in range(8)]
+    serial = [trt_rt.decode(f["latent"], image=f["image"], mask=f["mask"]) for f in feeds]
+    got, errors = {}, []
+
+    def worker(t):
+        try:
+            for i in (2 * t, 2 * t + 1):
+                f = feeds[i]
+                got[i] = trt_rt.decode(f["latent"], image=f["image"], mask=f["mask"])
+        except BaseException as e:
+            errors.append(e)
+
+    ts = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors, errors
+    for i, want in enumerate(serial):
+        # one context behind a lock, the same tactic per shape: identical up to float noise
+        np.testing.assert_allclose(got[i], want, atol=1e-6, rtol=0)
+
+
+def test_cuda_graphs_replay_the_same_numbers(trt_artifact):
+    f = feed("decoder", Shape(1, 64, 96), seed=90)
+    g = feed("decoder", Shape(2, 64, 64), seed=91)
+    with asym_runtime.load(trt_artifact, backend="tensorrt") as plain:
+        want_f = plain.decode(f["latent"], image=f["image"], mask=f["mask"])
+        want_g = plain.decode(g["latent"], image=g["image"], mask=g["mask"])
+    with asym_runtime.load(trt_artifact, backend="tensorrt", cuda_graph=True) as rt:
+        for _ in range(3):  # run, capture + launch, replay; another shape in between
+            np.testing.assert_allclose(rt.decode(f["latent"], image=f["image"], mask=f["mask"]), want_f,
+                                       atol=1e-6, rtol=0)
+            np.testing.assert_allclose(rt.decode(g["latent"], image=g["image"], mask=g["mask"]), want_g,
+                                       atol=1e-6, rtol=0)
+        assert rt.backends["decoder"].cuda_graph, "capture fell back to plain execution"
+
+
+def test_foreign_or_tampered_engines_are_refused(trt_artifact, tmp_path, caplog):
+    import shutil
+
+    folder = tmp_path / "foreign"
+    shutil.copytree(trt_artifact, folder)
+    data = json.loads((folder / "manifest.json").read_text())
+    data["engines"]["tensorrt_version"] = "1.0.0.0"
+    (folder / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(IncompatibleEngineError, match="built with TensorRT 1.0.0.0"):
+        asym_runtime.load(folder, backend="tensorrt")
+    with caplog.at_level(logging.WARNING, logger="asym_runtime"):
+        with asym_runtime.load(folder) as rt:
+            assert rt.backend.startswith("onnxruntime")
+    assert "using ONNX Runtime instead" in caplog.text
+
+    raw = bytearray((folder / "engines" / "decoder.plan").read_bytes())
+    raw[len(raw) // 2] ^= 1
+    (folder / "engines" / "decoder.plan").write_bytes(bytes(raw))
+    data["engines"]["tensorrt_version"] = __import__("tensorrt").__version__
+    (folder / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match="sha256 of engines/decoder.plan"):
+        asym_runtime.load(folder, backend="tensorrt")
+
+
+# --------------------------------------------------------------------------- ONNX Runtime CUDA
+
+@pytest.fixture(scope="module")
+def ort_cuda(tiny_artifact):
+    from asym_runtime.backends.onnxrt import cuda_provider_available
+
+    if not cuda_provider_available() or not _cuda_available():
+        pytest.skip("needs onnxruntime-gpu and a CUDA GPU")
+    rt = asym_runtime.load(tiny_artifact, backend="onnxruntime-cuda")
+    yield rt
+    rt.close()
+
+
+def test_onnxruntime_cuda_matches_diffusers_with_numpy_and_torch_cuda(ort_cuda, tiny_vae):
+    import torch
+
+    assert ort_cuda.backend == "onnxruntime-cuda"
+    f = feed("decoder", Shape(2, 64, 96), seed=100)
+    want = diffusers_decode(tiny_vae, **f)
+    np.testing.assert_allclose(ort_cuda.decode(f["latent"], image=f["image"], mask=f["mask"]), want, atol=ATOL, rtol=0)
+    t = {k: torch.from_numpy(v).cuda() for k, v in f.items()}
+    out = ort_cuda.decode(t["latent"], image=t["image"], mask=t["mask"])
+    assert out.is_cuda
+    np.testing.assert_allclose(out.cpu().numpy(), want, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(ort_cuda.decode(t["latent"]).cpu().numpy(), diffusers_decode(tiny_vae, f["latent"]),
+                               atol=ATOL, rtol=0)
+    image = feed("encoder", Shape(2, 64, 96), seed=101)["image"]
+    np.testing.assert_allclose(ort_cuda.encode(torch.from_numpy(image).cuda()).mean.cpu().numpy(),
+                               diffusers_encode(tiny_vae, image).mean.numpy(), atol=ATOL, rtol=0)

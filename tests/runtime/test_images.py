@@ -1,0 +1,86 @@
+"""PIL helpers give the batches StableDiffusionInpaintPipeline's processors give, and back."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import asym_runtime
+from asym_runtime.errors import AsymInputError
+
+
+def _photo(w=96, h=64, seed=0):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def _mask(w=96, h=64):
+    m = np.zeros((h, w), np.uint8)
+    m[10:40, 20:70] = 255
+    m[0, :] = 127  # just below the 0.5 threshold: keep
+    m[1, :] = 128  # just above: repaint
+    return Image.fromarray(m)
+
+
+@pytest.fixture(scope="module")
+def processors():
+    from diffusers.image_processor import VaeImageProcessor
+
+    image = VaeImageProcessor(vae_scale_factor=8)
+    mask = VaeImageProcessor(vae_scale_factor=8, do_normalize=False, do_binarize=True, do_convert_grayscale=True)
+    return image, mask
+
+
+def test_images_to_batch_equals_the_pipeline_preprocessing(processors):
+    ims = [_photo(seed=0), _photo(seed=1)]
+    got = asym_runtime.images_to_batch(ims)
+    want = processors[0].preprocess(ims, height=64, width=96).numpy()
+    assert got.shape == (2, 3, 64, 96) and got.dtype == np.float32
+    assert got.min() >= -1 and got.max() <= 1
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+    # resizing (Lanczos, like diffusers)
+    got = asym_runtime.images_to_batch(_photo(100, 70), size=(64, 96))
+    want = processors[0].preprocess(_photo(100, 70), height=64, width=96).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+
+
+def test_masks_are_binarised_white_is_repaint(processors):
+    got = asym_runtime.masks_to_batch(_mask())
+    assert got.shape == (1, 1, 64, 96) and set(np.unique(got)) == {0.0, 1.0}
+    assert got[0, 0, 20, 30] == 1 and got[0, 0, 50, 5] == 0  # white repaint, black keep
+    assert got[0, 0, 0].max() == 0 and got[0, 0, 1].min() == 1  # 127/255 < 0.5 <= 128/255
+    want = processors[1].preprocess(_mask(), height=64, width=96).numpy()
+    np.testing.assert_array_equal(got, want)
+    rgba = _mask().convert("RGBA")  # any mode goes through grayscale
+    np.testing.assert_array_equal(asym_runtime.masks_to_batch([rgba]), got)
+
+
+def test_batch_to_images_equals_the_pipeline_postprocessing(processors):
+    x = np.random.default_rng(2).uniform(-1.2, 1.2, (2, 3, 16, 24)).astype(np.float32)  # clipped too
+    got = asym_runtime.batch_to_images(x)
+    want = processors[0].postprocess(torch.from_numpy(x), output_type="pil")
+    assert len(got) == 2
+    for g, w in zip(got, want):
+        assert g.mode == "RGB" and g.size == (24, 16)
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    np.testing.assert_array_equal(np.asarray(asym_runtime.batch_to_images(torch.from_numpy(x))[0]), np.asarray(got[0]))
+
+
+def test_round_trip_through_the_runtime(tiny_rt):
+    image, mask = _photo(), _mask()
+    x, m = asym_runtime.images_to_batch(image), asym_runtime.masks_to_batch(mask)
+    z = tiny_rt.encode(x).mean
+    out = asym_runtime.batch_to_images(tiny_rt.decode(z, image=x, mask=m))
+    assert out[0].size == image.size
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: asym_runtime.images_to_batch(_photo(100, 64)), r"100x64 .* multiples of 8. Pass size=\(64, 96\)"),
+    (lambda: asym_runtime.images_to_batch([_photo(96, 64), _photo(64, 64)]), r"different sizes"),
+    (lambda: asym_runtime.images_to_batch([]), r"no images"),
+    (lambda: asym_runtime.images_to_batch([np.zeros((8, 8, 3))]), r"expected PIL images, got ndarray"),
+    (lambda: asym_runtime.masks_to_batch(_mask(), size=(60, 96)), r"size 60x96 is not allowed"),
+    (lambda: asym_runtime.batch_to_images(np.zeros((1, 4, 8, 8))), r"expected \[batch, 3, height, width\]"),
+])
+def test_helper_errors_say_what_to_do(call, message):
+    with pytest.raises(AsymInputError, match=message):
+        call()

@@ -1,0 +1,173 @@
+"""Loading refuses folders it cannot trust: missing or tampered files, other schemas, foreign engines."""
+
+import json
+import logging
+
+import pytest
+
+import asym_runtime
+from asym_runtime.api import read_verified
+from asym_runtime.backends.tensorrt import check_engine_compatibility, unavailable_reason
+from asym_runtime.errors import ArtifactError, BackendUnavailableError, IncompatibleEngineError
+from asym_runtime.manifest import read_manifest, sha256_file
+
+
+def _edit_manifest(folder, change):
+    path = folder / "manifest.json"
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def _flip_byte(path, offset=-100):
+    raw = bytearray(path.read_bytes())
+    raw[offset] ^= 0x01
+    path.write_bytes(bytes(raw))
+
+
+def test_a_folder_without_manifest_is_refused(tmp_path):
+    with pytest.raises(ArtifactError, match="has no manifest.json"):
+        asym_runtime.load(tmp_path)
+    with pytest.raises(ArtifactError, match="is not a folder"):
+        asym_runtime.load(tmp_path / "nope")
+
+
+def test_another_schema_version_is_refused(tiny_artifact, copy_artifact):
+    folder = copy_artifact(tiny_artifact)
+    _edit_manifest(folder, lambda d: d.update(schema_version=2))
+    with pytest.raises(ArtifactError, match="schema_version 2; this asym_runtime reads only version 1"):
+        asym_runtime.load(folder)
+
+
+def test_a_wrong_sha256_for_decoder_onnx_in_the_manifest_is_refused(tiny_artifact, copy_artifact):
+    folder = copy_artifact(tiny_artifact)
+    _edit_manifest(folder, lambda d: d["files"]["decoder.onnx"].update(sha256="0" * 64))
+    with pytest.raises(ArtifactError, match=r"sha256 of decoder.onnx is .*the manifest records 0000"):
+        asym_runtime.load(folder, backend="onnxruntime-cpu")
+    # verify_onnx=False is the documented way to skip the hash (the file itself is intact)
+    with asym_runtime.load(folder, backend="onnxruntime-cpu", verify_onnx=False) as rt:
+        assert rt.backend == "onnxruntime-cpu"
+
+
+@pytest.mark.parametrize("name", ["decoder.onnx", "decoder.onnx.data", "encoder.onnx.data"])
+def test_a_tampered_file_is_refused(tiny_artifact, copy_artifact, name):
+    folder = copy_artifact(tiny_artifact)
+    _flip_byte(folder / name)
+    with pytest.raises(ArtifactError, match=rf"sha256 of {name} .*changed after export"):
+        asym_runtime.load(folder)
+
+
+def test_a_missing_file_is_refused(tiny_artifact, copy_artifact):
+    folder = copy_artifact(tiny_artifact)
+    (folder / "encoder.onnx").unlink()
+    with pytest.raises(ArtifactError, match="encoder.onnx is listed in manifest.json but missing"):
+        asym_runtime.load(folder)
+
+
+def test_a_truncated_file_is_refused(tiny_artifact, copy_artifact):
+    folder = copy_artifact(tiny_artifact)
+    (folder / "decoder.onnx.data").write_bytes(b"short")
+    with pytest.raises(ArtifactError, match=r"decoder.onnx.data is 5 bytes, the manifest records \d+"):
+        asym_runtime.load(folder)
+
+
+# --------------------------------------------------------------------------- engines
+
+ENGINES_META = {
+    "tensorrt_version": "10.13.0.35",
+    "device": {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"},
+    "version_compatible": False,
+    "hardware_compatibility_level": "none",
+    "variant": "tiny",
+}
+
+
+@pytest.fixture
+def with_engines(tiny_artifact, copy_artifact):
+    """The tiny folder plus engine entries (bytes that are not a plan: nothing here can
+    deserialize one; what matters is how the runtime chooses and checks)."""
+    folder = copy_artifact(tiny_artifact)
+    (folder / "engines").mkdir()
+    for g in ("encoder", "decoder"):
+        (folder / "engines" / f"{g}.plan").write_bytes(b"not a TensorRT plan " + g.encode())
+
+    def add(d):
+        for g in ("encoder", "decoder"):
+            name = f"engines/{g}.plan"
+            d["files"][name] = {"role": g, "format": "tensorrt_plan", "precision": "fp16",
+                                "sha256": sha256_file(folder / name), "size": (folder / name).stat().st_size}
+        d["engines"] = dict(ENGINES_META, profile=d["shape_limits"])
+
+    _edit_manifest(folder, add)
+    return folder
+
+
+@pytest.mark.skipif(unavailable_reason() is None, reason="TensorRT can run here")
+def test_auto_falls_back_to_onnxruntime_when_engines_cannot_run_here(with_engines, caplog):
+    with caplog.at_level(logging.INFO, logger="asym_runtime"):
+        with asym_runtime.load(with_engines) as rt:
+            assert rt.backend.startswith("onnxruntime")
+    assert "has TensorRT engines, but" in caplog.text
+    with pytest.raises(BackendUnavailableError):
+        asym_runtime.load(with_engines, backend="tensorrt")
+
+
+def test_engine_bytes_are_checked_against_the_manifest(with_engines):
+    m = read_manifest(with_engines)
+    assert read_verified(m, "engines/decoder.plan") == b"not a TensorRT plan decoder"
+    _flip_byte(with_engines / "engines" / "decoder.plan", 0)
+    with pytest.raises(ArtifactError, match="sha256 of engines/decoder.plan"):
+        read_verified(m, "engines/decoder.plan")
+
+
+def _check(meta=None, **machine):
+    kw = dict(variant="tiny", tensorrt_version="10.13.0.35", compute_capability="9.0",
+              device_name="NVIDIA H100 80GB HBM3")
+    kw.update(machine)
+    check_engine_compatibility(dict(ENGINES_META, **(meta or {})), **kw)
+
+
+def test_engines_built_here_are_accepted():
+    _check()
+    _check(device_name="NVIDIA H100 PCIe")  # another model of the same compute capability
+
+
+@pytest.mark.parametrize("meta, machine, message", [
+    ({}, dict(tensorrt_version="10.14.1.48"), r"built with TensorRT 10.13.0.35 and this machine has 10.14.1.48"),
+    ({}, dict(tensorrt_version="10.12.0.36"), r"built with TensorRT 10.13.0.35"),
+    ({"version_compatible": True}, dict(tensorrt_version="10.12.0.36"), r"does not extend to 10.12.0.36"),
+    ({"version_compatible": True, "tensorrt_version": "9.3.0.1"}, dict(tensorrt_version="11.0.0.1"),
+     r"does not extend to 11.0.0.1"),
+    ({}, dict(compute_capability="8.9"), r"compute capability 9.0 \(NVIDIA H100 80GB HBM3\), this GPU .*has 8.9"),
+    ({"hardware_compatibility_level": "same_compute_capability"}, dict(compute_capability="8.0"),
+     r"compute capability 9.0"),
+    ({"hardware_compatibility_level": "ampere_plus"}, dict(compute_capability="7.5"),
+     r"Ampere and later .*this GPU has compute capability 7.5"),
+    ({"hardware_compatibility_level": "turing_plus"}, {}, r"unknown hardware_compatibility_level"),
+    ({}, dict(variant="x2"), r"built for variant tiny, the folder holds x2"),
+    ({"tensorrt_version": None}, {}, r"does not record the TensorRT version"),
+    ({"device": {}}, {}, r"does not record the compute capability"),
+], ids=["newer-trt", "older-trt", "vc-older", "vc-9-to-11", "other-cc", "same-cc-level", "ampere-plus-on-turing",
+        "unknown-level", "variant", "no-version", "no-cc"])
+def test_foreign_engines_are_refused(meta, machine, message):
+    with pytest.raises(IncompatibleEngineError, match=message) as e:
+        _check(meta, **machine)
+    assert isinstance(e.value, ValueError)
+
+
+@pytest.mark.parametrize("meta, machine", [
+    ({"version_compatible": True}, dict(tensorrt_version="10.14.1.48")),
+    ({"version_compatible": True}, dict(tensorrt_version="11.2.0.5")),
+    ({"hardware_compatibility_level": "ampere_plus"}, dict(compute_capability="8.6")),
+    ({"hardware_compatibility_level": "ampere_plus"}, dict(compute_capability="12.0")),
+    ({}, dict(tensorrt_version="10.13.0")),
+], ids=["vc-later-minor", "vc-10-to-11", "ampere-plus-on-8.6", "ampere-plus-on-12.0", "no-build-number"])
+def test_compatible_engines_are_accepted(meta, machine):
+    _check(meta, **machine)
+
+
+def test_every_problem_is_listed_at_once():
+    with pytest.raises(IncompatibleEngineError) as e:
+        _check({}, variant="x2", tensorrt_version="11.0.0.1", compute_capability="8.0")
+    msg = str(e.value)
+    assert "variant" in msg and "TensorRT 10.13.0.35" in msg and "compute capability 9.0" in msg
