@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     v = p.add_argument_group("verification")
     v.add_argument("--verify-shapes", metavar="BxHxW[,BxHxW...]",
                    help="extra shapes (batch x height x width pixels, multiples of 8) to verify the "
-                        "graphs at, besides the export shape 2x64x64 (default: 1x64x96,3x48x80)")
+                        "graphs at, besides the export shape 2x64x64 (default: 1x64x96,3x64x72)")
     v.add_argument("--atol", type=float, default=None, metavar="X",
                    help="max abs error allowed for the FP32 graphs (default 1e-3)")
     f = p.add_argument_group("FP16 graphs (encoder.fp16.onnx, decoder.fp16.onnx; what TensorRT engines are built from)")

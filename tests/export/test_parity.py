@@ -16,8 +16,13 @@ def test_parity_passes_on_a_fresh_export(tiny_artifact, capsys):
             assert any(graph in line and output in line and shape in line and line.rstrip().endswith("ok")
                        for line in out.splitlines()), (graph, output, shape)
     assert "onnxruntime-cpu/fp32" in out and "asym-parity: passed" in out
-    # 3x48x80, a verification shape below the default min size 64, is reported, not run
-    assert "skipped shape 3x48x80: outside the folder's shape limits" in out
+    assert "skipped" not in out  # the default verification shapes lie inside the default limits
+
+
+def test_parity_reports_shapes_outside_the_limits(tiny_artifact, capsys):
+    assert main([str(tiny_artifact), "--shapes", "1x64x64,1x32x64"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "skipped shape 1x32x64: outside the folder's shape limits" in out
 
 
 def test_parity_fails_with_exit_1_when_a_backend_is_off(tiny_artifact, capsys):
