@@ -18,11 +18,10 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 
 from asym_runtime.errors import BackendUnavailableError
 from asym_runtime.manifest import FORMAT_PLAN, FORMAT_TIMING_CACHE, ROLE_TIMING_CACHE
-from asym_runtime.specs import GRAPHS, GraphSpec, Shape, ShapeLimits
+from asym_runtime.specs import GRAPHS, Shape, ShapeLimits
 
 from .engines import EngineOptions, EngineRunner, device_info, engine_from_onnx, tensorrt_unavailable_reason
 from .feeds import make_feed

@@ -29,23 +29,17 @@ from .checks import check_inputs
 from .errors import (ArtifactError, AsymInputError, BackendUnavailableError,
                      IncompatibleEngineError)
 from .manifest import FORMAT_ONNX, FORMAT_PLAN, MANIFEST_NAME, Manifest, read_manifest
-from .specs import DECODER, ENCODER, GRAPHS, LATENT, SAMPLE, GraphSpec, ShapeLimits
+from .specs import DECODER, DECODER_UNCOND, ENCODER, ShapeLimits
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "onnxruntime-cuda", "onnxruntime-cpu")
 PRECISIONS = ("fp32", "fp16")
 
-#: The plain decoder graph, written by exports that have it (a later issue). Without it the
-#: runtime runs the conditional graph with mask = 1 and image = 0: there the blends are
+#: Folders exported before ``decoder_uncond`` existed have no plain decoder graph; there the
+#: runtime runs the conditional graph with mask = 1 and image = 0, where the blends are
 #: ``sample * 1 + feature * 0``, exactly the plain decoder (tests/runtime/test_api.py proves it
 #: against diffusers).
-DECODER_UNCOND = GRAPHS.get("decoder_uncond") or GraphSpec(
-    name="decoder_uncond",
-    doc="vae.decode(latent).sample: the plain decoder, no image/mask conditioning",
-    inputs=(LATENT,),
-    outputs=(SAMPLE,),
-)
 _SPECS = {"encoder": ENCODER, "decoder": DECODER, "decoder_uncond": DECODER_UNCOND}
 _REQUIRED = ("encoder", "decoder")
 

@@ -1,0 +1,522 @@
+"""``asym-bench``: every backend side by side against the PyTorch reference, in one process.
+
+For each variant, graph (encode, conditional decode, plain decode), batch and resolution it
+measures, per backend:
+
+* **load** time (manifest + sha256 + session/engine creation for the runtime; building or
+  loading the model for diffusers) and the **first call** at each shape, apart from
+* the **steady state**: median and p90 over repeated calls after warm-up, throughput in
+  images/s, and the **ratio** to the reference backend. Calls are **interleaved** (one call
+  per backend per round, the order rotating every round), so drift of the machine (clock,
+  other load) hits every backend alike and cancels in the ratio;
+* achieved **TFLOP/s** from a FLOP count of the graph at that shape (torch's flop counter
+  on diffusers' own modules: 2 per multiply-add; convolutions and matmuls, not the
+  elementwise ops), and its share of the device's **peak**, measured on the spot with a
+  large matmul on the same device (and, for known GPUs, the datasheet's dense FP16 peak);
+* **memory**: host RSS growth while loading and the process's peak RSS; on a GPU the device
+  memory in use after loading.
+
+Output: a table on the terminal, JSON (``--json``) and a PNG plot of latency against
+resolution per backend (``--plot``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from asym_runtime.specs import DECODER, DECODER_UNCOND, ENCODER, Shape
+
+log = logging.getLogger(__name__)
+
+#: benchmark graph name -> (contract graph, what it calls)
+GRAPHS = {"encode": ENCODER, "decode": DECODER, "decode_uncond": DECODER_UNCOND}
+#: Dense FP16 tensor-core peaks from NVIDIA datasheets (TFLOP/s, without sparsity), matched
+#: against torch.cuda.get_device_name().
+DATASHEET_FP16_TFLOPS = {
+    "H200": 989.4, "H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100 NVL": 835.5, "H100 PCIe": 756.5,
+    "A100": 312.0, "L40S": 362.1, "L4": 121.0, "A10": 125.0, "RTX 4090": 165.2, "T4": 65.0,
+}
+
+
+# --------------------------------------------------------------------------- machine
+
+def rss_gib() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**30
+
+
+def peak_rss_gib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30  # KiB on Linux
+
+
+def measured_peak_tflops(device: str, seconds: float = 1.0) -> dict:
+    """Achieved TFLOP/s of a large matmul on ``device``: FP32 on the CPU, FP16 on a GPU."""
+    import torch
+
+    if device == "cpu":
+        n, dtype = 2048, torch.float32
+    else:
+        n, dtype = 8192, torch.float16
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
+    torch.matmul(a, b)
+    sync()
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        torch.matmul(a, b)
+        reps += 1
+    sync()
+    dt = time.perf_counter() - t0
+    return {"tflops": 2 * n**3 * reps / dt / 1e12, "matmul": f"{n}x{n} {str(dtype).split('.')[-1]}",
+            "threads": torch.get_num_threads() if device == "cpu" else None}
+
+
+def datasheet_tflops(device_name: str) -> float | None:
+    for key, value in DATASHEET_FP16_TFLOPS.items():
+        if key in device_name:
+            return value
+    return None
+
+
+def device_name(device: str) -> str:
+    if device == "cpu":
+        try:
+            with open("/proc/cpuinfo") as f:
+                model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+        except OSError:
+            model = ""
+        return f"{model or platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    import torch
+
+    return torch.cuda.get_device_name()
+
+
+@contextlib.contextmanager
+def _no_grad():
+    import torch
+
+    with torch.inference_mode():
+        yield
+
+
+def graph_tflop(variant: str, graph: str, shape: Shape) -> float:
+    """TFLOP of one call (2 per multiply-add) from torch's flop counter on diffusers' modules,
+    on the meta device: shapes only, no memory, no time."""
+    import torch
+    from diffusers import AsymmetricAutoencoderKL
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .variants import get_variant
+    from .wrappers import wrapper_for
+
+    spec = GRAPHS[graph]
+    with torch.device("meta"):
+        model = AsymmetricAutoencoderKL(**get_variant(variant).config).eval()
+        args = [torch.empty(t.shape(shape.batch, shape.height, shape.width)) for t in spec.inputs]
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        wrapper_for(model, spec.name)(*args)
+    return counter.get_total_flops() / 1e12
+
+
+# --------------------------------------------------------------------------- backends
+
+@dataclass
+class Backend:
+    """One thing to time: a label, how it loads, and one callable per graph."""
+
+    name: str
+    device: str
+    load_s: float = 0.0
+    load_rss_gib: float = 0.0
+    device_mem_gib: float | None = None
+    calls: dict = field(default_factory=dict, repr=False)  # graph -> fn(feed) -> output
+    close: object = field(default=None, repr=False)
+
+
+def _device_used_gib() -> float | None:
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        free, total = torch.cuda.mem_get_info()
+        return (total - free) / 2**30
+    except Exception:  # noqa: BLE001 - a report field, never a reason to fail
+        return None
+
+
+def _timed_load(name: str, device: str, fn) -> Backend:
+    gc.collect()
+    rss0, dev0 = rss_gib(), _device_used_gib()
+    t0 = time.perf_counter()
+    calls, close = fn()
+    b = Backend(name, device, time.perf_counter() - t0, rss_gib() - rss0, calls=calls, close=close)
+    dev1 = _device_used_gib()
+    if dev0 is not None and dev1 is not None:
+        b.device_mem_gib = dev1 - dev0
+    return b
+
+
+def diffusers_backend(manifest, device: str, dtype: str) -> Backend:
+    """diffusers eager, built from the manifest's weights source, on ``device`` in ``dtype``."""
+    import torch
+
+    from .parity import reference_from_manifest
+
+    def load():
+        vae = reference_from_manifest(manifest).to(device=device, dtype=getattr(torch, {"fp32": "float32", "fp16": "float16"}[dtype]))
+        tdtype = next(vae.parameters()).dtype
+        sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
+
+        def prep(feed):
+            return {k: torch.from_numpy(v).to(device=device, dtype=tdtype) for k, v in feed.items()}
+
+        def run(fn):
+            def call(feed):
+                with _no_grad():
+                    out = fn(**prep(feed))
+                sync()
+                return out
+            return call
+
+        calls = {
+            "encode": run(lambda image: vae.encode(image).latent_dist.mean),
+            "decode": run(lambda latent, image, mask: vae.decode(latent, image=image, mask=mask).sample),
+            "decode_uncond": run(lambda latent: vae.decode(latent).sample),
+        }
+        return calls, None
+
+    return _timed_load(f"diffusers-{dtype}", device, load)
+
+
+def runtime_backend(folder: Path, backend: str, precision: str | None) -> Backend:
+    """asym_runtime.load(folder, backend, precision): numpy in, numpy out (what a service sees)."""
+    import asym_runtime
+
+    label = {"onnxruntime-cpu": "ort-cpu", "onnxruntime-cuda": "ort-cuda", "tensorrt": "tensorrt"}[backend]
+
+    def load():
+        vae = asym_runtime.load(folder, backend=backend, precision=precision)
+        calls = {
+            "encode": lambda feed: vae.encode(feed["image"]).mean,
+            "decode": lambda feed: vae.decode(feed["latent"], image=feed["image"], mask=feed["mask"]),
+            "decode_uncond": lambda feed: vae.decode(feed["latent"]),
+        }
+        return calls, vae.close
+
+    b = _timed_load(f"{label}-{precision or 'engine'}", "cpu" if backend == "onnxruntime-cpu" else "cuda", load)
+    return b
+
+
+# --------------------------------------------------------------------------- measuring
+
+@dataclass
+class Row:
+    """One backend x graph x shape."""
+
+    variant: str
+    backend: str
+    graph: str
+    shape: str
+    batch: int
+    height: int
+    width: int
+    first_call_s: float
+    median_s: float
+    p90_s: float
+    times_s: list
+    images_per_s: float
+    tflop: float
+    tflops: float
+    peak_share: float
+    ratio_vs_reference: float | None = None  # reference median / this median: > 1 is faster
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _p90(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(0.9 * (len(xs) - 1))))]
+
+
+def measure(backends: list[Backend], graph: str, shape: Shape, feed: dict, *, warmup: int,
+            repeats: int) -> dict[str, tuple[float, list[float]]]:
+    """First call, then ``warmup`` untimed calls, then ``repeats`` interleaved timed rounds."""
+    first = {}
+    for b in backends:
+        t0 = time.perf_counter()
+        b.calls[graph](feed)
+        first[b.name] = time.perf_counter() - t0
+        for _ in range(warmup):
+            b.calls[graph](feed)
+    times: dict[str, list[float]] = {b.name: [] for b in backends}
+    for r in range(repeats):
+        order = backends[r % len(backends):] + backends[:r % len(backends)]  # rotate: no position bias
+        for b in order:
+            t0 = time.perf_counter()
+            b.calls[graph](feed)
+            times[b.name].append(time.perf_counter() - t0)
+    return {name: (first[name], ts) for name, ts in times.items()}
+
+
+def run_benchmark(variant: str, folder: Path, *, backends: list[str], graphs: list[str],
+                  sizes: list[tuple[int, int]], batches: list[int], warmup: int, repeats: int,
+                  reference: str, seed: int = 0, progress=print) -> dict:
+    """Load every backend, measure every graph x shape, return the JSON-ready result."""
+    import torch
+
+    import asym_runtime
+
+    from .feeds import make_feed
+
+    manifest = asym_runtime.read_manifest(folder)
+    if manifest.variant != variant:
+        raise ValueError(f"{folder} holds variant {manifest.variant}, not {variant}")
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    peak = measured_peak_tflops(device)
+    name = device_name(device)
+    machine = {"device": name, "measured_peak_tflops": round(peak["tflops"], 3), "peak_matmul": peak["matmul"],
+               "datasheet_fp16_tflops": datasheet_tflops(name) if cuda else None,
+               "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+               "platform": platform.platform()}
+    progress(f"device: {name}; measured matmul peak {peak['tflops']:.3f} TFLOP/s ({peak['matmul']})")
+
+    loaded: list[Backend] = []
+    for spec in [reference] + [b for b in backends if b != reference]:
+        progress(f"loading {spec} ...")
+        kind, _, precision = spec.rpartition("-")
+        if kind == "diffusers":
+            loaded.append(diffusers_backend(manifest, device, precision))
+        else:
+            backend = {"ort-cpu": "onnxruntime-cpu", "ort-cuda": "onnxruntime-cuda", "tensorrt": "tensorrt"}[kind]
+            loaded.append(runtime_backend(folder, backend, None if precision == "engine" else precision))
+        b = loaded[-1]
+        progress(f"  {b.name}: load {b.load_s:.2f} s, +{b.load_rss_gib:.2f} GiB RSS")
+
+    rows: list[Row] = []
+    skipped = []
+    for graph in graphs:
+        for batch in batches:
+            for h, w in sizes:
+                shape = Shape(batch, h, w)
+                if not manifest.limits.contains(shape):
+                    skipped.append({"graph": graph, "shape": str(shape), "reason": "outside the shape limits"})
+                    continue
+                feed = make_feed(GRAPHS[graph], shape, seed, manifest.scaling_factor)
+                tflop = graph_tflop(variant, graph, shape)
+                progress(f"{graph} {shape}: {tflop:.3f} TFLOP per call ...")
+                res = measure(loaded, graph, shape, feed, warmup=warmup, repeats=repeats)
+                ref_median = statistics.median(res[loaded[0].name][1])
+                for b in loaded:
+                    first, ts = res[b.name]
+                    med = statistics.median(ts)
+                    rows.append(Row(variant, b.name, graph, str(shape), batch, h, w, first, med, _p90(ts), ts,
+                                    batch / med, tflop, tflop / med, tflop / med / peak["tflops"],
+                                    ref_median / med))
+    for b in loaded:
+        if b.close:
+            b.close()
+    return {
+        "variant": variant, "artifact": str(folder), "reference": loaded[0].name,
+        "settings": {"warmup": warmup, "repeats": repeats, "seed": seed, "interleaved": True},
+        "machine": machine,
+        "backends": [{"name": b.name, "device": b.device, "load_s": round(b.load_s, 3),
+                      "load_rss_gib": round(b.load_rss_gib, 3), "device_mem_gib": b.device_mem_gib}
+                     for b in loaded],
+        "peak_rss_gib": round(peak_rss_gib(), 3),
+        "rows": [r.to_dict() for r in rows],
+        "skipped": skipped,
+    }
+
+
+# --------------------------------------------------------------------------- output
+
+def table(result: dict) -> str:
+    head = ("graph", "shape", "backend", "first s", "median s", "p90 s", "img/s", "TFLOP/s", "% peak", "x ref")
+    rows = [head]
+    for r in result["rows"]:
+        rows.append((r["graph"], r["shape"], r["backend"], f"{r['first_call_s']:.3f}", f"{r['median_s']:.3f}",
+                     f"{r['p90_s']:.3f}", f"{r['images_per_s']:.2f}", f"{r['tflops']:.3f}",
+                     f"{100 * r['peak_share']:.1f}", f"{r['ratio_vs_reference']:.2f}"))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
+    lines = ["  ".join(str(v).rjust(w) if i > 2 else str(v).ljust(w) for i, (v, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    loads = "; ".join(f"{b['name']} load {b['load_s']:.2f} s (+{b['load_rss_gib']:.2f} GiB)" for b in result["backends"])
+    m = result["machine"]
+    return "\n".join(lines + ["", loads, f"peak RSS {result['peak_rss_gib']:.2f} GiB; {m['device']}; "
+                              f"measured peak {m['measured_peak_tflops']:.3f} TFLOP/s ({m['peak_matmul']}); "
+                              f"x ref = {result['reference']} median / backend median"])
+
+
+def plot(result: dict, path: Path) -> Path:
+    """Latency (median, p90 as error bar) against resolution, one line per backend, one panel
+    per graph and batch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    graphs = [g for g in GRAPHS if any(r["graph"] == g for r in rows)]
+    batches = sorted({r["batch"] for r in rows})
+    fig, axes = plt.subplots(len(graphs), len(batches), figsize=(5.5 * len(batches), 3.6 * len(graphs)),
+                             squeeze=False)
+    for (i, graph), (j, batch) in ((gi, bj) for gi in enumerate(graphs) for bj in enumerate(batches)):
+        ax = axes[i][j]
+        for backend in dict.fromkeys(r["backend"] for r in rows):
+            pts = sorted((r["height"] * r["width"], r["median_s"], r["p90_s"])
+                         for r in rows if r["graph"] == graph and r["batch"] == batch and r["backend"] == backend)
+            if not pts:
+                continue
+            x = [np.sqrt(p[0]) for p in pts]
+            med = [p[1] for p in pts]
+            err = [p[2] - p[1] for p in pts]
+            ax.errorbar(x, med, yerr=[np.zeros(len(err)), err], marker="o", capsize=3, label=backend)
+        ax.set_title(f"{result['variant']} {graph}, batch {batch}", fontsize=10)
+        ax.set_xlabel("resolution: sqrt(H x W) pixels")
+        ax.set_ylabel("median latency (s); bar to p90")
+        ax.set_yscale("log")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"asym-bench on {result['machine']['device']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------- CLI
+
+def available_backends() -> list[str]:
+    """Runtime backends that can run on this machine."""
+    out = ["ort-cpu-fp32", "ort-cpu-fp16"]
+    try:
+        from asym_runtime.backends.onnxrt import cuda_provider_available
+
+        if cuda_provider_available():
+            out += ["ort-cuda-fp32", "ort-cuda-fp16"]
+    except ImportError:  # pragma: no cover
+        pass
+    from .engines import tensorrt_unavailable_reason
+
+    if tensorrt_unavailable_reason() is None:
+        out.append("tensorrt-engine")
+    return out
+
+
+def _parse_list(text: str, what: str, allowed=None) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise ValueError(f"{what}: empty list")
+    if allowed is not None:
+        bad = [t for t in items if t not in allowed]
+        if bad:
+            raise ValueError(f"{what}: unknown {', '.join(bad)}; choose from {', '.join(allowed)}")
+    return items
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="asym-bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variant", default="x2", help="x1.5, x2 or tiny (default x2)")
+    p.add_argument("--artifact", type=Path, metavar="DIR",
+                   help="an artifact folder of that variant (default: export one with --random-weights "
+                        "--seed 0 into a temporary folder first)")
+    p.add_argument("--backends", metavar="LIST",
+                   help="runtime backends to time against the reference, of ort-cpu-fp32, ort-cpu-fp16, "
+                        "ort-cuda-fp32, ort-cuda-fp16, tensorrt-engine (default: every one this machine runs)")
+    p.add_argument("--reference", default=None,
+                   help="the backend ratios are taken against: diffusers-fp32 (default on a CPU) or "
+                        "diffusers-fp16 (default on a GPU)")
+    p.add_argument("--graphs", default="encode,decode,decode_uncond", help="of encode, decode, decode_uncond")
+    p.add_argument("--sizes", default="256", help="resolutions, N or HxW pixels, comma separated (default 256)")
+    p.add_argument("--batches", default="1", help="batch sizes, comma separated (default 1)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls per backend after the first (default 1)")
+    p.add_argument("--repeats", type=int, default=5, help="timed interleaved rounds (default 5)")
+    p.add_argument("--json", type=Path, metavar="FILE", help="write the full result (every timing) as JSON")
+    p.add_argument("--plot", type=Path, metavar="FILE", help="write a PNG of latency against resolution")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s %(levelname)s: %(message)s")
+    from asym_runtime.specs import parse_size
+
+    from .variants import VARIANTS
+
+    try:
+        if args.variant not in VARIANTS:
+            raise ValueError(f"unknown variant {args.variant!r}; choose one of {', '.join(VARIANTS)}")
+        graphs = _parse_list(args.graphs, "--graphs", list(GRAPHS))
+        sizes = [parse_size(s) for s in _parse_list(args.sizes, "--sizes")]
+        batches = [int(b) for b in _parse_list(args.batches, "--batches")]
+        if any(b < 1 for b in batches) or args.repeats < 1 or args.warmup < 0:
+            raise ValueError("--batches and --repeats must be >= 1, --warmup >= 0")
+        import torch
+
+        reference = args.reference or ("diffusers-fp16" if torch.cuda.is_available() else "diffusers-fp32")
+        if reference not in ("diffusers-fp32", "diffusers-fp16"):
+            raise ValueError(f"--reference {reference}: use diffusers-fp32 or diffusers-fp16")
+        if reference == "diffusers-fp16" and not torch.cuda.is_available():
+            raise ValueError("--reference diffusers-fp16 needs a GPU (PyTorch FP16 on a CPU is no reference)")
+        allowed = ["ort-cpu-fp32", "ort-cpu-fp16", "ort-cuda-fp32", "ort-cuda-fp16", "tensorrt-engine",
+                   "diffusers-fp32", "diffusers-fp16"]
+        backends = _parse_list(args.backends, "--backends", allowed) if args.backends else available_backends()
+    except ValueError as e:
+        print(f"asym-bench: error: {e}", file=sys.stderr)
+        return 2
+
+    with contextlib.ExitStack() as stack:
+        folder = args.artifact
+        if folder is None:
+            from .export import ExportOptions, export_artifact
+            from .progress import ConsoleProgress
+
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="asym-bench-")))
+            folder = tmp / args.variant
+            print(f"no --artifact: exporting {args.variant} with seeded random weights into {folder}")
+            export_artifact(ExportOptions(variant=args.variant, out=folder, random_weights=True, seed=0),
+                            ConsoleProgress())
+        try:
+            result = run_benchmark(args.variant, folder, backends=backends, graphs=graphs, sizes=sizes,
+                                   batches=batches, warmup=args.warmup, repeats=args.repeats,
+                                   reference=reference)
+        except (ValueError, RuntimeError) as e:  # bad folder, unavailable backend: one line
+            print(f"asym-bench: error: {e}", file=sys.stderr)
+            return 1
+    result["command"] = "asym-bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(table(result))
+    for s in result["skipped"]:
+        print(f"skipped {s['graph']} {s['shape']}: {s['reason']}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot(result, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

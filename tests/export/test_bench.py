@@ -1,0 +1,75 @@
+"""asym-bench runs end to end and its numbers are well-formed (no timed assertions: speed is
+what the benchmark reports, not what the tests check)."""
+
+import json
+import math
+
+import pytest
+
+from asym_export.bench import graph_tflop, main, measure, Backend
+from asym_runtime.specs import Shape
+
+
+def test_bench_end_to_end_on_tiny(tiny_artifact, tmp_path, capsys):
+    out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
+    code = main(["--variant", "tiny", "--artifact", str(tiny_artifact), "--sizes", "64,64x96",
+                 "--batches", "1,2", "--warmup", "0", "--repeats", "2", "--json", str(out_json),
+                 "--plot", str(out_png)])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "x ref" in text and "ort-cpu-fp32" in text and "diffusers-fp32" in text
+    r = json.loads(out_json.read_text())
+    assert r["reference"] == "diffusers-fp32" and r["settings"]["interleaved"] is True
+    assert r["machine"]["measured_peak_tflops"] > 0
+    names = [b["name"] for b in r["backends"]]
+    assert names == ["diffusers-fp32", "ort-cpu-fp32", "ort-cpu-fp16"]
+    assert all(b["load_s"] > 0 for b in r["backends"])
+    graphs, shapes = {"encode", "decode", "decode_uncond"}, {"1x64x64", "1x64x96", "2x64x64", "2x64x96"}
+    assert {(x["graph"], x["shape"], x["backend"]) for x in r["rows"]} == {
+        (g, s, b) for g in graphs for s in shapes for b in names}
+    for x in r["rows"]:
+        assert len(x["times_s"]) == 2 and all(t > 0 for t in x["times_s"])
+        assert x["median_s"] > 0 and x["p90_s"] >= min(x["times_s"]) and x["first_call_s"] > 0
+        assert math.isclose(x["images_per_s"], x["batch"] / x["median_s"])
+        assert x["tflop"] > 0 and math.isclose(x["tflops"], x["tflop"] / x["median_s"])
+        assert 0 < x["peak_share"]
+        ref = next(y for y in r["rows"] if (y["graph"], y["shape"], y["backend"]) ==
+                   (x["graph"], x["shape"], "diffusers-fp32"))
+        assert math.isclose(x["ratio_vs_reference"], ref["median_s"] / x["median_s"])
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_shapes_outside_the_limits_are_skipped_not_run(tiny_artifact, capsys):
+    assert main(["--variant", "tiny", "--artifact", str(tiny_artifact), "--sizes", "32", "--graphs", "decode",
+                 "--repeats", "1", "--backends", "ort-cpu-fp32"]) == 0
+    assert "skipped decode 1x32x32: outside the shape limits" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--variant", "x3"], "unknown variant"),
+    (["--graphs", "decode,foo"], "unknown foo"),
+    (["--sizes", "100"], "multiples of 8"),
+    (["--backends", "ort-tpu-fp32"], "unknown ort-tpu-fp32"),
+    (["--reference", "diffusers-fp16"], "needs a GPU"),
+])
+def test_bad_arguments_exit_2(argv, msg, capsys):
+    assert main(argv) == 2
+    assert msg in capsys.readouterr().err
+
+
+def test_flop_counts_match_the_published_figures():
+    # FACTS.md: x2 conditional decode at 512x512 is 18.4 TFLOP, the plain decode 16.0, encode 1.1
+    assert graph_tflop("x2", "decode", Shape(1, 512, 512)) == pytest.approx(18.4, abs=0.05)
+    assert graph_tflop("x2", "decode_uncond", Shape(1, 512, 512)) == pytest.approx(16.0, abs=0.05)
+    assert graph_tflop("x2", "encode", Shape(1, 512, 512)) == pytest.approx(1.1, abs=0.05)
+    assert graph_tflop("x1.5", "decode", Shape(1, 512, 512)) == pytest.approx(8.1, abs=0.05)
+    assert graph_tflop("x2", "decode", Shape(2, 512, 512)) == pytest.approx(2 * 18.424, rel=1e-3)
+
+
+def test_rounds_are_interleaved_and_rotated():
+    calls = []
+    bs = [Backend(n, "cpu", calls={"g": (lambda feed, n=n: calls.append(n))}) for n in "abc"]
+    res = measure(bs, "g", Shape(1, 8, 8), {}, warmup=1, repeats=3)
+    timed = calls[6:]  # first call + 1 warm-up per backend come first
+    assert timed == list("abc" "bca" "cab")
+    assert all(len(ts) == 3 for _, ts in res.values())
