@@ -34,20 +34,26 @@ def _umask() -> int:
     return mask
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON under a temporary name, fsync, then rename over ``path``."""
+def write_bytes_atomic(path: Path, data) -> None:
+    """Write ``data`` (bytes-like) under a temporary name in the same folder, fsync, then rename
+    over ``path``: a reader sees the old file or the whole new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; a manifest is meant to be read
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=False)
-            f.write("\n")
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; artifacts are meant to be read
+        with os.fdopen(fd, "wb") as f:
+            f.write(memoryview(data))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    write_bytes_atomic(path, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
 
 
 class ArtifactWriter:

@@ -18,7 +18,6 @@ import importlib.util
 import logging
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,8 @@ import numpy as np
 
 from asym_runtime.errors import AsymInputError, BackendUnavailableError, ShapeOutOfLimitsError
 from asym_runtime.specs import GraphSpec, ShapeLimits
+
+from .artifact import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -159,20 +160,6 @@ def _logger(trt):
     return _Logger()
 
 
-def _write_atomic(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(memoryview(data))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _network_flags(trt) -> int:
     # STRONGLY_TYPED exists in 10.x (opt-in) and in 11 (deprecated there: always on)
     flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
@@ -240,9 +227,9 @@ def engine_from_onnx(onnx_path: str | Path, plan_path: str | Path, graph: GraphS
     if serialized is None:
         raise EngineBuildError(f"TensorRT could not build the {graph.name} engine from {onnx_path.name}: "
                                + ("; ".join(logger.errors) or "no error message (see the log with -v)"))
-    _write_atomic(plan_path, serialized)
+    write_bytes_atomic(plan_path, serialized)
     if timing_cache is not None:
-        _write_atomic(Path(timing_cache), config.get_timing_cache().serialize())
+        write_bytes_atomic(Path(timing_cache), config.get_timing_cache().serialize())
     log.info("built %s from %s in %.1f s (%d bytes)", plan_path.name, onnx_path.name, build_s,
              plan_path.stat().st_size)
     return {

@@ -12,6 +12,18 @@ from asym_runtime.specs import DECODER, ENCODER, GRAPHS, Shape
 UNSEEN = [Shape(2, 96, 160), Shape(1, 40, 24), Shape(4, 64, 64)]
 
 
+def _assert_matches_diffusers(folder, vae, graph, shape, seed):
+    """Run ``graph`` of ``folder`` with onnxruntime by the contract's names; max abs <= 1e-3
+    against diffusers itself for every output."""
+    sess = ort.InferenceSession(str(folder / graph.file_name()), providers=["CPUExecutionProvider"])
+    feed = make_feed(graph, shape, seed=seed, scaling_factor=0.18215)
+    out = dict(zip(graph.output_names, sess.run(graph.output_names, feed)))
+    ref = reference_outputs(vae, graph, feed)
+    for name in graph.output_names:
+        assert out[name].shape == ref[name].shape
+        assert np.abs(out[name] - ref[name]).max() <= 1e-3, name
+
+
 def _dims(v):
     return [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
 
@@ -38,13 +50,7 @@ def test_io_names_and_dims_are_the_contract(tiny_artifact, graph):
 @pytest.mark.parametrize("graph", list(GRAPHS.values()), ids=lambda g: g.name)
 def test_onnxruntime_matches_diffusers_at_unseen_shapes(tiny_artifact, tiny_vae, graph, shape):
     assert shape != EXPORT_SHAPE
-    sess = ort.InferenceSession(str(tiny_artifact / graph.file_name()), providers=["CPUExecutionProvider"])
-    feed = make_feed(graph, shape, seed=99, scaling_factor=0.18215)
-    out = dict(zip(graph.output_names, sess.run(None, feed)))
-    ref = reference_outputs(tiny_vae, graph, feed)
-    for name in graph.output_names:
-        assert out[name].shape == ref[name].shape
-        assert np.abs(out[name] - ref[name]).max() <= 1e-3
+    _assert_matches_diffusers(tiny_artifact, tiny_vae, graph, shape, seed=99)
 
 
 def test_rename_dims_rejects_a_graph_that_breaks_the_contract(tiny_artifact):
@@ -73,12 +79,7 @@ def test_export_failure_is_an_export_error(tiny_vae, tmp_path, monkeypatch):
 @pytest.mark.parametrize("graph", list(GRAPHS.values()), ids=lambda g: g.name)
 def test_x2_graphs_match_diffusers_at_unseen_shape(x2_artifact, x2_vae, graph):
     """Done-when of issue 2: x2 graphs, run by contract names, at batch 2 96x160 (never exported)."""
-    sess = ort.InferenceSession(str(x2_artifact / graph.file_name()), providers=["CPUExecutionProvider"])
-    feed = make_feed(graph, Shape(2, 96, 160), seed=42, scaling_factor=0.18215)
-    out = dict(zip(graph.output_names, sess.run(graph.output_names, feed)))
-    ref = reference_outputs(x2_vae, graph, feed)
-    for name in graph.output_names:
-        assert np.abs(out[name] - ref[name]).max() <= 1e-3, name
+    _assert_matches_diffusers(x2_artifact, x2_vae, graph, Shape(2, 96, 160), seed=42)
 
 
 @pytest.mark.slow
@@ -88,9 +89,4 @@ def test_x15_graphs_match_diffusers_at_unseen_shape(x15_artifact):
 
     vae = random_model(get_variant("x1.5"), seed=0)  # the fixture's weights
     for graph in GRAPHS.values():
-        sess = ort.InferenceSession(str(x15_artifact / graph.file_name()), providers=["CPUExecutionProvider"])
-        feed = make_feed(graph, Shape(2, 96, 128), seed=5, scaling_factor=0.18215)
-        out = dict(zip(graph.output_names, sess.run(graph.output_names, feed)))
-        ref = reference_outputs(vae, graph, feed)
-        for name in graph.output_names:
-            assert np.abs(out[name] - ref[name]).max() <= 1e-3, name
+        _assert_matches_diffusers(x15_artifact, vae, graph, Shape(2, 96, 128), seed=5)
