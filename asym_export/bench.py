@@ -199,7 +199,9 @@ def diffusers_backend(manifest, device: str, dtype: str) -> Backend:
     from .parity import reference_from_manifest
 
     def load():
-        vae = reference_from_manifest(manifest).to(device=device, dtype=getattr(torch, {"fp32": "float32", "fp16": "float16"}[dtype]))
+        vae = reference_from_manifest(manifest).to(device)  # float32, as built or loaded
+        if dtype == "fp16":
+            vae = vae.half()
         tdtype = next(vae.parameters()).dtype
         sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
 
