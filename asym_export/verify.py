@@ -96,10 +96,11 @@ class Tolerance:
         if not s.finite:
             out.append("NaN/Inf in output")
             return out
-        if self.max_abs is not None and s.max_abs > self.max_abs:
+        # written as "not (within)" so that a NaN statistic fails instead of comparing False
+        if self.max_abs is not None and not s.max_abs <= self.max_abs:
             out.append(f"max abs {s.max_abs:.3g} > {self.max_abs:g}")
         floor = self.psnr_floor(s.name)
-        if floor is not None and s.psnr_db < floor:
+        if floor is not None and not s.psnr_db >= floor:
             out.append(f"PSNR {s.psnr_db:.1f} dB < {floor:g} dB")
         return out
 
@@ -146,7 +147,14 @@ class VerificationReport:
             if spec.name not in out:
                 failures.append(f"{spec.name}: missing from the graph's outputs")
                 continue
-            s = output_stats(spec.name, ref[spec.name], out[spec.name], spec.value_range)
+            r, o = ref[spec.name], out[spec.name]
+            if r.shape != o.shape:
+                failures.append(f"{spec.name}: output shape {o.shape} differs from the reference {r.shape}")
+                continue
+            if not np.isfinite(r).all():  # nothing to compare against: never a pass
+                failures.append(f"{spec.name}: NaN/Inf in the PyTorch reference")
+                continue
+            s = output_stats(spec.name, r, o, spec.value_range)
             stats.append(s)
             failures += [f"{spec.name}: {f}" for f in self.tolerance.failures(s)]
         case = CaseResult(graph.name, shape, stats, failures)
