@@ -33,6 +33,16 @@ def test_profile_is_derived_from_the_shape_limits():
     assert profile_shapes(same) == [Shape(1, 64, 64)]  # one shape verified once
 
 
+def test_engines_are_verified_on_inputs_the_fp16_islands_were_not_chosen_from():
+    from asym_export.engine_verify import ENGINE_VERIFY_SEED
+    from asym_export.export import CALIBRATION, CALIBRATION_SEED, VERIFY_SEED
+
+    n = 8  # seeds are base + index over at most a handful of shapes
+    calibration = set(range(CALIBRATION_SEED, CALIBRATION_SEED + len(CALIBRATION)))
+    assert calibration.isdisjoint(range(ENGINE_VERIFY_SEED, ENGINE_VERIFY_SEED + n))
+    assert calibration.isdisjoint(range(VERIFY_SEED, VERIFY_SEED + n))
+
+
 @pytest.mark.parametrize("kw, needle", [
     ({"opt_level": 6}, "0..5"), ({"opt_level": -1}, "0..5"), ({"workspace_gib": 0}, "positive"),
     ({"hardware_compat": "turing"}, "ampere_plus"),
