@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import logging
 import os
 import platform
@@ -40,6 +39,8 @@ from pathlib import Path
 import numpy as np
 
 from asym_runtime.specs import DECODER, DECODER_UNCOND, ENCODER, Shape
+
+from .artifact import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -510,34 +511,44 @@ def main(argv: list[str] | None = None) -> int:
         print(f"asym-bench: error: {e}", file=sys.stderr)
         return 2
 
-    with contextlib.ExitStack() as stack:
-        folder = args.artifact
-        if folder is None:
-            from .export import ExportOptions, export_artifact
-            from .progress import ConsoleProgress
+    from .verify import VerificationError
 
-            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="asym-bench-")))
-            folder = tmp / args.variant
-            print(f"no --artifact: exporting {args.variant} with seeded random weights into {folder}")
-            export_artifact(ExportOptions(variant=args.variant, out=folder, random_weights=True, seed=0),
-                            ConsoleProgress())
-        try:
+    try:
+        with contextlib.ExitStack() as stack:
+            folder = args.artifact
+            if folder is None:
+                from .export import ExportOptions, export_artifact
+                from .progress import ConsoleProgress
+
+                tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="asym-bench-")))
+                folder = tmp / args.variant
+                print(f"no --artifact: exporting {args.variant} with seeded random weights into {folder}")
+                export_artifact(ExportOptions(variant=args.variant, out=folder, random_weights=True, seed=0),
+                                ConsoleProgress())
             result = run_benchmark(args.variant, folder, backends=backends, graphs=graphs, sizes=sizes,
                                    batches=batches, warmup=args.warmup, repeats=args.repeats,
                                    reference=reference)
-        except (ValueError, RuntimeError) as e:  # bad folder, unavailable backend: one line
-            print(f"asym-bench: error: {e}", file=sys.stderr)
-            return 1
+    except VerificationError as e:  # the implicit export did not verify: show what failed
+        print(e.report.table(), file=sys.stderr)
+        print(f"asym-bench: error: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, RuntimeError, OSError) as e:  # bad folder, failed export, unavailable backend
+        print(f"asym-bench: error: {e}", file=sys.stderr)
+        return 1
     result["command"] = "asym-bench " + " ".join(argv if argv is not None else sys.argv[1:])
     print(table(result))
     for s in result["skipped"]:
         print(f"skipped {s['graph']} {s['shape']}: {s['reason']}")
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
-    if args.plot:
-        plot(result, args.plot)
-        print(f"wrote {args.plot}")
+    try:
+        if args.json:
+            write_json_atomic(args.json, result)
+            print(f"wrote {args.json}")
+        if args.plot:
+            plot(result, args.plot)
+            print(f"wrote {args.plot}")
+    except OSError as e:
+        print(f"asym-bench: error: cannot write the results: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -45,6 +45,25 @@ def test_shapes_outside_the_limits_are_skipped_not_run(tiny_artifact, capsys):
     assert "skipped decode 1x32x32: outside the shape limits" in capsys.readouterr().out
 
 
+def test_a_failing_implicit_export_is_an_error_not_a_traceback(monkeypatch, capsys):
+    import asym_export.wrappers as w
+
+    orig = w.EncoderWrapper.forward
+    monkeypatch.setattr(w.EncoderWrapper, "forward", lambda self, image: tuple(t + 1 for t in orig(self, image)))
+    assert main(["--variant", "tiny", "--sizes", "64", "--repeats", "1", "--backends", "ort-cpu-fp32"]) == 1
+    err = capsys.readouterr().err
+    assert "asym-bench: error: onnx_fp32 verification failed" in err and "latent_mean: max abs" in err
+
+
+def test_results_that_cannot_be_written_are_an_error(tiny_artifact, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    target = tmp_path / "a-file" / "b.json"  # its folder is a file
+    assert main(["--variant", "tiny", "--artifact", str(tiny_artifact), "--sizes", "64", "--graphs", "encode",
+                 "--repeats", "1", "--backends", "ort-cpu-fp32", "--json", str(target)]) == 1
+    assert "asym-bench: error: cannot write the results" in capsys.readouterr().err
+    assert (tmp_path / "a-file").read_text() == ""
+
+
 @pytest.mark.parametrize("argv, msg", [
     (["--variant", "x3"], "unknown variant"),
     (["--graphs", "decode,foo"], "unknown foo"),
