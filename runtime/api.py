@@ -283,7 +283,9 @@ def load(path: str | os.PathLike, backend: str = "auto", precision: str | None =
         verify_onnx: check the sha256 of every ONNX file against the manifest before
             loading it (default True). Engines are always checked.
         device_id: the CUDA device for GPU backends.
-        cuda_graph: TensorRT only: capture a CUDA graph per shape and replay it.
+        cuda_graph: TensorRT only, for services that decode at one fixed shape: the second
+            consecutive call at a shape captures a CUDA graph and later calls at that shape
+            replay it; a call at another shape drops it.
         graphs: which graphs to load, of ``encoder``, ``decoder``, ``decoder_uncond``
             (default: all the folder has). A decode-only service saves the encoder's memory
             with ``graphs=("decoder", "decoder_uncond")``; without ``decoder_uncond`` plain

@@ -13,8 +13,8 @@ and give the same results as serial calls; they queue on the lock.
 Per call (under the lock): ``set_input_shape`` and ``set_tensor_address`` for every I/O tensor,
 copy the inputs into preallocated device buffers (host->device for numpy, device->device for
 torch CUDA tensors, so a torch caller never round-trips through the host),
-``execute_async_v3`` (its return value checked) or a captured CUDA graph, copy the outputs
-out, synchronize the stream.
+``execute_async_v3`` (its return value checked) or a CUDA graph captured at the same shape,
+copy the outputs out, synchronize the stream.
 """
 
 from __future__ import annotations
@@ -72,6 +72,16 @@ def import_cudart():
     return cudart
 
 
+def _native(obj) -> int:
+    """The raw handle of a cuda-python object (stream, graph) as TensorRT's ``int`` wants it.
+    cuda-python 13 deprecates ``int(obj)`` in favour of ``get_cuda_native_handle``."""
+    try:
+        from cuda.bindings.utils import get_cuda_native_handle
+    except ImportError:  # older cuda-python
+        return int(obj)
+    return get_cuda_native_handle(obj)
+
+
 def _cuda(result):
     """Unpack a cuda-python call's ``(err, *values)`` and raise on an error."""
     err, *values = result if isinstance(result, tuple) else (result,)
@@ -102,7 +112,12 @@ def unavailable_reason(device_id: int = 0) -> str | None:
     except BackendUnavailableError as e:
         return str(e)
     err, count = cudart.cudaGetDeviceCount()
-    if int(err) != 0 or count == 0:
+    if int(err) != 0:  # e.g. a driver older than the CUDA major version of cuda-python
+        _, name = cudart.cudaGetErrorName(err)
+        name = name.decode() if isinstance(name, bytes) else name
+        return (f"the TensorRT backend could not count CUDA GPUs ({name}); the NVIDIA driver must "
+                "support the CUDA major version of the installed cuda-python and tensorrt")
+    if count == 0:
         return "the TensorRT backend needs a CUDA GPU, and none is visible on this machine"
     if device_id >= count:
         return f"CUDA device {device_id} was asked for, but only {count} GPU(s) are visible"
@@ -231,7 +246,6 @@ class _Slot:
     shapes: dict[str, tuple[int, ...]]
     dtypes: dict[str, np.dtype]
     ptrs: dict[str, int] = field(default_factory=dict)
-    warm: bool = False
     graph_exec: Any = None
 
     def nbytes(self, name: str) -> int:
@@ -241,9 +255,10 @@ class _Slot:
 class TensorRTBackend(Backend):
     """One TensorRT engine (plan bytes already sha256-checked by the caller) on one GPU.
 
-    ``cuda_graph=True`` captures a CUDA graph per shape on the second call of that shape
-    (the first runs normally, so TensorRT finishes its shape-dependent setup) and replays
-    it afterwards; if capture fails the backend logs it and runs without graphs.
+    ``cuda_graph=True`` (for a service that decodes at one fixed shape): the second
+    consecutive call at a shape captures a CUDA graph, later calls at that shape replay it,
+    and a call at another shape drops it (the context it captured has moved on); if capture
+    fails the backend logs it and runs without graphs.
     ``max_shapes`` bounds how many shapes keep their buffers (least recently used go).
     """
 
@@ -260,6 +275,7 @@ class TensorRTBackend(Backend):
         self.label = label
         self._lock = threading.Lock()
         self._slots: OrderedDict[Shape, _Slot] = OrderedDict()
+        self._last_shape: Shape | None = None  # the shape of the context's last enqueue
         self._trt = self._cudart = None
         self._runtime = self._engine = self._context = self._stream = None
         self._dtypes: dict[str, np.dtype] = {}
@@ -335,6 +351,7 @@ class TensorRTBackend(Backend):
             for slot in self._slots.values():
                 self._free(slot)
             self._slots.clear()
+            self._last_shape = None
             if self._stream is not None:
                 self._cudart.cudaStreamDestroy(self._stream)
             # destroy in dependency order: context, engine, runtime
@@ -408,22 +425,21 @@ class TensorRTBackend(Backend):
                 if not ctx.set_tensor_address(name, ptr):
                     raise BackendError(f"{self.label}: set_tensor_address({name}) was refused")
 
-            keep = []  # sources stay alive until the stream is synchronized
+            # sources stay alive until the stream is synchronized
             if on_gpu:
                 torch = arrays.torch_module()
-                torch.cuda.current_stream(ref.device).synchronize()  # inputs written on torch's stream
-            for name, x in feed.items():
-                dt = slot.dtypes[name]
-                if on_gpu:
-                    src = x.to(_torch_dtype(dt)).contiguous()
-                    keep.append(src)
+                # dtype / layout conversions are queued on torch's stream: convert first, then wait
+                # for that stream, so our stream never reads a half-written source
+                srcs = {n: x.to(_torch_dtype(slot.dtypes[n])).contiguous() for n, x in feed.items()}
+                torch.cuda.current_stream(ref.device).synchronize()
+                for name, src in srcs.items():
                     _cuda(cudart.cudaMemcpyAsync(slot.ptrs[name], src.data_ptr(), slot.nbytes(name), D2D, stream))
-                else:
-                    src = np.ascontiguousarray(arrays.to_numpy(x), dtype=dt)
-                    keep.append(src)
+            else:
+                srcs = {n: np.ascontiguousarray(arrays.to_numpy(x), dtype=slot.dtypes[n]) for n, x in feed.items()}
+                for name, src in srcs.items():
                     _cuda(cudart.cudaMemcpyAsync(slot.ptrs[name], src.ctypes.data, slot.nbytes(name), H2D, stream))
 
-            self._execute(slot)
+            self._execute(slot, shape)
 
             outs = {}
             for name in self.graph.output_names:
@@ -436,7 +452,7 @@ class TensorRTBackend(Backend):
                     _cuda(cudart.cudaMemcpyAsync(dst.ctypes.data, slot.ptrs[name], slot.nbytes(name), D2H, stream))
                 outs[name] = dst
             _cuda(cudart.cudaStreamSynchronize(stream))
-            del keep
+            del srcs
 
         result = {}
         for name, v in outs.items():
@@ -446,40 +462,60 @@ class TensorRTBackend(Backend):
                 result[name] = arrays.like(v.astype(np.float32, copy=False), ref)
         return result
 
-    def _execute(self, slot: _Slot) -> None:
+    def _execute(self, slot: _Slot, shape: Shape) -> None:
+        """Enqueue the engine on our stream, or replay this shape's CUDA graph.
+
+        A captured graph holds the execution context's state at its capture shape, and the
+        context is shared by every shape, so a graph is only replayed while calls keep the
+        shape it was captured at (TensorRT's rule: recapture after the input shapes change).
+        Another shape drops it; the second consecutive call at one shape captures it again,
+        right after an ordinary enqueue at that shape (as trtexec does), and later calls replay.
+        """
         cudart, ctx, stream = self._cudart, self._context, self._stream
-        handle = int(stream)
+        same = shape == self._last_shape
+        self._last_shape = shape
+        if self.cuda_graph and not same:
+            self._drop_graphs()
         if self.cuda_graph and slot.graph_exec is not None:
             _cuda(cudart.cudaGraphLaunch(slot.graph_exec, stream))
             return
-        if self.cuda_graph and slot.warm:
-            if self._capture(slot):
-                _cuda(cudart.cudaGraphLaunch(slot.graph_exec, stream))
-                return
-        if not ctx.execute_async_v3(handle):
+        if not ctx.execute_async_v3(_native(stream)):
             raise BackendError(f"{self.label}: execute_async_v3 returned False (see the TensorRT "
                                "messages logged above)")
-        slot.warm = True
+        if self.cuda_graph and same:
+            self._capture(slot)  # this call's results are already enqueued; the next one replays
+
+    def _drop_graphs(self) -> None:
+        for slot in self._slots.values():
+            if slot.graph_exec is not None:
+                self._cudart.cudaGraphExecDestroy(slot.graph_exec)
+                slot.graph_exec = None
 
     def _capture(self, slot: _Slot) -> bool:
-        """Capture one execution of the (warm) context into a CUDA graph for this slot's shape."""
+        """Capture one execution of the context, just enqueued at this slot's shape, into a
+        CUDA graph. On failure, CUDA graphs are switched off for this backend (logged)."""
         cudart, stream = self._cudart, self._stream
+        _cuda(cudart.cudaStreamSynchronize(stream))  # capture nothing but the engine's own work
         _cuda(cudart.cudaStreamBeginCapture(
             stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal))
-        ok = self._context.execute_async_v3(int(stream))
+        ok = self._context.execute_async_v3(_native(stream))
         err, graph = cudart.cudaStreamEndCapture(stream)
-        if not ok or int(err) != 0:
-            log.warning("%s: CUDA graph capture failed (execute_async_v3 %s, %s); running without "
-                        "CUDA graphs", self.label, ok, err)
-            self.cuda_graph = False
-            return False
         try:
-            slot.graph_exec = _cuda(cudart.cudaGraphInstantiate(graph, 0))
-        except BackendError as e:
-            log.warning("%s: CUDA graph instantiation failed (%s); running without CUDA graphs", self.label, e)
-            self.cuda_graph = False
-            return False
+            if not ok or int(err) != 0:
+                cudart.cudaGetLastError()  # clear the capture error so later calls do not see it
+                log.warning("%s: CUDA graph capture failed (execute_async_v3 %s, %s); running without "
+                            "CUDA graphs", self.label, ok, err)
+                self.cuda_graph = False
+                return False
+            try:
+                slot.graph_exec = _cuda(cudart.cudaGraphInstantiate(graph, 0))
+            except BackendError as e:
+                log.warning("%s: CUDA graph instantiation failed (%s); running without CUDA graphs",
+                            self.label, e)
+                self.cuda_graph = False
+                return False
         finally:
-            cudart.cudaGraphDestroy(graph)
+            if graph is not None and int(err) == 0:
+                cudart.cudaGraphDestroy(graph)
         log.debug("%s: CUDA graph captured for %s", self.label, slot.shapes)
         return True

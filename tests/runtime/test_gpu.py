@@ -34,32 +34,6 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def _build_plan(trt, onnx_path, graph, limits: ShapeLimits) -> bytes:
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    flags = 0
-    if hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise AssertionError(f"TensorRT cannot parse {onnx_path}: {errors}")
-    config = builder.create_builder_config()
-    if hasattr(trt.BuilderFlag, "TF32"):
-        try:
-            config.clear_flag(trt.BuilderFlag.TF32)
-        except Exception:  # strongly typed builds may not take the flag
-            pass
-    profile = builder.create_optimization_profile()
-    for name, (lo, opt, hi) in limits.profile(graph).items():
-        profile.set_shape(name, lo, opt, hi)
-    config.add_optimization_profile(profile)
-    plan = builder.build_serialized_network(network, config)
-    assert plan is not None, "engine build failed"
-    return bytes(plan)
-
-
 @pytest.fixture(scope="module")
 def trt_artifact(tiny_artifact, tmp_path_factory):
     """The tiny folder with FP32 engines for this GPU, recorded in its manifest."""
@@ -71,6 +45,7 @@ def trt_artifact(tiny_artifact, tmp_path_factory):
         pytest.skip(reason)
     import shutil
 
+    from asym_export.engines import engine_from_onnx  # the toolkit's own builder (TF32 off)
     from asym_runtime.manifest import sha256_file
 
     folder = tmp_path_factory.mktemp("trt") / "artifact"
@@ -79,7 +54,7 @@ def trt_artifact(tiny_artifact, tmp_path_factory):
     data = json.loads((folder / "manifest.json").read_text())
     for graph in (ENCODER, DECODER):
         name = graph.engine_name()
-        (folder / name).write_bytes(_build_plan(trt, folder / graph.file_name(), graph, LIMITS))
+        engine_from_onnx(folder / graph.file_name(), folder / name, graph, LIMITS)
         data["files"][name] = {"role": graph.name, "format": "tensorrt_plan", "precision": "fp32",
                                "sha256": sha256_file(folder / name), "size": (folder / name).stat().st_size}
     data["engines"] = {"tensorrt_version": trt.__version__, "device": device_info(0), "version_compatible": False,
@@ -162,13 +137,23 @@ def test_cuda_graphs_replay_the_same_numbers(trt_artifact):
     with asym_runtime.load(trt_artifact, backend="tensorrt") as plain:
         want_f = plain.decode(f["latent"], image=f["image"], mask=f["mask"])
         want_g = plain.decode(g["latent"], image=g["image"], mask=g["mask"])
+
+    def decode(x):
+        return rt.decode(x["latent"], image=x["image"], mask=x["mask"])
+
+    def graphs():
+        return [s for s in rt.backends["decoder"]._slots.values() if s.graph_exec is not None]
+
     with asym_runtime.load(trt_artifact, backend="tensorrt", cuda_graph=True) as rt:
-        for _ in range(3):  # run, capture + launch, replay; another shape in between
-            np.testing.assert_allclose(rt.decode(f["latent"], image=f["image"], mask=f["mask"]), want_f,
-                                       atol=1e-6, rtol=0)
-            np.testing.assert_allclose(rt.decode(g["latent"], image=g["image"], mask=g["mask"]), want_g,
-                                       atol=1e-6, rtol=0)
+        for _ in range(4):  # run; run + capture; replay; replay
+            np.testing.assert_allclose(decode(f), want_f, atol=1e-6, rtol=0)
         assert rt.backends["decoder"].cuda_graph, "capture fell back to plain execution"
+        assert len(graphs()) == 1
+        np.testing.assert_allclose(decode(g), want_g, atol=1e-6, rtol=0)  # another shape: graph dropped
+        assert graphs() == []
+        for _ in range(3):
+            np.testing.assert_allclose(decode(f), want_f, atol=1e-6, rtol=0)
+        assert len(graphs()) == 1
 
 
 def test_foreign_or_tampered_engines_are_refused(trt_artifact, tmp_path, caplog):
