@@ -197,6 +197,9 @@ def engine_from_onnx(onnx_path: str | Path, plan_path: str | Path, graph: GraphS
 
     config = builder.create_builder_config()
     config.builder_optimization_level = opt_level
+    # strongly typed: what the graph declares is what runs. TF32 (on by default) would round the
+    # FP32 graphs' and FP32 islands' convolution inputs to a 10-bit mantissa behind that back.
+    config.clear_flag(trt.BuilderFlag.TF32)
     if workspace_gib is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 2**30))
     if version_compatible:
@@ -290,6 +293,9 @@ class EngineRunner:
             raise EngineBuildError(f"TensorRT could not load {self.plan_path.name}: "
                                    + ("; ".join(self._logger.errors) or "no error message"))
         self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise EngineBuildError(f"TensorRT could not create an execution context for {self.plan_path.name}: "
+                                   + ("; ".join(self._logger.errors) or "out of device memory?"))
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         is_input = {n: self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
         self.inputs = [n for n in names if is_input[n]]
