@@ -87,6 +87,8 @@ def latency_table(out: Path, weights: str | None, seed: int, repeats: int) -> st
             t = {k: torch.from_numpy(v).to("cuda", dtype) for k, v in feed.items()}
             if graph.name == "encoder":
                 return lambda: model.encode(t["image"]).latent_dist
+            if graph.name == "decoder_uncond":
+                return lambda: model.decode(t["latent"]).sample
             return lambda: model.decode(t["latent"], image=t["image"], mask=t["mask"]).sample
 
         results = {}

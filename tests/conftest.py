@@ -35,7 +35,7 @@ def _export(tmp_root: Path, variant: str, **kw) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_artifact(tmp_path_factory) -> Path:
-    """A verified tiny artifact folder (FP32 graphs, random weights, seed 0). Read-only."""
+    """A verified tiny artifact folder (FP32 and FP16 graphs, random weights, seed 0). Read-only."""
     return _export(tmp_path_factory.mktemp("tiny"), "tiny")
 
 

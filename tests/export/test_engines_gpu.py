@@ -12,7 +12,6 @@ import subprocess
 import sys
 
 import numpy as np
-import onnx
 import pytest
 
 from asym_export.engines import tensorrt_unavailable_reason
@@ -33,28 +32,16 @@ LIMITS = ShapeLimits(min_batch=1, opt_batch=2, max_batch=3, min_height=32, opt_h
                      min_width=40, opt_width=64, max_width=128)
 
 
-@pytest.fixture(scope="module")
-def tiny_graphs(tiny_artifact, tmp_path_factory):
-    """The tiny FP32 graphs and their FP16 twins (onnxruntime's converter, float32 I/O), side by side."""
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
-    out = tmp_path_factory.mktemp("tiny-graphs")
-    for g in GRAPHS.values():
-        model = onnx.load(str(tiny_artifact / g.file_name()))
-        onnx.save(model, str(out / g.file_name()), save_as_external_data=True, location=g.file_name() + ".data")
-        onnx.save(convert_float_to_float16(model, keep_io_types=True), str(out / g.file_name("fp16")))
-    return out
-
-
 @pytest.fixture(scope="module", params=["fp16", "fp32"])
-def tiny_engines(request, tiny_graphs, tmp_path_factory):
+def tiny_engines(request, tiny_artifact, tmp_path_factory):
+    """Engines from the tiny export's own graphs: the FP32 ones and the mixed FP16 ones users get."""
     precision = request.param
     out = tmp_path_factory.mktemp(f"engines-{precision}")
     cache = out / "timing.cache"
     plans, infos = {}, {}
     for g in GRAPHS.values():
         plans[g.name] = out / f"{g.name}.plan"
-        infos[g.name] = engine_from_onnx(tiny_graphs / g.file_name(precision), plans[g.name], g, LIMITS,
+        infos[g.name] = engine_from_onnx(tiny_artifact / g.file_name(precision), plans[g.name], g, LIMITS,
                                          opt_level=2, timing_cache=cache)
     return precision, plans, infos, cache
 
@@ -68,7 +55,10 @@ def test_build_records_what_the_manifest_needs(tiny_engines):
         assert plans[name].stat().st_size > 0
         assert info["tensorrt_version"] == trt.__version__
         assert info["flags"]["strongly_typed"] and not info["flags"]["fp16_flag"]
-        assert info["profile"]["image"] == [[1, 3, 32, 40], [2, 3, 64, 64], [3, 3, 96, 128]]
+        if name != "encoder":
+            assert info["profile"]["latent"] == [[1, 4, 4, 5], [2, 4, 8, 8], [3, 4, 12, 16]]
+        if name != "decoder_uncond":  # the plain decoder takes the latent only
+            assert info["profile"]["image"] == [[1, 3, 32, 40], [2, 3, 64, 64], [3, 3, 96, 128]]
         assert info["builder_optimization_level"] == 2
     assert not infos["encoder"]["timing_cache_loaded"] and infos["decoder"]["timing_cache_loaded"]
     assert not [p for p in plans["decoder"].parent.iterdir() if p.name.endswith(".tmp")]
@@ -80,7 +70,7 @@ def test_engines_match_pytorch_at_min_opt_max(tiny_engines, tiny_vae):
     print(report.table())
     assert report, report.failure_lines()
     assert report.tolerance is FP16_TOLERANCE
-    assert [str(c.shape) for c in report.cases] == [str(s) for s in profile_shapes(LIMITS)] * 2
+    assert [str(c.shape) for c in report.cases] == [str(s) for s in profile_shapes(LIMITS)] * len(GRAPHS)
 
 
 def test_engine_profile_is_the_shape_limits(tiny_engines):
