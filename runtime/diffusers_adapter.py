@@ -46,6 +46,10 @@ class RuntimeAsymmetricAutoencoderKL(AsymmetricAutoencoderKL):
 
     def _decode(self, z: torch.Tensor, image: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 return_dict: bool = True):
+        # diffusers' MaskConditionDecoder conditions only when image AND mask are given; one of
+        # them alone is a plain decode there (vae(x) passes the image without a mask), so here too
+        if image is None or mask is None:
+            image = mask = None
         dec = self.runtime.decode(z, image=image, mask=mask).to(z.dtype)
         if not return_dict:
             return (dec,)

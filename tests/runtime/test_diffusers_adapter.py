@@ -102,3 +102,15 @@ def test_adapter_encode_decode_forward_match_diffusers(tiny_rt, tiny_vae):
         fwd = adapter(f["image"], mask=f["mask"]).sample
         ref_fwd = tiny_vae(f["image"], mask=f["mask"]).sample
         np.testing.assert_allclose(fwd.numpy(), ref_fwd.numpy(), atol=1e-4, rtol=0)
+
+
+def test_adapter_decodes_plainly_when_only_one_of_image_and_mask_is_given(tiny_rt, tiny_vae):
+    """diffusers conditions only on image AND mask; vae(x) without a mask is a plain decode."""
+    adapter = tiny_rt.as_diffusers()
+    f = {k: torch.from_numpy(v) for k, v in feed("decoder", Shape(1, 64, 64), seed=32).items()}
+    with torch.no_grad():
+        np.testing.assert_allclose(adapter(f["image"]).sample.numpy(), tiny_vae(f["image"]).sample.numpy(),
+                                   atol=1e-4, rtol=0)
+        for kw in (dict(image=f["image"]), dict(mask=f["mask"])):
+            np.testing.assert_allclose(adapter.decode(f["latent"], **kw).sample.numpy(),
+                                       tiny_vae.decode(f["latent"], **kw).sample.numpy(), atol=1e-4, rtol=0)
