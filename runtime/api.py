@@ -432,14 +432,16 @@ def _load_tensorrt(manifest: Manifest, engines: dict[str, str], device_id: int,
             )
             backends[role] = b.activate()
             limits = _intersect(limits, b.limits)
+        # any loaded engine says how they were built (the caller may have left the decoder out)
+        precision = manifest.files[next(iter(engines.values()))].precision or "fp16"
+        vae = AsymVAE(manifest, backends, backend="tensorrt", precision=precision, limits=limits,
+                      device=f"cuda:{device_id}")
     except BaseException:
         for b in backends.values():
             b.deactivate()
         raise
-    precision = manifest.files[engines["decoder"]].precision or "fp16"
     log.info("loaded %s with TensorRT %s on %s (%s)", manifest.root, trt.__version__, dev["name"], precision)
-    return AsymVAE(manifest, backends, backend="tensorrt", precision=precision, limits=limits,
-                   device=f"cuda:{device_id}")
+    return vae
 
 
 def _load_onnxruntime(manifest: Manifest, backend: str, precision: str, verify: bool,
