@@ -29,6 +29,7 @@ FORMAT_ONNX_DATA = "onnx_external_data"
 FORMAT_PLAN = "tensorrt_plan"
 FORMAT_TIMING_CACHE = "tensorrt_timing_cache"
 
+_JSON = {dict: "object", str: "string"}
 _REQUIRED = ("schema_version", "variant", "model_config", "scaling_factor", "weights",
              "shape_limits", "files", "versions", "verification")
 
@@ -73,6 +74,13 @@ class Manifest:
     def __init__(self, root: Path, data: dict):
         self.root = Path(root)
         self.data = data
+        for key, kind in (("files", dict), ("model_config", dict), ("shape_limits", dict), ("variant", str)):
+            if not isinstance(data[key], kind):
+                raise ArtifactError(f"{root}/{MANIFEST_NAME}: '{key}' must be a JSON {_JSON[kind]}, "
+                                    f"not {type(data[key]).__name__}")
+        sf = data["scaling_factor"]
+        if isinstance(sf, bool) or not isinstance(sf, (int, float)) or not sf > 0:
+            raise ArtifactError(f"{root}/{MANIFEST_NAME}: 'scaling_factor' must be a positive number, not {sf!r}")
         self.files: dict[str, FileEntry] = {
             name: FileEntry.from_dict(name, d) for name, d in data["files"].items()
         }
@@ -80,7 +88,10 @@ class Manifest:
             p = Path(name)
             if p.is_absolute() or ".." in p.parts:
                 raise ArtifactError(f"manifest lists {name!r}, which lies outside the artifact folder")
-        self.limits = ShapeLimits.from_dict(data["shape_limits"])
+        try:
+            self.limits = ShapeLimits.from_dict(data["shape_limits"])
+        except (ValueError, TypeError, KeyError) as e:  # the folder's fault, not the caller's input
+            raise ArtifactError(f"{root}/{MANIFEST_NAME}: 'shape_limits' is unusable: {e}") from None
 
     # ----- fields
     @property

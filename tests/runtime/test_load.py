@@ -39,6 +39,21 @@ def test_another_schema_version_is_refused(tiny_artifact, copy_artifact):
         asym_runtime.load(folder)
 
 
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d.update(files=[]), "'files' must be a JSON object, not list"),
+    (lambda d: d.update(model_config="x"), "'model_config' must be a JSON object, not str"),
+    (lambda d: d.update(scaling_factor="abc"), "'scaling_factor' must be a positive number, not 'abc'"),
+    (lambda d: d.update(scaling_factor=0), "'scaling_factor' must be a positive number, not 0"),
+    (lambda d: d["shape_limits"].update(min_height=65), "'shape_limits' is unusable: .*8"),
+    (lambda d: d["shape_limits"].pop("max_batch"), "'shape_limits' is unusable"),
+], ids=["files", "model_config", "scaling_factor", "scaling_factor-0", "limits-not-8", "limits-missing"])
+def test_a_malformed_manifest_is_an_artifact_error(tiny_artifact, copy_artifact, change, message):
+    folder = copy_artifact(tiny_artifact)
+    _edit_manifest(folder, change)
+    with pytest.raises(ArtifactError, match=message):
+        asym_runtime.load(folder, backend="onnxruntime-cpu")
+
+
 def test_a_wrong_sha256_for_decoder_onnx_in_the_manifest_is_refused(tiny_artifact, copy_artifact):
     folder = copy_artifact(tiny_artifact)
     _edit_manifest(folder, lambda d: d["files"]["decoder.onnx"].update(sha256="0" * 64))
