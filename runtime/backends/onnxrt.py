@@ -19,7 +19,7 @@ import numpy as np
 
 from .. import arrays
 from ..checks import output_shapes, request_shape
-from ..errors import ArtifactError, BackendUnavailableError
+from ..errors import ArtifactError, AsymInputError, BackendUnavailableError
 from ..specs import GraphSpec
 from .base import Backend
 
@@ -132,43 +132,48 @@ class OnnxRuntimeBackend(Backend):
         self.session = None
 
     def _infer(self, feed: dict[str, Any]) -> dict[str, Any]:
+        # one read of the session per call: close() from another thread sets it to None
+        sess = self.session
+        if sess is None:
+            raise RuntimeError("this AsymVAE is closed")
         ref = next(iter(feed.values()))
         if self.device == "cuda":
             if arrays.is_cuda_tensor(ref):
-                return self._infer_cuda_tensors(feed)
-            return self._infer_bound_host(feed)
+                return self._infer_cuda_tensors(sess, feed)
+            return self._infer_bound_host(sess, feed)
         host = {k: arrays.to_numpy(v) for k, v in feed.items()}
-        outs = self.session.run(self.graph.output_names, host)
+        outs = sess.run(self.graph.output_names, host)
         return {k: arrays.like(v, ref) for k, v in zip(self.graph.output_names, outs)}
 
-    def _infer_bound_host(self, feed: dict[str, Any]) -> dict[str, Any]:
+    def _infer_bound_host(self, sess, feed: dict[str, Any]) -> dict[str, Any]:
         """Host inputs on the CUDA provider: bind them, keep outputs on the GPU until one copy back."""
         ref = next(iter(feed.values()))
-        io = self.session.io_binding()
+        io = sess.io_binding()
         for name, v in feed.items():
             io.bind_cpu_input(name, arrays.to_numpy(v))
         for name in self.graph.output_names:
             io.bind_output(name, "cuda", self.device_id)
-        self.session.run_with_iobinding(io)
+        sess.run_with_iobinding(io)
         outs = io.copy_outputs_to_cpu()
         return {k: arrays.like(v, ref) for k, v in zip(self.graph.output_names, outs)}
 
-    def _infer_cuda_tensors(self, feed: dict[str, Any]) -> dict[str, Any]:
+    def _infer_cuda_tensors(self, sess, feed: dict[str, Any]) -> dict[str, Any]:
         """torch CUDA tensors in and out, bound by pointer: no host round trip."""
         torch = arrays.torch_module()
         ref = next(iter(feed.values()))
         if (ref.device.index or 0) != self.device_id:
-            raise ValueError(f"inputs are on {ref.device}, this session runs on cuda:{self.device_id}")
+            raise AsymInputError(f"inputs are on {ref.device}, this session runs on cuda:{self.device_id}; "
+                                 f"move them there or load the folder with device_id={ref.device.index}")
         shape = request_shape(self.graph, feed)
         outs = {name: torch.empty(s, dtype=torch.float32, device=ref.device)
                 for name, s in output_shapes(self.graph, shape).items()}
-        io = self.session.io_binding()
+        io = sess.io_binding()
         for name, t in feed.items():
             io.bind_input(name, "cuda", self.device_id, np.float32, tuple(t.shape), t.data_ptr())
         for name, t in outs.items():
             io.bind_output(name, "cuda", self.device_id, np.float32, tuple(t.shape), t.data_ptr())
         # the inputs were written on torch's stream; ONNX Runtime runs on its own
         torch.cuda.current_stream(ref.device).synchronize()
-        self.session.run_with_iobinding(io)
+        sess.run_with_iobinding(io)
         io.synchronize_outputs()
         return outs

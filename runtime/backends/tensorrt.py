@@ -29,7 +29,7 @@ import numpy as np
 
 from .. import arrays
 from ..checks import DIM_AXES, output_shapes, request_shape
-from ..errors import ArtifactError, BackendError, BackendUnavailableError, IncompatibleEngineError
+from ..errors import ArtifactError, AsymInputError, BackendError, BackendUnavailableError, IncompatibleEngineError
 from ..specs import GraphSpec, Shape, ShapeLimits
 from .base import Backend
 
@@ -410,11 +410,14 @@ class TensorRTBackend(Backend):
         ref = next(iter(feed.values()))
         on_gpu = arrays.is_cuda_tensor(ref)
         if on_gpu and (ref.device.index or 0) != self.device_id:
-            raise ValueError(f"inputs are on {ref.device}, this engine runs on cuda:{self.device_id}")
+            raise AsymInputError(f"inputs are on {ref.device}, this engine runs on cuda:{self.device_id}; "
+                                 f"move them there or load the folder with device_id={ref.device.index}")
         H2D, D2H, D2D = (cudart.cudaMemcpyKind.cudaMemcpyHostToDevice,
                          cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost,
                          cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice)
         with self._lock:
+            if self._context is None:  # closed by another thread while this call waited
+                raise RuntimeError("this AsymVAE is closed")
             _cuda(cudart.cudaSetDevice(self.device_id))  # the current device is per thread
             slot = self._slot(shape)
             ctx, stream = self._context, self._stream

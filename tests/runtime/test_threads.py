@@ -65,3 +65,18 @@ def test_encode_and_decode_at_once(tiny_rt):
         t.join()
     np.testing.assert_array_equal(got["mean"], want_mean)
     np.testing.assert_array_equal(got["dec"], want_dec)
+
+
+def test_a_call_that_races_close_says_closed(tiny_artifact):
+    """close() from another thread between a call's 'is it open?' check and its run: the call
+    ends with the 'closed' RuntimeError, not an AttributeError on a released session."""
+    import pytest
+
+    import asym_runtime
+
+    f = feed("decoder", Shape(1, 64, 64), seed=7)
+    rt = asym_runtime.load(tiny_artifact, backend="onnxruntime-cpu")
+    backend = rt.backends["decoder"]
+    backend.deactivate()  # what close() does; the call below is already past the check
+    with pytest.raises(RuntimeError, match="closed"):
+        backend._infer(f)
