@@ -122,26 +122,48 @@ class Manifest:
     # ----- checks
     def verify_file(self, name: str) -> Path:
         """Check that ``name`` exists with the size and sha256 the manifest records."""
+        self._listed(name)
+        p = self.path(name)
+        if not p.is_file():
+            raise self._missing(name)
+        size = p.stat().st_size
+        self._check(name, size)  # a wrong size fails before the file is hashed
+        self._check(name, size, sha256_file(p))
+        log.debug("verified %s (%d bytes)", name, size)
+        return p
+
+    def read_verified(self, name: str) -> bytes:
+        """The bytes of ``name``, checked against the recorded size and sha256; read once, so
+        what is checked is what is used (engines are deserialized from these bytes)."""
+        self._listed(name)
+        try:
+            data = self.path(name).read_bytes()
+        except FileNotFoundError:
+            raise self._missing(name) from None
+        self._check(name, len(data), hashlib.sha256(data).hexdigest())
+        return data
+
+    def _listed(self, name: str) -> FileEntry:
         entry = self.files.get(name)
         if entry is None:
             raise ArtifactError(f"{self.root}: {name!r} is not listed in {MANIFEST_NAME}")
-        p = self.path(name)
-        if not p.is_file():
-            raise ArtifactError(f"{self.root}: {name} is listed in {MANIFEST_NAME} but missing")
-        size = p.stat().st_size
+        return entry
+
+    def _missing(self, name: str) -> ArtifactError:
+        return ArtifactError(f"{self.root}: {name} is listed in {MANIFEST_NAME} but missing")
+
+    def _check(self, name: str, size: int, digest: str | None = None) -> None:
+        entry = self.files[name]
         if size != entry.size:
             raise ArtifactError(
                 f"{self.root}: {name} is {size} bytes, the manifest records {entry.size}; "
                 "the file was changed or truncated after export"
             )
-        digest = sha256_file(p)
-        if digest != entry.sha256:
+        if digest is not None and digest != entry.sha256:
             raise ArtifactError(
                 f"{self.root}: sha256 of {name} is {digest[:16]}..., the manifest records "
                 f"{entry.sha256[:16]}...; the file was changed after export"
             )
-        log.debug("verified %s (%d bytes)", name, size)
-        return p
 
 
 def read_manifest(root: str | os.PathLike) -> Manifest:

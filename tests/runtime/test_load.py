@@ -6,7 +6,6 @@ import logging
 import pytest
 
 import asym_runtime
-from asym_runtime.api import read_verified
 from asym_runtime.backends.tensorrt import check_engine_compatibility, unavailable_reason
 from asym_runtime.errors import ArtifactError, BackendUnavailableError, IncompatibleEngineError
 from asym_runtime.manifest import read_manifest, sha256_file
@@ -129,10 +128,10 @@ def test_auto_falls_back_to_onnxruntime_when_engines_cannot_run_here(with_engine
 
 def test_engine_bytes_are_checked_against_the_manifest(with_engines):
     m = read_manifest(with_engines)
-    assert read_verified(m, "engines/decoder.plan") == b"not a TensorRT plan decoder"
+    assert m.read_verified("engines/decoder.plan") == b"not a TensorRT plan decoder"
     _flip_byte(with_engines / "engines" / "decoder.plan", 0)
     with pytest.raises(ArtifactError, match="sha256 of engines/decoder.plan"):
-        read_verified(m, "engines/decoder.plan")
+        m.read_verified("engines/decoder.plan")
 
 
 def _check(meta=None, **machine):
