@@ -14,7 +14,6 @@ distribution, ``decode`` the raw decoder output (not clamped; scaling by
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from typing import Any, Iterable
@@ -303,6 +302,8 @@ def load(path: str | os.PathLike, backend: str = "auto", precision: str | None =
         raise ValueError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if precision is not None and precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: choose fp32, fp16 or None (the folder's default)")
+    if isinstance(graphs, str):  # load(dir, graphs="decoder"): one name, not its letters
+        graphs = (graphs,)
     wanted = tuple(_SPECS) if graphs is None else tuple(dict.fromkeys(graphs))
     unknown = [g for g in wanted if g not in _SPECS]
     if unknown or not wanted:
@@ -366,27 +367,6 @@ def _onnx_entries(manifest: Manifest, precision: str, wanted: tuple[str, ...]) -
     return found
 
 
-def read_verified(manifest: Manifest, name: str) -> bytes:
-    """The bytes of ``name``, checked against the manifest's size and sha256 (read once, so
-    what is checked is what is used)."""
-    entry = manifest.files.get(name)
-    if entry is None:
-        raise ArtifactError(f"{manifest.root}: {name!r} is not listed in {MANIFEST_NAME}")
-    p = manifest.path(name)
-    try:
-        data = p.read_bytes()
-    except FileNotFoundError:
-        raise ArtifactError(f"{manifest.root}: {name} is listed in {MANIFEST_NAME} but missing") from None
-    if len(data) != entry.size:
-        raise ArtifactError(f"{manifest.root}: {name} is {len(data)} bytes, the manifest records "
-                            f"{entry.size}; the file was changed or truncated after export")
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != entry.sha256:
-        raise ArtifactError(f"{manifest.root}: sha256 of {name} is {digest[:16]}..., the manifest "
-                            f"records {entry.sha256[:16]}...; the file was changed after export")
-    return data
-
-
 def _intersect(a: ShapeLimits, b: ShapeLimits | None) -> ShapeLimits:
     if b is None or a == b:
         return a
@@ -422,7 +402,7 @@ def _load_tensorrt(manifest: Manifest, engines: dict[str, str], device_id: int,
     limits = manifest.limits
     if isinstance(meta.get("profile"), dict):
         limits = _intersect(limits, ShapeLimits.from_dict(meta["profile"]))
-    plans = {role: read_verified(manifest, name) for role, name in engines.items()}
+    plans = {role: manifest.read_verified(name) for role, name in engines.items()}
     backends: dict[str, Backend] = {}
     try:
         for role, plan in plans.items():

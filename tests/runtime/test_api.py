@@ -247,3 +247,8 @@ def test_graphs_picks_what_is_loaded(tiny_artifact, tiny_vae):
             rt.encode(f["image"])
     with pytest.raises(ValueError, match="choose from encoder, decoder, decoder_uncond"):
         asym_runtime.load(tiny_artifact, graphs=["decoder", "vae"])
+
+
+def test_one_graph_name_as_a_string(tiny_artifact):
+    with asym_runtime.load(tiny_artifact, backend="onnxruntime-cpu", graphs="decoder_uncond") as rt:
+        assert sorted(rt.backends) == ["decoder_uncond"]
