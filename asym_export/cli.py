@@ -63,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     v = p.add_argument_group("verification")
     v.add_argument("--verify-shapes", metavar="BxHxW[,BxHxW...]",
                    help="extra shapes (batch x height x width pixels, multiples of 8) to verify the "
-                        "graphs at, besides the export shape 2x64x64 (default: 1x64x96,3x64x72)")
+                        "graphs at, besides the export shape 2x64x64, inside the shape limits (default: "
+                        "1x64x96,3x64x72, or the smallest allowed shape and a non-square one when the "
+                        "limits exclude those)")
     v.add_argument("--atol", type=float, default=None, metavar="X",
                    help="max abs error allowed for the FP32 graphs (default 1e-3)")
     f = p.add_argument_group("FP16 graphs (encoder.fp16.onnx, decoder.fp16.onnx; what TensorRT engines are built from)")
@@ -96,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _options(args):
-    from .export import DEFAULT_VERIFY_SHAPES, ExportOptions
+    from .export import ExportOptions
     from .fp16 import DEFAULT_HEADROOM
     from .verify import FP32_MAX_ABS
 
@@ -104,9 +106,14 @@ def _options(args):
         raise AsymInputError(f"unknown variant {args.variant!r}; choose one of {', '.join(PUBLISHED)}")
     limits = ShapeLimits.from_sizes(args.min_size, args.opt_size, args.max_size,
                                     min_batch=1, opt_batch=args.opt_batch, max_batch=args.max_batch)
-    shapes = DEFAULT_VERIFY_SHAPES
+    shapes = None  # the export's default for these limits
     if args.verify_shapes:
         shapes = tuple(parse_shape(s) for s in args.verify_shapes.split(",") if s.strip())
+        for s in shapes:  # a verified shape the runtime would refuse proves nothing a user can run
+            try:
+                limits.check(s.batch, s.height, s.width)
+            except AsymInputError as e:
+                raise AsymInputError(f"--verify-shapes {s}: {e}") from None
     engine = _engine_options(args)
     atol = FP32_MAX_ABS if args.atol is None else args.atol
     if not atol > 0:

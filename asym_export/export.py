@@ -66,7 +66,8 @@ class ExportOptions:
     allow_pickle: bool = False
     revision: str | None = None
     limits: ShapeLimits = field(default_factory=ShapeLimits)
-    verify_shapes: tuple[Shape, ...] = DEFAULT_VERIFY_SHAPES
+    #: None: default_verify_shapes(limits)
+    verify_shapes: tuple[Shape, ...] | None = None
     fp32_max_abs: float = FP32_MAX_ABS
     fp16: bool = True
     fp16_headroom: float = DEFAULT_HEADROOM
@@ -93,6 +94,19 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return out
+
+
+def default_verify_shapes(limits: ShapeLimits) -> tuple[Shape, ...]:
+    """DEFAULT_VERIFY_SHAPES when the shape limits hold them all; for limits that exclude them
+    (e.g. ``--min-size 256``), shapes inside the limits instead: the smallest allowed shape and
+    a non-square one at another batch where the limits allow, so the runtime and asym-parity
+    can replay what the export verified."""
+    if all(limits.contains(s) for s in DEFAULT_VERIFY_SHAPES):
+        return DEFAULT_VERIFY_SHAPES
+    lo = Shape(limits.min_batch, limits.min_height, limits.min_width)
+    other = Shape(min(limits.min_batch + 1, limits.max_batch), limits.min_height,
+                  min(limits.min_width + 32, limits.max_width))
+    return tuple(dict.fromkeys((lo, other)))
 
 
 def verification_shapes(requested: tuple[Shape, ...]) -> list[Shape]:
@@ -195,7 +209,8 @@ def export_artifact(opts: ExportOptions, progress: Progress | None = None) -> Ex
     progress = progress or Progress()
     variant = get_variant(opts.variant)
     timings: dict[str, float] = {}
-    shapes = verification_shapes(opts.verify_shapes)
+    shapes = verification_shapes(default_verify_shapes(opts.limits) if opts.verify_shapes is None
+                                 else opts.verify_shapes)
     t_all = time.perf_counter()
     engine_step = EngineStep.start(opts.engine) if opts.engine else None
 

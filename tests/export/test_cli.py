@@ -45,6 +45,9 @@ def test_tiny_export_end_to_end(tmp_path):
     (["--variant", "tiny", "--random-weights", "--max-size", "1020"], ["1020", "multiples of 8"]),
     (["--variant", "tiny", "--random-weights", "--min-size", "1024", "--max-size", "512"], ["min <= opt <= max"]),
     (["--variant", "tiny", "--random-weights", "--max-batch", "0"], ["batch"]),
+    (["--variant", "tiny", "--random-weights", "--verify-shapes", "5x64x64"], ["--verify-shapes 5x64x64", "batch 5"]),
+    (["--variant", "tiny", "--random-weights", "--min-size", "128", "--verify-shapes", "1x64x96"],
+     ["--verify-shapes 1x64x96", "height 64"]),
 ])
 def test_bad_arguments_exit_2(tmp_path, args, needles, capsys):
     code = main([*args, "--out", str(tmp_path / "o")])
@@ -91,3 +94,16 @@ def test_local_weights_folder_end_to_end(tmp_path, tiny_vae):
     m = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert m["weights"]["source"] == "local"
     assert set(m["weights"]["files"]) == {"diffusion_pytorch_model.safetensors"}
+
+
+def test_default_verify_shapes_stay_inside_the_limits():
+    from asym_export.export import DEFAULT_VERIFY_SHAPES, default_verify_shapes
+    from asym_runtime.specs import Shape, ShapeLimits
+
+    assert default_verify_shapes(ShapeLimits()) == DEFAULT_VERIFY_SHAPES
+    big = ShapeLimits.from_sizes("256x384", "512", "1024", min_batch=1, opt_batch=1, max_batch=2)
+    assert default_verify_shapes(big) == (Shape(1, 256, 384), Shape(2, 256, 416))
+    one = ShapeLimits.from_sizes("512", "512", "512", min_batch=1, opt_batch=1, max_batch=1)
+    assert default_verify_shapes(one) == (Shape(1, 512, 512),)
+    for limits in (big, one):
+        assert all(limits.contains(s) for s in default_verify_shapes(limits))
