@@ -119,12 +119,13 @@ def verification_shapes(requested: tuple[Shape, ...]) -> list[Shape]:
 
 
 def onnx_outputs(path: Path, graph: GraphSpec, feeds: list[dict[str, np.ndarray]]) -> list[dict]:
-    """Run an ONNX graph with ONNX Runtime (CPU) on each feed; names from the contract."""
+    """Run an ONNX graph with ONNX Runtime (CPU) on each feed; names from the contract. The
+    session has the runtime's own CPU settings, so what is verified is what the runtime runs."""
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    from asym_runtime.backends.onnxrt import session_options
+
+    sess = ort.InferenceSession(str(path), session_options("cpu"), providers=["CPUExecutionProvider"])
     outs = []
     for feed in feeds:
         values = sess.run(graph.output_names, feed)
