@@ -118,6 +118,8 @@ class ArtifactWriter:
         dst = self.out / name
         dst.parent.mkdir(parents=True, exist_ok=True)
         os.chmod(src, 0o666 & ~_umask())  # some writers (onnx external data) create 0600 files
+        with open(src, "rb") as f:  # on disk before the manifest that vouches for it can be
+            os.fsync(f.fileno())
         os.replace(src, dst)
         self.entries[name] = entry
         log.debug("published %s (%d bytes)", name, entry.size)
