@@ -197,6 +197,7 @@ def diffusers_backend(manifest, device: str, dtype: str) -> Backend:
     """diffusers eager, built from the manifest's weights source, on ``device`` in ``dtype``."""
     import torch
 
+    from .onnx_export import diffusers_forward
     from .parity import reference_from_manifest
 
     def load():
@@ -209,20 +210,15 @@ def diffusers_backend(manifest, device: str, dtype: str) -> Backend:
         def prep(feed):
             return {k: torch.from_numpy(v).to(device=device, dtype=tdtype) for k, v in feed.items()}
 
-        def run(fn):
+        def run(graph_name):
             def call(feed):
                 with _no_grad():
-                    out = fn(**prep(feed))
+                    out = diffusers_forward(vae, graph_name, prep(feed))
                 sync()
                 return out
             return call
 
-        calls = {
-            "encode": run(lambda image: vae.encode(image).latent_dist.mean),
-            "decode": run(lambda latent, image, mask: vae.decode(latent, image=image, mask=mask).sample),
-            "decode_uncond": run(lambda latent: vae.decode(latent).sample),
-        }
-        return calls, None
+        return {name: run(graph.name) for name, graph in GRAPHS.items()}, None
 
     return _timed_load(f"diffusers-{dtype}", device, load)
 

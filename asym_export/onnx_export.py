@@ -171,13 +171,19 @@ def reference_outputs(vae, graph: GraphSpec, feed: dict[str, np.ndarray]) -> dic
     device = next(vae.parameters()).device
     t = {k: torch.from_numpy(v).to(device) for k, v in feed.items()}
     with torch.no_grad():
-        if graph.name == "encoder":
-            dist = vae.encode(t["image"]).latent_dist
-            out = {"latent_mean": dist.mean, "latent_logvar": dist.logvar}
-        elif graph.name == "decoder":
-            out = {"sample": vae.decode(t["latent"], image=t["image"], mask=t["mask"]).sample}
-        elif graph.name == "decoder_uncond":
-            out = {"sample": vae.decode(t["latent"]).sample}
-        else:
-            raise ValueError(f"no reference for graph {graph.name!r}")
+        out = diffusers_forward(vae, graph.name, t)
     return {k: v.float().cpu().numpy() for k, v in out.items()}
+
+
+def diffusers_forward(vae, graph_name: str, t: dict) -> dict:
+    """diffusers' own call that a contract graph stands for, on torch tensors named as the
+    graph's inputs; outputs named as the graph's outputs. The one place that says which
+    diffusers call each graph is (references, benchmarks, the GPU check)."""
+    if graph_name == "encoder":
+        dist = vae.encode(t["image"]).latent_dist
+        return {"latent_mean": dist.mean, "latent_logvar": dist.logvar}
+    if graph_name == "decoder":
+        return {"sample": vae.decode(t["latent"], image=t["image"], mask=t["mask"]).sample}
+    if graph_name == "decoder_uncond":
+        return {"sample": vae.decode(t["latent"]).sample}
+    raise ValueError(f"no diffusers call for graph {graph_name!r}")

@@ -68,6 +68,7 @@ def latency_table(out: Path, weights: str | None, seed: int, repeats: int) -> st
     from asym_export.engine_verify import _true_fp32
     from asym_export.engines import EngineRunner
     from asym_export.feeds import make_feed
+    from asym_export.onnx_export import diffusers_forward
     from asym_export.variants import get_variant
     from asym_export.weights import load_reference
     from asym_runtime.manifest import read_manifest
@@ -85,11 +86,7 @@ def latency_table(out: Path, weights: str | None, seed: int, repeats: int) -> st
 
         def torch_call(model, dtype):
             t = {k: torch.from_numpy(v).to("cuda", dtype) for k, v in feed.items()}
-            if graph.name == "encoder":
-                return lambda: model.encode(t["image"]).latent_dist
-            if graph.name == "decoder_uncond":
-                return lambda: model.decode(t["latent"]).sample
-            return lambda: model.decode(t["latent"], image=t["image"], mask=t["mask"]).sample
+            return lambda: diffusers_forward(model, graph.name, t)
 
         results = {}
         with torch.no_grad():

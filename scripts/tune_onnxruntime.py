@@ -71,6 +71,7 @@ def main() -> int:
 
     import asym_runtime
     from asym_export.feeds import make_feed
+    from asym_export.onnx_export import diffusers_forward
     from asym_export.parity import reference_from_manifest
     from asym_runtime.specs import GRAPHS, Shape
 
@@ -94,11 +95,7 @@ def main() -> int:
 
         def ref():
             with torch.inference_mode():
-                if args.graph == "encoder":
-                    return vae.encode(t["image"]).latent_dist.mean
-                if args.graph == "decoder":
-                    return vae.decode(t["latent"], image=t["image"], mask=t["mask"]).sample
-                return vae.decode(t["latent"]).sample
+                return diffusers_forward(vae, args.graph, t)
 
         runs = {"diffusers": (ref, 0.0), **runs}
     names = list(runs)
