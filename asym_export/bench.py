@@ -193,7 +193,7 @@ def _timed_load(name: str, device: str, fn) -> Backend:
     return b
 
 
-def diffusers_backend(manifest, device: str, dtype: str) -> Backend:
+def diffusers_backend(manifest, device: str, dtype: str, cache: dict | None = None) -> Backend:
     """diffusers eager, built from the manifest's weights source, on ``device`` in ``dtype``."""
     import torch
 
@@ -201,7 +201,7 @@ def diffusers_backend(manifest, device: str, dtype: str) -> Backend:
     from .parity import reference_from_manifest
 
     def load():
-        vae = reference_from_manifest(manifest).to(device)  # float32, as built or loaded
+        vae = reference_from_manifest(manifest, cache).to(device)  # float32, as built or loaded
         if dtype == "fp16":
             vae = vae.half()
         tdtype = next(vae.parameters()).dtype
@@ -223,14 +223,66 @@ def diffusers_backend(manifest, device: str, dtype: str) -> Backend:
     return _timed_load(f"diffusers-{dtype}", device, load)
 
 
-def runtime_backend(folder: Path, backend: str, precision: str | None) -> Backend:
-    """asym_runtime.load(folder, backend, precision): numpy in, numpy out (what a service sees)."""
-    import asym_runtime
+def torch_compile_backend(manifest, device: str, cache: dict | None = None) -> Backend:
+    """What a PyTorch user would run instead of this toolkit: the diffusers model in FP16,
+    channels-last, under ``torch.compile`` (default mode, one static compilation per shape).
+    Compilation happens in the first call at each shape, which the table reports apart."""
+    import torch
 
-    label = {"onnxruntime-cpu": "ort-cpu", "onnxruntime-cuda": "ort-cuda", "tensorrt": "tensorrt"}[backend]
+    from .onnx_export import diffusers_forward
+    from .parity import reference_from_manifest
 
     def load():
-        vae = asym_runtime.load(folder, backend=backend, precision=precision)
+        vae = reference_from_manifest(manifest, cache).to(device).half().to(memory_format=torch.channels_last).eval()
+
+        def prep(feed):
+            return {k: torch.from_numpy(v).to(device=device, dtype=torch.float16).contiguous(
+                memory_format=torch.channels_last) for k, v in feed.items()}
+
+        def run(graph_name):
+            fn = torch.compile(lambda t: diffusers_forward(vae, graph_name, t), dynamic=False)
+
+            def call(feed):
+                with _no_grad():
+                    out = fn(prep(feed))
+                if device != "cpu":
+                    torch.cuda.synchronize()
+                return out
+            return call
+
+        return {name: run(graph.name) for name, graph in GRAPHS.items()}, None
+
+    return _timed_load("torch-compile-fp16", device, load)
+
+
+#: asym-bench's names for the runtime configurations it can time -> asym_runtime.load arguments.
+#: ``ort-cuda-*`` run the folder's CUDA form where it has one (as load() does by default);
+#: ``*-portable`` force the standard graphs; ``*-cudagraph`` replay CUDA graphs.
+RUNTIME_BACKENDS = {
+    "ort-cpu-fp32": {"backend": "onnxruntime-cpu", "precision": "fp32"},
+    "ort-cpu-fp16": {"backend": "onnxruntime-cpu", "precision": "fp16"},
+    "ort-cuda-fp32": {"backend": "onnxruntime-cuda", "precision": "fp32"},
+    "ort-cuda-fp16": {"backend": "onnxruntime-cuda", "precision": "fp16"},
+    "ort-cuda-fp16-cudagraph": {"backend": "onnxruntime-cuda", "precision": "fp16", "cuda_graph": True},
+    "ort-cuda-fp32-portable": {"backend": "onnxruntime-cuda", "precision": "fp32", "graph_form": "portable"},
+    "ort-cuda-fp16-portable": {"backend": "onnxruntime-cuda", "precision": "fp16", "graph_form": "portable"},
+    "tensorrt-engine": {"backend": "tensorrt", "precision": None},
+}
+TORCH_BACKENDS = ("diffusers-fp32", "diffusers-fp16", "torch-compile-fp16")
+
+
+def runtime_backend(folder: Path, name: str, provider_options: dict | None = None) -> Backend:
+    """asym_runtime.load with the arguments of ``name`` (:data:`RUNTIME_BACKENDS`): numpy in,
+    numpy out (what a service sees). ``provider_options``: precision -> ONNX Runtime CUDA
+    options replacing the runtime's defaults."""
+    import asym_runtime
+
+    spec = dict(RUNTIME_BACKENDS[name])
+    if spec["backend"] == "onnxruntime-cuda" and provider_options:
+        spec["provider_options"] = provider_options.get(spec["precision"])
+
+    def load():
+        vae = asym_runtime.load(folder, **spec)
         calls = {
             "encode": lambda feed: vae.encode(feed["image"]).mean,
             "decode": lambda feed: vae.decode(feed["latent"], image=feed["image"], mask=feed["mask"]),
@@ -238,8 +290,7 @@ def runtime_backend(folder: Path, backend: str, precision: str | None) -> Backen
         }
         return calls, vae.close
 
-    b = _timed_load(f"{label}-{precision or 'engine'}", "cpu" if backend == "onnxruntime-cpu" else "cuda", load)
-    return b
+    return _timed_load(name, "cpu" if spec["backend"] == "onnxruntime-cpu" else "cuda", load)
 
 
 # --------------------------------------------------------------------------- measuring
@@ -264,6 +315,7 @@ class Row:
     tflops: float
     peak_share: float
     ratio_vs_reference: float | None = None  # reference median / this median: > 1 is faster
+    ratio_vs_compile: float | None = None  # torch-compile-fp16 median / this median, when it ran
     datasheet_share: float | None = None  # of the GPU's datasheet dense FP16 peak, when known
 
     def to_dict(self) -> dict:
@@ -297,7 +349,8 @@ def measure(backends: list[Backend], graph: str, shape: Shape, feed: dict, *, wa
 
 def run_benchmark(variant: str, folder: Path, *, backends: list[str], graphs: list[str],
                   sizes: list[tuple[int, int]], batches: list[int], warmup: int, repeats: int,
-                  reference: str, seed: int = 0, progress=print) -> dict:
+                  reference: str, seed: int = 0, progress=print, provider_options: dict | None = None,
+                  reference_cache: dict | None = None) -> dict:
     """Load every backend, measure every graph x shape, return the JSON-ready result."""
     import torch
 
@@ -321,12 +374,12 @@ def run_benchmark(variant: str, folder: Path, *, backends: list[str], graphs: li
     loaded: list[Backend] = []
     for spec in [reference] + [b for b in backends if b != reference]:
         progress(f"loading {spec} ...")
-        kind, _, precision = spec.rpartition("-")
-        if kind == "diffusers":
-            loaded.append(diffusers_backend(manifest, device, precision))
+        if spec == "torch-compile-fp16":
+            loaded.append(torch_compile_backend(manifest, device, reference_cache))
+        elif spec.startswith("diffusers-"):
+            loaded.append(diffusers_backend(manifest, device, spec.rpartition("-")[2], reference_cache))
         else:
-            backend = {"ort-cpu": "onnxruntime-cpu", "ort-cuda": "onnxruntime-cuda", "tensorrt": "tensorrt"}[kind]
-            loaded.append(runtime_backend(folder, backend, None if precision == "engine" else precision))
+            loaded.append(runtime_backend(folder, spec, provider_options))
         b = loaded[-1]
         progress(f"  {b.name}: load {b.load_s:.2f} s, +{b.load_rss_gib:.2f} GiB RSS")
 
@@ -345,6 +398,10 @@ def run_benchmark(variant: str, folder: Path, *, backends: list[str], graphs: li
                 progress(f"{graph} {shape}: {tflop[True]:.3f} TFLOP per call (diffusers: {tflop[False]:.3f}) ...")
                 res = measure(loaded, graph, shape, feed, warmup=warmup, repeats=repeats)
                 ref_median = statistics.median(res[loaded[0].name][1])
+                compiled = res.get("torch-compile-fp16")
+                compile_median = statistics.median(compiled[1]) if compiled else None
+                progress("  " + "; ".join(f"{b.name} {1000 * statistics.median(res[b.name][1]):.1f} ms "
+                                          f"(first {res[b.name][0]:.2f} s)" for b in loaded))
                 for b in loaded:
                     first, ts = res[b.name]
                     med = statistics.median(ts)
@@ -352,6 +409,7 @@ def run_benchmark(variant: str, folder: Path, *, backends: list[str], graphs: li
                     sheet = machine["datasheet_fp16_tflops"]
                     rows.append(Row(variant, b.name, graph, str(shape), batch, h, w, first, med, _p90(ts), ts,
                                     batch / med, fl, fl / med, fl / med / peak["tflops"], ref_median / med,
+                                    compile_median / med if compile_median else None,
                                     fl / med / sheet if sheet else None))
     for b in loaded:
         if b.close:
@@ -372,12 +430,15 @@ def run_benchmark(variant: str, folder: Path, *, backends: list[str], graphs: li
 # --------------------------------------------------------------------------- output
 
 def table(result: dict) -> str:
-    head = ("graph", "shape", "backend", "first s", "median s", "p90 s", "img/s", "TFLOP/s", "% peak", "x ref")
+    compiled = any(r.get("ratio_vs_compile") for r in result["rows"])
+    head = ("graph", "shape", "backend", "first s", "median s", "p90 s", "img/s", "TFLOP/s", "% peak", "x ref") \
+        + (("x compile",) if compiled else ())
     rows = [head]
     for r in result["rows"]:
-        rows.append((r["graph"], r["shape"], r["backend"], f"{r['first_call_s']:.3f}", f"{r['median_s']:.3f}",
-                     f"{r['p90_s']:.3f}", f"{r['images_per_s']:.2f}", f"{r['tflops']:.3f}",
-                     f"{100 * r['peak_share']:.1f}", f"{r['ratio_vs_reference']:.2f}"))
+        rows.append((r["graph"], r["shape"], r["backend"], f"{r['first_call_s']:.3f}", f"{r['median_s']:.4f}",
+                     f"{r['p90_s']:.4f}", f"{r['images_per_s']:.2f}", f"{r['tflops']:.3f}",
+                     f"{100 * r['peak_share']:.1f}", f"{r['ratio_vs_reference']:.2f}")
+                    + ((f"{r['ratio_vs_compile']:.2f}" if r.get("ratio_vs_compile") else "-",) if compiled else ()))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
     lines = ["  ".join(str(v).rjust(w) if i > 2 else str(v).ljust(w) for i, (v, w) in enumerate(zip(row, widths)))
              for row in rows]
@@ -385,7 +446,8 @@ def table(result: dict) -> str:
     m = result["machine"]
     return "\n".join(lines + ["", loads, f"peak RSS {result['peak_rss_gib']:.2f} GiB; {m['device']}; "
                               f"measured peak {m['measured_peak_tflops']:.3f} TFLOP/s ({m['peak_matmul']}); "
-                              f"x ref = {result['reference']} median / backend median"])
+                              f"x ref = {result['reference']} median / backend median"
+                              + ("; x compile = torch-compile-fp16 median / backend median" if compiled else "")])
 
 
 def plot(result: dict, path: Path) -> Path:
@@ -429,12 +491,17 @@ def plot(result: dict, path: Path) -> Path:
 
 def available_backends() -> list[str]:
     """Runtime backends that can run on this machine."""
+    import torch
+
     out = ["ort-cpu-fp32", "ort-cpu-fp16"]
+    gpu = torch.cuda.is_available()
+    if gpu:  # on a GPU the CPU provider is no contender, and a decode there takes minutes
+        out = ["torch-compile-fp16"]
     try:
         from asym_runtime.backends.onnxrt import cuda_provider_available
 
-        if cuda_provider_available():
-            out += ["ort-cuda-fp32", "ort-cuda-fp16"]
+        if gpu and cuda_provider_available():
+            out += ["ort-cuda-fp32", "ort-cuda-fp16", "ort-cuda-fp16-cudagraph"]
     except ImportError:  # pragma: no cover
         pass
     from .engines import tensorrt_unavailable_reason
@@ -463,8 +530,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an artifact folder of that variant (default: export one with --random-weights "
                         "--seed 0 into a temporary folder first)")
     p.add_argument("--backends", metavar="LIST",
-                   help="runtime backends to time against the reference, of ort-cpu-fp32, ort-cpu-fp16, "
-                        "ort-cuda-fp32, ort-cuda-fp16, tensorrt-engine (default: every one this machine runs)")
+                   help="backends to time against the reference, of " + ", ".join(RUNTIME_BACKENDS) + ", "
+                        + ", ".join(TORCH_BACKENDS) + " (default: on a CPU ort-cpu-fp32, ort-cpu-fp16; on a "
+                        "GPU torch-compile-fp16, ort-cuda-fp32, ort-cuda-fp16, ort-cuda-fp16-cudagraph; "
+                        "tensorrt-engine where it runs). ort-cuda-* run the folder's CUDA form, "
+                        "*-portable the standard graphs")
     p.add_argument("--reference", default=None,
                    help="the backend ratios are taken against: diffusers-fp32 (default on a CPU) or "
                         "diffusers-fp16 (default on a GPU)")
@@ -500,9 +570,12 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--reference {reference}: use diffusers-fp32 or diffusers-fp16")
         if reference == "diffusers-fp16" and not torch.cuda.is_available():
             raise ValueError("--reference diffusers-fp16 needs a GPU (PyTorch FP16 on a CPU is no reference)")
-        allowed = ["ort-cpu-fp32", "ort-cpu-fp16", "ort-cuda-fp32", "ort-cuda-fp16", "tensorrt-engine",
-                   "diffusers-fp32", "diffusers-fp16"]
+        allowed = list(RUNTIME_BACKENDS) + list(TORCH_BACKENDS)
         backends = _parse_list(args.backends, "--backends", allowed) if args.backends else available_backends()
+        if not torch.cuda.is_available():
+            gpu_only = [b for b in backends if b == "torch-compile-fp16" or "cuda" in b or b == "tensorrt-engine"]
+            if gpu_only:
+                raise ValueError(f"--backends {','.join(gpu_only)}: need a GPU")
     except ValueError as e:
         print(f"asym-bench: error: {e}", file=sys.stderr)
         return 2

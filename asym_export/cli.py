@@ -20,9 +20,11 @@ into one self-describing folder: encoder.onnx and decoder.onnx (FP32, dynamic ba
 width), each verified with ONNX Runtime against the PyTorch reference at several shapes;
 their mixed-precision twins encoder.fp16.onnx and decoder.fp16.onnx (FP16 with FP32 islands
 chosen from calibrated activation ranges, float32 inputs/outputs), verified with a faithful
-FP16 emulation on the CPU; and manifest.json (written last) with hashes, shape limits,
-versions and the verification results. A verification failure exits 1 and writes no
-manifest.
+FP16 emulation on the CPU; the CUDA forms of all of them (*.cuda.onnx: channels-last with
+ONNX Runtime's fused GroupNorm/NhwcConv CUDA kernels, what asym_runtime runs on ONNX
+Runtime's CUDA provider), verified on the CPU through their standard-ONNX emulation; and
+manifest.json (written last) with hashes, shape limits, versions and the verification
+results. A verification failure exits 1 and writes no manifest.
 """
 
 EPILOG = """\
@@ -73,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--fp16-headroom", type=float, default=None, metavar="X",
                    help="a tensor stays FP32 when X times its calibrated max |value| exceeds 65504 "
                         "(default 4)")
+    c = p.add_argument_group("CUDA forms (decoder.cuda.onnx, decoder.fp16.cuda.onnx; ONNX Runtime CUDA only)")
+    c.add_argument("--no-cuda-form", action="store_true",
+                   help="skip the CUDA forms (ONNX Runtime on a GPU then runs the portable graphs)")
     s = p.add_argument_group("shape limits (recorded in the manifest; enforced by the runtime)")
     s.add_argument("--min-size", default="64", metavar="N|HxW", help="smallest image, pixels (default 64)")
     s.add_argument("--opt-size", default="512", metavar="N|HxW", help="typical image, pixels (default 512)")
@@ -127,7 +132,7 @@ def _options(args):
         variant=args.variant, out=args.out, weights=args.weights, random_weights=args.random_weights,
         seed=args.seed, allow_pickle=args.allow_pickle, revision=args.revision, limits=limits,
         verify_shapes=shapes, fp32_max_abs=atol, fp16=not args.no_fp16, fp16_headroom=headroom,
-        engine=engine,
+        cuda_form=not args.no_cuda_form, engine=engine,
     )
 
 

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from asym_runtime.manifest import FORMAT_ONNX, FORMAT_ONNX_DATA, ROLE_EXTERNAL_DATA
+from asym_runtime.manifest import FORMAT_ONNX, FORMAT_ONNX_CUDA, FORMAT_ONNX_DATA, ROLE_EXTERNAL_DATA
 from asym_runtime.specs import GRAPHS, GraphSpec, Shape, ShapeLimits
 
 from . import __version__
 from .artifact import ArtifactWriter
+from .cuda_form import CudaFormReport, cuda_ranges, write_cuda_form, write_emulation
 from .engine_verify import EngineStep, EnginesNotBuiltError
 from .engines import EngineOptions
 from .feeds import make_feed
@@ -71,6 +72,8 @@ class ExportOptions:
     fp32_max_abs: float = FP32_MAX_ABS
     fp16: bool = True
     fp16_headroom: float = DEFAULT_HEADROOM
+    #: also write the CUDA form of every graph (``*.cuda.onnx``, ONNX Runtime CUDA only)
+    cuda_form: bool = True
     #: ``--engines``: build and verify TensorRT engines (None: ONNX only)
     engine: EngineOptions | None = None
 
@@ -177,6 +180,45 @@ def fp16_graph(fp32_path: Path, out_path: Path, ref: Reference, report: Verifica
     return plan
 
 
+def _check_emulated(path: Path, ref: Reference, report: VerificationReport, *, fp16: bool,
+                    fp32_nodes: set[str]) -> None:
+    """Verify a CUDA form on the CPU through its standard-ONNX emulation (FP16: rounded too)."""
+    emu = path.parent / f".{ref.graph.name}.cuda-emulation.onnx"
+    twin = path.parent / f".{ref.graph.name}.cuda-emulation.twin.onnx"
+    try:
+        write_emulation(path, emu, fp16=fp16, fp32_nodes=fp32_nodes)
+        if fp16:
+            write_emulation_twin(emu, twin)
+            ref.check(twin, report)
+        else:
+            ref.check(emu, report)
+    finally:
+        for p in (emu, twin, twin.parent / (twin.name + ".data")):
+            p.unlink(missing_ok=True)
+
+
+def cuda_graphs(fp32_path: Path, writer: ArtifactWriter, ref: Reference, reports: dict[str, VerificationReport],
+                plan: Fp16Plan | None) -> dict:
+    """Write and verify the CUDA forms of one graph: FP32 from the verified FP32 graph, FP16 with
+    islands chosen from the same calibration as the portable FP16 graph."""
+    import onnx
+
+    graph = ref.graph
+    path32 = writer.stage_path(graph.file_name("fp32", form="cuda"))
+    rep: CudaFormReport = write_cuda_form(fp32_path, path32, graph.name)
+    _check_emulated(path32, ref, reports["fp32"], fp16=False, fp32_nodes=set())
+    out = {**rep.to_dict()}
+    if plan is not None:
+        model = onnx.load(str(path32), load_external_data=False)
+        plan16 = plan_islands(model, cuda_ranges(model, plan.ranges), weight_ranges(path32), plan.headroom)
+        del model
+        path16 = writer.stage_path(graph.file_name("fp16", form="cuda"))
+        write_mixed(path32, path16, plan16, graph.name)
+        _check_emulated(path16, ref, reports["fp16"], fp16=True, fp32_nodes=set(plan16.node_names))
+        out["fp16_fp32_nodes"] = [i.to_dict() for i in plan16.islands]
+    return out
+
+
 def fp16_section(plans: dict[str, Fp16Plan], opts: ExportOptions) -> dict:
     return {
         "converter": f"onnxruntime.transformers.float16 (onnxruntime {_version('onnxruntime')})",
@@ -228,6 +270,9 @@ def export_artifact(opts: ExportOptions, progress: Progress | None = None) -> Ex
 
         fp32_report = VerificationReport("onnx_fp32", Tolerance(max_abs=opts.fp32_max_abs))
         fp16_report = VerificationReport("onnx_fp16_emulated", FP16_TOLERANCE)
+        cuda_reports = {"fp32": VerificationReport("onnx_fp32_cuda_emulated", Tolerance(max_abs=opts.fp32_max_abs)),
+                        "fp16": VerificationReport("onnx_fp16_cuda_emulated", FP16_TOLERANCE)}
+        cuda_sections: dict[str, dict] = {}
         plans: dict[str, Fp16Plan] = {}
         for graph in GRAPHS.values():
             name = graph.file_name("fp32")
@@ -249,12 +294,25 @@ def export_artifact(opts: ExportOptions, progress: Progress | None = None) -> Ex
                                                    scaling_factor, opts.fp16_headroom)
                     timings[f"fp16_{graph.name}_s"] = time.perf_counter() - t0
                 progress.note(f"{len(plans[graph.name].islands)} node(s) kept in FP32")
+            if opts.cuda_form and fp32_report:
+                forms = graph.file_name("fp32", form="cuda") + (
+                    f" and {graph.file_name('fp16', form='cuda')}" if graph.name in plans else "")
+                with progress.step(f"CUDA form {forms}: fused channels-last kernels, verify (emulated)"):
+                    t0 = time.perf_counter()
+                    cuda_sections[graph.name] = cuda_graphs(path, writer, ref, cuda_reports, plans.get(graph.name))
+                    timings[f"cuda_form_{graph.name}_s"] = time.perf_counter() - t0
+                f = cuda_sections[graph.name]["fused_nodes"]
+                progress.note(", ".join(f"{v} {k}" for k, v in f.items()))
             del ref
             gc.collect()
         if not fp32_report:
             raise VerificationError(fp32_report)
         if opts.fp16 and not fp16_report:
             raise VerificationError(fp16_report)
+        cuda_used = [cuda_reports["fp32"]] + ([cuda_reports["fp16"]] if opts.fp16 else []) if opts.cuda_form else []
+        for r in cuda_used:
+            if not r:
+                raise VerificationError(r)
 
         with progress.step("check TensorRT readiness of the graphs engines are built from"):
             readiness = check_folder(writer.staging, opts.limits)
@@ -265,12 +323,17 @@ def export_artifact(opts: ExportOptions, progress: Progress | None = None) -> Ex
                 writer.publish(name + ".data", role=ROLE_EXTERNAL_DATA, fmt=FORMAT_ONNX_DATA,
                                precision=precision, data_of=name)
                 writer.publish(name, role=graph.name, fmt=FORMAT_ONNX, precision=precision)
+                if graph.name in cuda_sections and (precision == "fp32" or graph.name in plans):
+                    name = graph.file_name(precision, form="cuda")
+                    writer.publish(name + ".data", role=ROLE_EXTERNAL_DATA, fmt=FORMAT_ONNX_DATA,
+                                   precision=precision, data_of=name)
+                    writer.publish(name, role=graph.name, fmt=FORMAT_ONNX_CUDA, precision=precision)
 
         engines = engine_step.run(writer, vae, opts.limits, variant.name, scaling_factor, progress) \
             if engine_step else None
 
         timings["total_s"] = time.perf_counter() - t_all
-        reports = [fp32_report] + ([fp16_report] if opts.fp16 else [])
+        reports = [fp32_report] + ([fp16_report] if opts.fp16 else []) + cuda_used
         manifest = writer.write_manifest({
             "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "variant": variant.name,
@@ -290,6 +353,12 @@ def export_artifact(opts: ExportOptions, progress: Progress | None = None) -> Ex
             },
             "versions": library_versions(),
             "fp16": fp16_section(plans, opts) if opts.fp16 else None,
+            "cuda_form": {
+                "what": "channels-last graphs with ONNX Runtime's com.microsoft CUDA kernels (GroupNorm, "
+                        "SkipGroupNorm, NhwcConv); run only by ONNX Runtime's CUDA provider",
+                "verified": "on the CPU through their standard-ONNX emulation (asym-parity checks the kernels on a GPU)",
+                "graphs": cuda_sections,
+            } if cuda_sections else None,
             "verification": {
                 "seed": VERIFY_SEED,
                 "shapes": [str(s) for s in shapes],

@@ -136,6 +136,8 @@ class Fp16Plan:
     headroom: float = DEFAULT_HEADROOM
     max_observed: float = 0.0  # largest activation seen in calibration
     weights: dict = field(default_factory=dict)  # fp16/fp32 initializer counts of the result
+    #: the calibrated ranges the plan was made from (tensor -> max |x|); not in the manifest
+    ranges: dict = field(default_factory=dict, repr=False)
 
     @property
     def node_names(self) -> list[str]:
@@ -199,7 +201,7 @@ def plan_islands(model: onnx.ModelProto, ranges: dict[str, float], weights: dict
         if m > FP16_MAX:  # cannot be stored in FP16 at all (no headroom needed: weights are fixed)
             for c in consumers.get(name, []):
                 block(c, f"weight {name} holds {m:.3g} > {FP16_MAX:g}")
-    plan = Fp16Plan(list(keep.values()), headroom, max(ranges.values(), default=0.0))
+    plan = Fp16Plan(list(keep.values()), headroom, max(ranges.values(), default=0.0), ranges=dict(ranges))
     log.info("FP16 plan: %d node(s) stay FP32 (max activation %.3g, limit %.3g)",
              len(plan.islands), plan.max_observed, limit)
     return plan

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from asym_runtime.errors import (ArtifactError, AsymInputError, BackendUnavailableError,
                                  IncompatibleEngineError)
-from asym_runtime.manifest import FORMAT_ONNX, FORMAT_PLAN, Manifest, read_manifest
+from asym_runtime.manifest import FORMAT_ONNX, FORMAT_ONNX_CUDA, FORMAT_PLAN, Manifest, read_manifest
 from asym_runtime.specs import DECODER, ENCODER, Shape, parse_shape
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -40,10 +40,12 @@ class ParityError(ValueError):
 class Candidate:
     backend: str  # an asym_runtime.load backend name
     precision: str | None
+    graph_form: str = "auto"  # asym_runtime.load graph_form: "portable" forces the standard graphs
 
     @property
     def label(self) -> str:
-        return f"{self.backend}/{self.precision or 'engine'}"
+        form = "/portable" if self.graph_form == "portable" else ""
+        return f"{self.backend}/{self.precision or 'engine'}{form}"
 
 
 @dataclass
@@ -57,8 +59,22 @@ class ParityResult:
         return bool(self.reports) and all(self.reports)
 
 
-def reference_from_manifest(manifest: Manifest):
-    """diffusers' model with the weights the folder was exported from (digest checked)."""
+def reference_from_manifest(manifest: Manifest, cache: dict | None = None):
+    """diffusers' model with the weights the folder was exported from (digest checked), in
+    FP32 on the CPU. ``cache``: a dict kept by the caller; a model built once is copied from
+    it (building and hashing x2 costs seconds each time)."""
+    import copy
+
+    key = str(Path(manifest.root).resolve())
+    if cache is not None and key in cache:
+        return copy.deepcopy(cache[key])
+    vae = _build_reference(manifest)
+    if cache is not None:
+        cache[key] = copy.deepcopy(vae)
+    return vae
+
+
+def _build_reference(manifest: Manifest):
     from .variants import get_variant
     from .weights import load_reference, random_model, state_dict_digest
 
@@ -88,9 +104,12 @@ def candidates(manifest: Manifest, backends: list[str] | None = None) -> list[Ca
     onnx_precisions = sorted({e.precision for e in manifest.files.values()
                               if e.format == FORMAT_ONNX and e.role == "decoder" and e.precision},
                              key=lambda p: (order.get(p, 2), p))
-    out = []
-    for b in ("onnxruntime-cpu", "onnxruntime-cuda"):
-        out += [Candidate(b, p) for p in onnx_precisions]
+    cuda_forms = {e.precision for e in manifest.files.values() if e.format == FORMAT_ONNX_CUDA}
+    out = [Candidate("onnxruntime-cpu", p) for p in onnx_precisions]
+    for p in onnx_precisions:  # the CUDA provider runs the CUDA form where the folder has one
+        out.append(Candidate("onnxruntime-cuda", p))
+        if p in cuda_forms:
+            out.append(Candidate("onnxruntime-cuda", p, "portable"))
     engine_precisions = sorted({e.precision for e in manifest.files.values()
                                 if e.format == FORMAT_PLAN and e.role == "decoder"})
     out += [Candidate("tensorrt", p) for p in engine_precisions]
@@ -105,8 +124,13 @@ def default_shapes(manifest: Manifest) -> list[Shape]:
 
 
 def run_parity(root: str | Path, *, backends: list[str] | None = None, shapes: list[Shape] | None = None,
-               fp32_max_abs: float | None = None, seed: int | None = None) -> ParityResult:
-    """Compare every available backend with the reference; returns the reports (no printing)."""
+               fp32_max_abs: float | None = None, seed: int | None = None, reference_device: str = "cpu",
+               provider_options: dict | None = None, reference_cache: dict | None = None) -> ParityResult:
+    """Compare every available backend with the reference; returns the reports (no printing).
+
+    ``reference_device``: where diffusers computes the reference (``cuda`` for the large shapes
+    of a GPU check; TF32 is switched off there, so it is a true FP32 reference).
+    ``provider_options``: precision -> ONNX Runtime CUDA options replacing the defaults."""
     import numpy as np
 
     import asym_runtime
@@ -132,21 +156,30 @@ def run_parity(root: str | Path, *, backends: list[str] | None = None, shapes: l
     if not usable:
         raise ParityError("no comparison shape lies inside the folder's shape limits; pass --shapes")
 
-    vae = reference_from_manifest(manifest)
+    from .engine_verify import _true_fp32
+
+    vae = reference_from_manifest(manifest, reference_cache).to(reference_device)
     sf = manifest.scaling_factor
     cases = []
-    for i, s in usable:
-        enc = make_feed(ENCODER, s, seed + i, sf)
-        dec = make_feed(DECODER, s, seed + i, sf)
-        unc = {"latent": dec["latent"]}
-        refs = (reference_outputs(vae, ENCODER, enc), reference_outputs(vae, DECODER, dec),
-                reference_outputs(vae, DECODER_UNCOND, unc))
-        cases.append((s, enc, dec, unc, refs))
+    with _true_fp32():
+        for i, s in usable:
+            enc = make_feed(ENCODER, s, seed + i, sf)
+            dec = make_feed(DECODER, s, seed + i, sf)
+            unc = {"latent": dec["latent"]}
+            refs = (reference_outputs(vae, ENCODER, enc), reference_outputs(vae, DECODER, dec),
+                    reference_outputs(vae, DECODER_UNCOND, unc))
+            cases.append((s, enc, dec, unc, refs))
     del vae
+    if reference_device != "cpu":
+        import torch
+
+        torch.cuda.empty_cache()
 
     for cand in candidates(manifest, backends):
+        opts = (provider_options or {}).get(cand.precision) if cand.backend == "onnxruntime-cuda" else None
         try:
-            rt = asym_runtime.load(root, backend=cand.backend, precision=cand.precision)
+            rt = asym_runtime.load(root, backend=cand.backend, precision=cand.precision,
+                                   graph_form=cand.graph_form, provider_options=opts)
         except (BackendUnavailableError, IncompatibleEngineError) as e:
             result.skipped.append((cand.label, str(e)))
             continue
@@ -197,8 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", type=Path, metavar="DIR", help="artifact folder written by asym-export")
     p.add_argument("--backends", metavar="NAME[,NAME...]",
                    help="only these: onnxruntime-cpu, onnxruntime-cuda, tensorrt (default: all available)")
-    p.add_argument("--shapes", metavar="BxHxW[,BxHxW...]",
-                   help="comparison shapes (default: the manifest's verification shapes inside its limits)")
+    p.add_argument("--shapes", metavar="BxHxW[,BxHxW...]|limits",
+                   help="comparison shapes (default: the manifest's verification shapes inside its limits); "
+                        "'limits': the shape limits' min, opt and max")
+    p.add_argument("--reference-device", choices=("cpu", "cuda"), default="cpu",
+                   help="where diffusers computes the FP32 reference (default cpu; cuda for large shapes, "
+                        "with TF32 off)")
     p.add_argument("--atol", type=float, default=None, metavar="X",
                    help="max abs error allowed at FP32 (default: the export's tolerance, 1e-3)")
     p.add_argument("--seed", type=int, default=None, help="seed of the inputs (default: the export's)")
@@ -220,10 +257,20 @@ def main(argv: list[str] | None = None) -> int:
             bad = [b for b in backends if b not in known]
             if bad:
                 raise AsymInputError(f"--backends {','.join(bad)}: choose from {', '.join(sorted(known))}")
-        shapes = [parse_shape(s) for s in args.shapes.split(",") if s.strip()] if args.shapes else None
+        if args.shapes and args.shapes.strip() == "limits":
+            lim = read_manifest(args.dir).limits
+            shapes = list(dict.fromkeys([lim.min, lim.opt, lim.max]))
+        else:
+            shapes = [parse_shape(s) for s in args.shapes.split(",") if s.strip()] if args.shapes else None
+        if args.reference_device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise AsymInputError("--reference-device cuda: torch sees no CUDA GPU here")
         if args.atol is not None and not args.atol > 0:
             raise AsymInputError(f"--atol {args.atol} must be positive")
-        result = run_parity(args.dir, backends=backends, shapes=shapes, fp32_max_abs=args.atol, seed=args.seed)
+        result = run_parity(args.dir, backends=backends, shapes=shapes, fp32_max_abs=args.atol, seed=args.seed,
+                            reference_device=args.reference_device)
     except (ArtifactError, AsymInputError, ParityError, WeightsError) as e:
         print(f"asym-parity: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -27,13 +27,16 @@ from .backends.onnxrt import OnnxRuntimeBackend, cuda_provider_available
 from .checks import check_inputs
 from .errors import (ArtifactError, AsymInputError, BackendUnavailableError,
                      IncompatibleEngineError)
-from .manifest import FORMAT_ONNX, FORMAT_PLAN, MANIFEST_NAME, Manifest, read_manifest
+from .manifest import FORMAT_ONNX, FORMAT_ONNX_CUDA, FORMAT_PLAN, MANIFEST_NAME, Manifest, read_manifest
 from .specs import DECODER, DECODER_UNCOND, ENCODER, ShapeLimits
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "onnxruntime-cuda", "onnxruntime-cpu")
 PRECISIONS = ("fp32", "fp16")
+#: Which ONNX graphs the CUDA provider runs: "auto" (the CUDA form where the folder has one),
+#: "cuda" (the CUDA form, or an error) or "portable" (the standard graphs every provider runs).
+GRAPH_FORMS = ("auto", "cuda", "portable")
 
 #: Folders exported before ``decoder_uncond`` existed have no plain decoder graph; there the
 #: runtime runs the conditional graph with mask = 1 and image = 0, where the blends are
@@ -172,7 +175,7 @@ class AsymVAE:
     """
 
     def __init__(self, manifest: Manifest, backends: dict[str, Backend], *, backend: str,
-                 precision: str, limits: ShapeLimits, device: str):
+                 precision: str, limits: ShapeLimits, device: str, graph_form: str | None = None):
         self.manifest = manifest
         self.backends = backends
         #: "tensorrt", "onnxruntime-cuda" or "onnxruntime-cpu"
@@ -183,6 +186,8 @@ class AsymVAE:
         self.limits = limits
         #: "cpu" or "cuda:N": where the backend computes
         self.device = device
+        #: ONNX Runtime: "cuda" (the fused channels-last CUDA form) or "portable"; None for TensorRT
+        self.graph_form = graph_form
         cfg = dict(manifest.model_config)
         cfg["scaling_factor"] = manifest.scaling_factor
         self.config = VAEConfig(cfg)
@@ -192,7 +197,8 @@ class AsymVAE:
         return self.manifest.variant
 
     def __repr__(self) -> str:
-        return (f"<AsymVAE {self.variant} {self.backend} {self.precision} on {self.device}, "
+        form = f" ({self.graph_form} graphs)" if self.graph_form else ""
+        return (f"<AsymVAE {self.variant} {self.backend} {self.precision}{form} on {self.device}, "
                 f"{self.manifest.root}>")
 
     # ----- calls
@@ -265,7 +271,8 @@ class AsymVAE:
 
 def load(path: str | os.PathLike, backend: str = "auto", precision: str | None = None, *,
          verify_onnx: bool = True, device_id: int = 0, cuda_graph: bool = False,
-         graphs: Iterable[str] | None = None) -> AsymVAE:
+         graphs: Iterable[str] | None = None, graph_form: str = "auto",
+         provider_options: dict | None = None) -> AsymVAE:
     """Load the artifact folder ``path`` (written by ``asym-export``) and pick a backend.
 
     Args:
@@ -282,13 +289,22 @@ def load(path: str | os.PathLike, backend: str = "auto", precision: str | None =
         verify_onnx: check the sha256 of every ONNX file against the manifest before
             loading it (default True). Engines are always checked.
         device_id: the CUDA device for GPU backends.
-        cuda_graph: TensorRT only, for services that decode at one fixed shape: the second
-            consecutive call at a shape captures a CUDA graph and later calls at that shape
-            replay it; a call at another shape drops it.
+        cuda_graph: for services that decode at a few repeating shapes (GPU backends).
+            TensorRT: the second consecutive call at a shape captures a CUDA graph and later
+            calls at that shape replay it; a call at another shape drops it. ONNX Runtime
+            CUDA: every shape (up to 8) gets buffers bound once and a graph captured on its
+            second call, kept while the VAE is loaded; calls are then serialised.
         graphs: which graphs to load, of ``encoder``, ``decoder``, ``decoder_uncond``
             (default: all the folder has). A decode-only service saves the encoder's memory
             with ``graphs=("decoder", "decoder_uncond")``; without ``decoder_uncond`` plain
             decodes run through ``decoder``.
+        graph_form: ONNX Runtime CUDA only: ``"auto"`` (default) runs the folder's CUDA form
+            (``decoder.fp16.cuda.onnx``: channels-last with fused GroupNorm/NhwcConv kernels)
+            where it has one, ``"cuda"`` insists on it, ``"portable"`` runs the standard
+            graphs. The CPU provider always runs the portable graphs.
+        provider_options: ONNX Runtime CUDA provider options that replace the measured
+            defaults (``asym_runtime.backends.onnxrt.CUDA_PROVIDER_OPTIONS``), e.g.
+            ``{"cudnn_conv_algo_search": "EXHAUSTIVE"}``.
 
     Raises:
         ArtifactError: no manifest, another schema version, a file missing or changed
@@ -302,6 +318,8 @@ def load(path: str | os.PathLike, backend: str = "auto", precision: str | None =
         raise ValueError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if precision is not None and precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: choose fp32, fp16 or None (the folder's default)")
+    if graph_form not in GRAPH_FORMS:
+        raise ValueError(f"graph_form {graph_form!r}: choose one of {', '.join(GRAPH_FORMS)}")
     if isinstance(graphs, str):  # load(dir, graphs="decoder"): one name, not its letters
         graphs = (graphs,)
     wanted = tuple(_SPECS) if graphs is None else tuple(dict.fromkeys(graphs))
@@ -333,7 +351,8 @@ def load(path: str | os.PathLike, backend: str = "auto", precision: str | None =
                 except (IncompatibleEngineError, BackendUnavailableError) as e:
                     log.warning("%s; using ONNX Runtime instead", e)
 
-    return _load_onnxruntime(manifest, backend, precision or "fp32", verify_onnx, device_id, wanted)
+    return _load_onnxruntime(manifest, backend, precision or "fp32", verify_onnx, device_id, wanted,
+                             cuda_graph=cuda_graph, graph_form=graph_form, provider_options=provider_options)
 
 
 def _engine_entries(manifest: Manifest, precision: str | None, wanted: tuple[str, ...]) -> dict[str, str] | None:
@@ -348,10 +367,11 @@ def _engine_entries(manifest: Manifest, precision: str | None, wanted: tuple[str
     return found
 
 
-def _onnx_entries(manifest: Manifest, precision: str, wanted: tuple[str, ...]) -> dict[str, str]:
+def _onnx_entries(manifest: Manifest, precision: str, wanted: tuple[str, ...],
+                  fmt: str = FORMAT_ONNX) -> dict[str, str]:
     found = {}
     for role in wanted:
-        e = manifest.find(role, FORMAT_ONNX, precision)
+        e = manifest.find(role, fmt, precision)
         if e is not None:
             found[role] = e.name
     missing = [r for r in _REQUIRED if r in wanted and r not in found]
@@ -365,6 +385,24 @@ def _onnx_entries(manifest: Manifest, precision: str, wanted: tuple[str, ...]) -
             f"{MANIFEST_NAME} lists precisions: {', '.join(have) or 'none'}){hint}"
         )
     return found
+
+
+def _cuda_entries(manifest: Manifest, precision: str, wanted: tuple[str, ...],
+                  graph_form: str) -> dict[str, str] | None:
+    """role -> CUDA-form file for every wanted graph the folder has one for, or None (portable)."""
+    if graph_form == "portable":
+        return None
+    found = {r: e.name for r in wanted if (e := manifest.find(r, FORMAT_ONNX_CUDA, precision)) is not None}
+    portable = _onnx_entries(manifest, precision, wanted)
+    if set(found) == set(portable):
+        return found
+    if graph_form == "cuda":
+        raise ArtifactError(
+            f"{manifest.root} has no {precision} CUDA form for "
+            f"{', '.join(sorted(set(portable) - set(found)))} (re-export with a current asym-export, "
+            "or load with graph_form='portable')"
+        )
+    return None
 
 
 def _intersect(a: ShapeLimits, b: ShapeLimits | None) -> ShapeLimits:
@@ -425,25 +463,36 @@ def _load_tensorrt(manifest: Manifest, engines: dict[str, str], device_id: int,
 
 
 def _load_onnxruntime(manifest: Manifest, backend: str, precision: str, verify: bool,
-                      device_id: int, wanted: tuple[str, ...]) -> AsymVAE:
-    graphs = _onnx_entries(manifest, precision, wanted)
-    if verify:
-        for name in graphs.values():
-            manifest.verify_file(name)
-            for data in manifest.companions(name):
-                manifest.verify_file(data.name)
+                      device_id: int, wanted: tuple[str, ...], *, cuda_graph: bool = False,
+                      graph_form: str = "auto", provider_options: dict | None = None) -> AsymVAE:
+    portable = _onnx_entries(manifest, precision, wanted)
     if backend == "onnxruntime-cpu":
         devices = ["cpu"]
     elif backend == "onnxruntime-cuda":
         devices = ["cuda"]
     else:
         devices = ["cuda", "cpu"] if cuda_provider_available() else ["cpu"]
+    if cuda_graph and "cuda" not in devices:
+        if backend == "onnxruntime-cpu":
+            raise ValueError("cuda_graph needs a GPU backend (TensorRT or ONNX Runtime CUDA), not onnxruntime-cpu")
+        log.warning("cuda_graph: no GPU backend can run here; running on the CPU without CUDA graphs")
+    verified: set[str] = set()
     last: Exception | None = None
     for device in devices:
+        cuda = _cuda_entries(manifest, precision, wanted, graph_form) if device == "cuda" else None
+        graphs = cuda or portable
+        if verify:
+            for name in graphs.values():
+                for entry in [manifest.files[name], *manifest.companions(name)]:
+                    if entry.name not in verified:
+                        manifest.verify_file(entry.name)
+                        verified.add(entry.name)
         backends: dict[str, Backend] = {}
         try:
             for role, name in graphs.items():
-                b = OnnxRuntimeBackend(_SPECS[role], manifest.path(name), device=device, device_id=device_id)
+                b = OnnxRuntimeBackend(_SPECS[role], manifest.path(name), device=device, device_id=device_id,
+                                       precision=precision, cuda_graph=cuda_graph and device == "cuda",
+                                       provider_overrides=provider_options if device == "cuda" else None)
                 backends[role] = b.activate()
         except BackendUnavailableError as e:
             for b in backends.values():
@@ -453,7 +502,13 @@ def _load_onnxruntime(manifest: Manifest, backend: str, precision: str, verify: 
             log.info("%s; trying the next ONNX Runtime provider", e)
             last = e
             continue
-        log.info("loaded %s with ONNX Runtime (%s, %s)", manifest.root, device, precision)
+        except BaseException:
+            for b in backends.values():
+                b.deactivate()
+            raise
+        form = "cuda" if cuda else "portable"
+        log.info("loaded %s with ONNX Runtime (%s, %s, %s graphs)", manifest.root, device, precision, form)
         return AsymVAE(manifest, backends, backend=f"onnxruntime-{device}", precision=precision,
-                       limits=manifest.limits, device=f"cuda:{device_id}" if device == "cuda" else "cpu")
+                       limits=manifest.limits, device=f"cuda:{device_id}" if device == "cuda" else "cpu",
+                       graph_form=form)
     raise BackendUnavailableError(f"no ONNX Runtime provider could start: {last}")  # pragma: no cover

@@ -25,6 +25,10 @@ SCHEMA_VERSION = 1
 ROLE_EXTERNAL_DATA = "external_data"
 ROLE_TIMING_CACHE = "timing_cache"
 FORMAT_ONNX = "onnx"
+#: The CUDA form of a graph (``decoder.fp16.cuda.onnx``): ONNX with ONNX Runtime's
+#: com.microsoft CUDA kernels (GroupNorm, SkipGroupNorm, NhwcConv), which only its CUDA
+#: provider runs. A format of its own, so nothing that reads portable ONNX ever picks it.
+FORMAT_ONNX_CUDA = "onnx_cuda"
 FORMAT_ONNX_DATA = "onnx_external_data"
 FORMAT_PLAN = "tensorrt_plan"
 FORMAT_TIMING_CACHE = "tensorrt_timing_cache"

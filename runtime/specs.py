@@ -66,8 +66,11 @@ class GraphSpec:
                 return t
         raise KeyError(f"{self.name} has no tensor {name!r}")
 
-    def file_name(self, precision: str = "fp32") -> str:
-        return f"{self.name}.onnx" if precision == "fp32" else f"{self.name}.{precision}.onnx"
+    def file_name(self, precision: str = "fp32", form: str | None = None) -> str:
+        """``decoder.onnx``, ``decoder.fp16.onnx``; with ``form="cuda"`` the CUDA form beside
+        them: ``decoder.cuda.onnx``, ``decoder.fp16.cuda.onnx``."""
+        parts = [self.name] + ([precision] if precision != "fp32" else []) + ([form] if form else [])
+        return ".".join(parts) + ".onnx"
 
     def engine_name(self) -> str:
         return f"engines/{self.name}.plan"

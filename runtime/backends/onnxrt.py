@@ -1,9 +1,17 @@
 """ONNX Runtime backend: the CPU provider everywhere, the CUDA provider with IO binding on a GPU.
 
 Threading: ``InferenceSession.run`` and ``run_with_iobinding`` are safe to call from several
-threads at once on one session (ONNX Runtime documents this); this backend keeps no per-call
-state on itself (an IO binding is made per call), so one activated backend serves any number
-of threads without a lock.
+threads at once on one session (ONNX Runtime documents this); without CUDA graphs this backend
+keeps no per-call state on itself (an IO binding is made per call), so one activated backend
+serves any number of threads without a lock. With CUDA graphs the bound buffers and the
+captured graphs belong to the session, and ONNX Runtime does not support concurrent runs of a
+graph-capturing session: calls are serialised on a lock.
+
+Copies: numpy callers pay exactly one host-to-device copy per input and one device-to-host
+copy per output; torch CUDA tensors are bound by pointer (no copy) and, where the session was
+created on a stream of torch's (torch imported before the backend was activated), the run is
+ordered on the GPU after the caller's stream and the caller's stream after the run, with no
+host synchronisation, as a torch op would be.
 
 Session settings live in one place, :func:`session_options` and :func:`provider_options`, so
 a measurement can tune them without touching the backend.
@@ -12,6 +20,8 @@ a measurement can tune them without touching the backend.
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +36,22 @@ from .base import Backend
 log = logging.getLogger(__name__)
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+#: CUDA provider options per graph precision, measured on an H100 with onnxruntime-gpu 1.31
+#: (README, "ONNX Runtime on a GPU"; ``scripts/gpu_check.py`` repeats the sweep):
+#:
+#: * FP16 graphs: ``use_tf32=0`` also takes the tensor-core engines away from FP16
+#:   convolutions (ONNX Runtime deselects every tensor-core engine, whatever the data type),
+#:   so TF32 stays allowed; it only touches FP32 islands, whose point is range, not mantissa.
+#:   ``HEURISTIC`` (cuDNN heuristic mode A) finds tensor-core plans at every shape.
+#: * FP32 graphs: no TF32 (a 10-bit mantissa breaks the 1e-3 parity with the reference), and
+#:   ``EXHAUSTIVE`` (heuristic mode B): with TF32 off, mode A asked for a 139 GB workspace.
+CUDA_PROVIDER_OPTIONS = {
+    "fp16": {"cudnn_conv_algo_search": "HEURISTIC", "use_tf32": "1"},
+    "fp32": {"cudnn_conv_algo_search": "EXHAUSTIVE", "use_tf32": "0"},
+}
+#: CUDA graphs a session captures at most (one per input shape); later shapes run uncaptured.
+MAX_CUDA_GRAPHS = 8
 
 
 def session_options(device: str):
@@ -44,7 +70,9 @@ def session_options(device: str):
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.log_severity_level = 3  # errors only; ONNX Runtime warns about every unused initializer
+    # errors only (ONNX Runtime warns about every unused initializer); ASYM_ORT_LOG_SEVERITY=2
+    # shows warnings, e.g. cuDNN falling back to slow kernels ("running in Fallback mode")
+    so.log_severity_level = int(os.environ.get("ASYM_ORT_LOG_SEVERITY", "3"))
     if device == "cpu":
         so.intra_op_num_threads = 0
         so.inter_op_num_threads = 1
@@ -53,15 +81,14 @@ def session_options(device: str):
     return so
 
 
-def provider_options(device: str, device_id: int = 0) -> dict:
-    """Options for the execution provider of ``device``."""
+def provider_options(device: str, device_id: int = 0, precision: str = "fp32",
+                     overrides: dict | None = None) -> dict:
+    """Options for the execution provider of ``device``, for graphs of ``precision``
+    (:data:`CUDA_PROVIDER_OPTIONS`), with the caller's ``overrides`` on top."""
     if device == "cuda":
-        # * use_tf32 off: TF32 rounds convolution inputs to a 10-bit mantissa (about 1e-3
-        #   relative), which would break the FP32 graphs' parity with the reference; FP16
-        #   graphs keep their FP32 islands in full FP32 too.
-        # * cuDNN's exhaustive algorithm search (the default) runs once per new shape and
-        #   caches; a service sees few shapes many times, so keep it.
-        return {"device_id": str(device_id), "use_tf32": "0"}
+        opts = {"device_id": str(device_id), **CUDA_PROVIDER_OPTIONS.get(precision, CUDA_PROVIDER_OPTIONS["fp32"])}
+        opts.update({k: str(v) for k, v in (overrides or {}).items()})
+        return opts
     return {}
 
 
@@ -75,18 +102,46 @@ def cuda_provider_available() -> bool:
     return PROVIDERS["cuda"] in ort.get_available_providers()
 
 
-class OnnxRuntimeBackend(Backend):
-    """One ONNX graph in an ``onnxruntime.InferenceSession`` on ``device`` (``cpu``/``cuda``)."""
+class _Bound:
+    """Device buffers bound once for one input shape, and the CUDA graph captured on them."""
 
-    def __init__(self, graph: GraphSpec, path: str | Path, device: str = "cpu", device_id: int = 0):
+    def __init__(self, io, inputs: dict, outputs: dict, graph_id: int):
+        self.io = io
+        self.inputs = inputs
+        self.outputs = outputs
+        self.graph_id = graph_id
+        self.warm = False
+
+
+class OnnxRuntimeBackend(Backend):
+    """One ONNX graph in an ``onnxruntime.InferenceSession`` on ``device`` (``cpu``/``cuda``).
+
+    ``precision`` selects the CUDA provider's settings (:data:`CUDA_PROVIDER_OPTIONS`);
+    ``provider_overrides`` replaces single options. ``cuda_graph`` (CUDA only): each input
+    shape gets device buffers bound once and a CUDA graph captured on its second call, which
+    later calls at that shape replay (ONNX Runtime's ``enable_cuda_graph`` with one
+    ``gpu_graph_id`` per shape, up to :data:`MAX_CUDA_GRAPHS` shapes).
+    """
+
+    def __init__(self, graph: GraphSpec, path: str | Path, device: str = "cpu", device_id: int = 0, *,
+                 precision: str = "fp32", cuda_graph: bool = False, provider_overrides: dict | None = None):
         super().__init__(graph)
         if device not in PROVIDERS:
             raise ValueError(f"device {device!r}: use cpu or cuda")
+        if cuda_graph and device != "cuda":
+            raise ValueError("cuda_graph needs the CUDA provider")
         self.path = Path(path)
         self.device = device
         self.device_id = device_id
+        self.precision = precision
+        self.cuda_graph = cuda_graph
+        self.provider_overrides = dict(provider_overrides or {})
         self.name = f"onnxruntime-{device}"
         self.session = None
+        self._stream = None  # a torch stream the session runs on, when torch was there first
+        self._bound: dict[tuple, _Bound] = {}
+        self._lock = threading.Lock()
+        self._warned_full = False
 
     def _activate(self) -> None:
         try:
@@ -100,10 +155,34 @@ class OnnxRuntimeBackend(Backend):
                     "the installed onnxruntime has no CUDA provider; install onnxruntime-gpu "
                     "(and only it) to run ONNX Runtime on a GPU"
                 )
-            providers = [(PROVIDERS["cuda"], provider_options("cuda", self.device_id)), PROVIDERS["cpu"]]
+            opts = provider_options("cuda", self.device_id, self.precision, self.provider_overrides)
+            if self.cuda_graph:
+                opts["enable_cuda_graph"] = "1"
+            torch = arrays.torch_module()
+            if torch is not None and "user_compute_stream" not in opts:
+                try:
+                    if torch.cuda.is_available():
+                        self._stream = torch.cuda.Stream(device=self.device_id)
+                        opts["user_compute_stream"] = str(self._stream.cuda_stream)
+                except Exception as e:  # noqa: BLE001 - torch without a usable GPU: ORT's own stream
+                    log.debug("no torch stream for ONNX Runtime: %s", e)
+                    self._stream = None
+            providers = [(PROVIDERS["cuda"], opts), PROVIDERS["cpu"]]
         try:
-            sess = ort.InferenceSession(str(self.path), session_options(self.device), providers=providers)
+            try:
+                sess = ort.InferenceSession(str(self.path), session_options(self.device), providers=providers)
+            except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+                if self._stream is None:
+                    raise
+                # a session on torch's stream is an optimisation, never a reason to fail
+                log.warning("ONNX Runtime refused torch's CUDA stream (%s); using its own stream", e)
+                self._stream = None
+                del providers[0][1]["user_compute_stream"]
+                sess = ort.InferenceSession(str(self.path), session_options(self.device), providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types
+            if self.cuda_graph and "graph capture" in str(e):
+                raise BackendUnavailableError(f"ONNX Runtime cannot capture {self.path.name} in a CUDA graph: "
+                                              f"{e}; load without cuda_graph") from None
             raise ArtifactError(f"onnxruntime cannot load {self.path.name}: {e}") from None
         if self.device == "cuda" and PROVIDERS["cuda"] not in sess.get_providers():
             raise BackendUnavailableError(
@@ -129,7 +208,10 @@ class OnnxRuntimeBackend(Backend):
                 )
 
     def _deactivate(self) -> None:
-        self.session = None
+        with self._lock:
+            self._bound.clear()
+            self.session = None
+            self._stream = None
 
     def _infer(self, feed: dict[str, Any]) -> dict[str, Any]:
         # one read of the session per call: close() from another thread sets it to None
@@ -138,6 +220,11 @@ class OnnxRuntimeBackend(Backend):
             raise RuntimeError("this AsymVAE is closed")
         ref = next(iter(feed.values()))
         if self.device == "cuda":
+            if arrays.is_cuda_tensor(ref) and (ref.device.index or 0) != self.device_id:
+                raise AsymInputError(f"inputs are on {ref.device}, this session runs on cuda:{self.device_id}; "
+                                     f"move them there or load the folder with device_id={ref.device.index}")
+            if self.cuda_graph:
+                return self._infer_graph(sess, feed)
             if arrays.is_cuda_tensor(ref):
                 return self._infer_cuda_tensors(sess, feed)
             return self._infer_bound_host(sess, feed)
@@ -159,11 +246,10 @@ class OnnxRuntimeBackend(Backend):
 
     def _infer_cuda_tensors(self, sess, feed: dict[str, Any]) -> dict[str, Any]:
         """torch CUDA tensors in and out, bound by pointer: no host round trip."""
+        import onnxruntime as ort
+
         torch = arrays.torch_module()
         ref = next(iter(feed.values()))
-        if (ref.device.index or 0) != self.device_id:
-            raise AsymInputError(f"inputs are on {ref.device}, this session runs on cuda:{self.device_id}; "
-                                 f"move them there or load the folder with device_id={ref.device.index}")
         shape = request_shape(self.graph, feed)
         outs = {name: torch.empty(s, dtype=torch.float32, device=ref.device)
                 for name, s in output_shapes(self.graph, shape).items()}
@@ -172,8 +258,121 @@ class OnnxRuntimeBackend(Backend):
             io.bind_input(name, "cuda", self.device_id, np.float32, tuple(t.shape), t.data_ptr())
         for name, t in outs.items():
             io.bind_output(name, "cuda", self.device_id, np.float32, tuple(t.shape), t.data_ptr())
-        # the inputs were written on torch's stream; ONNX Runtime runs on its own
+        caller = torch.cuda.current_stream(ref.device)
+        stream = self._stream
+        if stream is None:
+            # the session runs on ONNX Runtime's own stream: the inputs must be written first
+            caller.synchronize()
+            sess.run_with_iobinding(io)
+            io.synchronize_outputs()
+            return outs
+        # the session runs on our torch stream: order it on the GPU, no host wait
+        stream.wait_stream(caller)
+        ro = ort.RunOptions()
+        ro.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        sess.run_with_iobinding(io, ro)
+        caller.wait_stream(stream)
+        for t in feed.values():  # the caller may free its inputs before our stream read them
+            t.record_stream(stream)
+        return outs
+
+    # ----- CUDA graphs
+    def _bind(self, sess, feed: dict[str, Any], torch_kind: bool) -> _Bound | None:
+        """Device buffers for one input shape, bound once; None when the graph budget is spent."""
+        if len(self._bound) >= MAX_CUDA_GRAPHS:
+            if not self._warned_full:
+                log.warning("%s: %d shapes already have CUDA graphs; further shapes run without one",
+                            self.graph.name, MAX_CUDA_GRAPHS)
+                self._warned_full = True
+            return None
+        import onnxruntime as ort
+
+        shapes = {k: tuple(v.shape) for k, v in feed.items()}
+        out_shapes = output_shapes(self.graph, request_shape(self.graph, feed))
+        io = sess.io_binding()
+        if torch_kind:
+            torch = arrays.torch_module()
+            dev = f"cuda:{self.device_id}"
+            ins = {n: torch.empty(s, dtype=torch.float32, device=dev) for n, s in shapes.items()}
+            outs = {n: torch.empty(s, dtype=torch.float32, device=dev) for n, s in out_shapes.items()}
+            for n, t in ins.items():
+                io.bind_input(n, "cuda", self.device_id, np.float32, tuple(t.shape), t.data_ptr())
+            for n, t in outs.items():
+                io.bind_output(n, "cuda", self.device_id, np.float32, tuple(t.shape), t.data_ptr())
+        else:
+            ins = {n: ort.OrtValue.ortvalue_from_shape_and_type(s, np.float32, "cuda", self.device_id)
+                   for n, s in shapes.items()}
+            outs = {n: ort.OrtValue.ortvalue_from_shape_and_type(s, np.float32, "cuda", self.device_id)
+                    for n, s in out_shapes.items()}
+            for n, v in ins.items():
+                io.bind_ortvalue_input(n, v)
+            for n, v in outs.items():
+                io.bind_ortvalue_output(n, v)
+        # graph id 0 is ONNX Runtime's own; -1 means "do not capture"
+        return _Bound(io, ins, outs, graph_id=len(self._bound) + 1)
+
+    def _infer_graph(self, sess, feed: dict[str, Any]) -> dict[str, Any]:
+        """Copy into the buffers bound for this shape, replay its CUDA graph (captured on the
+        second call; the first runs uncaptured so cuDNN's plans and the memory arena are
+        settled before capture), copy out."""
+        import onnxruntime as ort
+
+        ref = next(iter(feed.values()))
+        torch_kind = arrays.is_cuda_tensor(ref)
+        shapes = {k: tuple(v.shape) for k, v in feed.items()}
+        key = (torch_kind, tuple(sorted(shapes.items())))
+        with self._lock:
+            if self.session is None:
+                raise RuntimeError("this AsymVAE is closed")
+            b = self._bound.get(key)
+            if b is None:
+                b = self._bind(sess, feed, torch_kind)
+                if b is None:  # over budget: a plain run, never captured
+                    ro = ort.RunOptions()
+                    ro.add_run_config_entry("gpu_graph_id", "-1")
+                    if torch_kind:
+                        return self._run_torch_once(sess, feed, ro)
+                    return self._run_host_once(sess, feed, ro)
+                self._bound[key] = b
+            if torch_kind:
+                torch = arrays.torch_module()
+                caller = torch.cuda.current_stream(ref.device)
+                for n, t in feed.items():
+                    b.inputs[n].copy_(t)
+                caller.synchronize()  # the copies, on the caller's stream, before ONNX Runtime reads
+            else:
+                for n, v in feed.items():
+                    b.inputs[n].update_inplace(np.ascontiguousarray(arrays.to_numpy(v)))
+            ro = ort.RunOptions()
+            ro.add_run_config_entry("gpu_graph_id", str(b.graph_id) if b.warm else "-1")
+            sess.run_with_iobinding(b.io, ro)
+            b.warm = True
+            if torch_kind:
+                return {n: t.clone() for n, t in b.outputs.items()}  # the buffers are replayed into
+            return {n: b.outputs[n].numpy() for n in self.graph.output_names}
+
+    def _run_host_once(self, sess, feed, ro) -> dict[str, Any]:
+        ref = next(iter(feed.values()))
+        io = sess.io_binding()
+        for name, v in feed.items():
+            io.bind_cpu_input(name, arrays.to_numpy(v))
+        for name in self.graph.output_names:
+            io.bind_output(name, "cuda", self.device_id)
+        sess.run_with_iobinding(io, ro)
+        outs = io.copy_outputs_to_cpu()
+        return {k: arrays.like(v, ref) for k, v in zip(self.graph.output_names, outs)}
+
+    def _run_torch_once(self, sess, feed, ro) -> dict[str, Any]:
+        torch = arrays.torch_module()
+        ref = next(iter(feed.values()))
+        outs = {name: torch.empty(s, dtype=torch.float32, device=ref.device)
+                for name, s in output_shapes(self.graph, request_shape(self.graph, feed)).items()}
+        io = sess.io_binding()
+        for name, t in feed.items():
+            io.bind_input(name, "cuda", self.device_id, np.float32, tuple(t.shape), t.data_ptr())
+        for name, t in outs.items():
+            io.bind_output(name, "cuda", self.device_id, np.float32, tuple(t.shape), t.data_ptr())
         torch.cuda.current_stream(ref.device).synchronize()
-        sess.run_with_iobinding(io)
+        sess.run_with_iobinding(io, ro)
         io.synchronize_outputs()
         return outs
