@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import json
 import math
 import os
@@ -47,14 +48,17 @@ T0 = time.perf_counter()
 #: The sweep's candidates: (label, precision, graph form, provider options). The runtime's
 #: defaults are in asym_runtime.backends.onnxrt.CUDA_PROVIDER_OPTIONS.
 SWEEP = [
+    ("fp16-cuda-default", "fp16", "cuda", {"cudnn_conv_algo_search": "HEURISTIC", "use_tf32": "1",
+                                           "fuse_conv_bias": "1"}),
     ("fp16-cuda-heuristic-tf32", "fp16", "cuda", {"cudnn_conv_algo_search": "HEURISTIC", "use_tf32": "1"}),
-    ("fp16-cuda-exhaustive-tf32", "fp16", "cuda", {"cudnn_conv_algo_search": "EXHAUSTIVE", "use_tf32": "1"}),
+    ("fp16-cuda-exhaustive-tf32-fusebias", "fp16", "cuda",
+     {"cudnn_conv_algo_search": "EXHAUSTIVE", "use_tf32": "1", "fuse_conv_bias": "1"}),
     ("fp16-cuda-heuristic-notf32", "fp16", "cuda", {"cudnn_conv_algo_search": "HEURISTIC", "use_tf32": "0"}),
-    ("fp16-cuda-heuristic-tf32-fusebias", "fp16", "cuda",
-     {"cudnn_conv_algo_search": "HEURISTIC", "use_tf32": "1", "fuse_conv_bias": "1"}),
-    ("fp16-portable-heuristic-tf32", "fp16", "portable", {"cudnn_conv_algo_search": "HEURISTIC", "use_tf32": "1"}),
-    ("fp32-cuda-exhaustive-notf32", "fp32", "cuda", {"cudnn_conv_algo_search": "EXHAUSTIVE", "use_tf32": "0"}),
-    ("fp32-cuda-heuristic-notf32", "fp32", "cuda", {"cudnn_conv_algo_search": "HEURISTIC", "use_tf32": "0"}),
+    ("fp16-portable-default", "fp16", "portable", {"cudnn_conv_algo_search": "HEURISTIC", "use_tf32": "1",
+                                                   "fuse_conv_bias": "1"}),
+    ("fp32-cuda-default", "fp32", "cuda", {"cudnn_conv_algo_search": "EXHAUSTIVE", "use_tf32": "0"}),
+    ("fp32-cuda-exhaustive-notf32-fusebias", "fp32", "cuda",
+     {"cudnn_conv_algo_search": "EXHAUSTIVE", "use_tf32": "0", "fuse_conv_bias": "1"}),
 ]
 #: ONNX Runtime log lines that mean a convolution runs on a slow fallback kernel, or memory failed
 WARNING_PATTERNS = ("Fallback mode", "No execution plans", "Failed to allocate", "BFCArena")
@@ -252,6 +256,41 @@ def best_options(rows: list[dict], precision: str, form: str = "cuda") -> tuple[
     return None, f"the default ({1000 * default['median_s']:.1f} ms) is within 3 % of the best"
 
 
+def paths_one(args) -> int:
+    """Child process of the paths step (a hang there must not take the whole check with it)."""
+    import faulthandler
+
+    import numpy as np
+
+    job = json.loads(args.paths_one)
+    faulthandler.dump_traceback_later(job["timeout"] - 10, exit=True)  # a hang leaves its stack
+    feed = dict(np.load(job["feed"]))
+    out = runtime_paths(Path(job["artifact"]), feed, np.load(job["ref"]), job["options"])
+    print("PATHS_RESULT " + json.dumps(out), flush=True)
+    return 0
+
+
+def paths(artifact: Path, feed: dict, ref, options: dict | None, work: Path, timeout: int = 150) -> dict:
+    import numpy as np
+
+    np.savez(work / "paths_feed.npz", **feed)
+    np.save(work / "paths_ref.npy", ref)
+    job = {"artifact": str(artifact), "feed": str(work / "paths_feed.npz"), "ref": str(work / "paths_ref.npy"),
+           "options": options, "timeout": timeout}
+    try:
+        p = subprocess.run([sys.executable, __file__, "--paths-one", json.dumps(job)], capture_output=True,
+                           text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        raise RuntimeError(f"the runtime paths did not finish in {timeout} s: "
+                           f"{(e.stdout or '')[-1500:]} {(e.stderr or '')[-3000:]}") from None
+    lines = p.stdout.splitlines()
+    res = next((json.loads(ln[len("PATHS_RESULT "):]) for ln in lines if ln.startswith("PATHS_RESULT ")), None)
+    if p.returncode or res is None:
+        tail = "\n".join(ln for ln in (p.stdout + p.stderr).splitlines() if "W:onnxruntime" not in ln)[-3000:]
+        raise RuntimeError(f"the runtime paths failed (exit {p.returncode}):\n{tail}")
+    return res
+
+
 def runtime_paths(artifact: Path, feed: dict, ref, options: dict | None) -> dict:
     """numpy in/out, CUDA graphs and torch CUDA tensors through asym_runtime: same numbers?"""
     import numpy as np
@@ -285,19 +324,21 @@ def runtime_paths(artifact: Path, feed: dict, ref, options: dict | None) -> dict
         out["torch_ms"] = 1000 * timed(lambda: rt.decode(tl, image=ti, mask=tm))
     with asym_runtime.load(artifact, backend="onnxruntime-cuda", precision="fp16", graphs=("decoder",),
                            cuda_graph=True, **opts) as rt:
-        runs = [rt.decode(lat, image=img, mask=mask) for _ in range(3)]  # plain, capture, replay
-        h, w = lat.shape[2] // 2, lat.shape[3] // 2  # another shape, then back to the first
-        rt.decode(lat[:, :, :h, :w].copy(), image=img[:, :, :8 * h, :8 * w].copy(), mask=mask[:, :, :8 * h, :8 * w].copy())
-        rt.decode(lat[:, :, :h, :w].copy(), image=img[:, :, :8 * h, :8 * w].copy(), mask=mask[:, :, :8 * h, :8 * w].copy())
+        runs = [rt.decode(lat, image=img, mask=mask) for _ in range(3)]  # capture, replay, replay
+        h, w = lat.shape[2] // 2, lat.shape[3] // 2  # another shape (the ordinary session), then back
+        for _ in range(2):
+            rt.decode(lat[:, :, :h, :w].copy(), image=img[:, :, :8 * h, :8 * w].copy(),
+                      mask=mask[:, :, :8 * h, :8 * w].copy())
         runs.append(rt.decode(lat, image=img, mask=mask))
         out["cuda_graph_max_diff_vs_numpy"] = [float(np.abs(r - base).max()) for r in runs]
         out["cuda_graph_psnr_db"] = psnr(ref, runs[-1])
         out["cuda_graph_ms"] = 1000 * timed(lambda: rt.decode(lat, image=img, mask=mask))
-        got = rt.decode(tl, image=ti, mask=tm)
-        got = rt.decode(tl, image=ti, mask=tm)
-        out["cuda_graph_torch_max_diff_vs_numpy"] = float(np.abs(got.cpu().numpy() - base).max())
+        out["captured_shape"] = str(rt.backends["decoder"].captured_shape)
+    with asym_runtime.load(artifact, backend="onnxruntime-cuda", precision="fp16", graphs=("decoder",),
+                           cuda_graph=True, **opts) as rt:  # a torch caller owns this graph
+        got = [rt.decode(tl, image=ti, mask=tm) for _ in range(3)]
+        out["cuda_graph_torch_max_diff_vs_numpy"] = max(float(np.abs(g.cpu().numpy() - base).max()) for g in got)
         out["cuda_graph_torch_ms"] = 1000 * timed(lambda: rt.decode(tl, image=ti, mask=tm))
-        out["graphs_captured"] = len(rt.backends["decoder"]._bound)
     out["ok"] = (out["numpy_psnr_db"] >= 50 and out["cuda_graph_psnr_db"] >= 50
                  and max(out["cuda_graph_max_diff_vs_numpy"]) < 0.05 and out["torch_max_diff_vs_numpy"] < 0.05
                  and out["cuda_graph_torch_max_diff_vs_numpy"] < 0.05)
@@ -377,9 +418,12 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=5, help="timed rounds per bench row (default 5)")
     p.add_argument("--skip", default="", help="comma-separated steps to skip: sweep,paths,parity,pytest,bench")
     p.add_argument("--sweep-one", help=argparse.SUPPRESS)
+    p.add_argument("--paths-one", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.sweep_one:
         return sweep_one(args)
+    if args.paths_one:
+        return paths_one(args)
 
     missing, have = prerequisites()
     if missing:
@@ -404,6 +448,7 @@ def main() -> int:
             return None
         t = time.perf_counter()
         say(f"{name} ...")
+        faulthandler.dump_traceback_later(300)  # a step still running after 5 minutes shows where
         try:
             value = fn()
             summary["steps"][name] = {"seconds": round(time.perf_counter() - t, 1)}
@@ -413,6 +458,7 @@ def main() -> int:
             summary["errors"][name] = f"{type(e).__name__}: {e}"
             return None
         finally:
+            faulthandler.cancel_dump_traceback_later()
             (report_dir / "gpu_check.json").write_text(json.dumps(summary, indent=2, default=str))
 
     artifact = args.artifact
@@ -436,7 +482,7 @@ def main() -> int:
                 summary["options_used"] = {"fp16": fp16 or "default", "fp32": fp32 or "default",
                                            "why": {"fp16": why, "fp32": why32}}
                 say(f"provider options for the next steps: {summary['options_used']}")
-            summary["paths"] = step("paths", lambda: runtime_paths(artifact, feed, ref_out, (options or {}).get("fp16")))
+            summary["paths"] = step("paths", lambda: paths(artifact, feed, ref_out, (options or {}).get("fp16"), work))
     backends = (["onnxruntime-cuda"] if have["onnxruntime_cuda"] else []) + (["tensorrt"] if have["tensorrt"] else [])
     # the conditional decode's timings first (the headline), then parity, then the other graphs
     res = step("bench_decode", lambda: bench(artifact, sizes, args.repeats, options, have, cache, report_dir,

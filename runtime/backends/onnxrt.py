@@ -37,21 +37,27 @@ log = logging.getLogger(__name__)
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
-#: CUDA provider options per graph precision, measured on an H100 with onnxruntime-gpu 1.31
-#: (README, "ONNX Runtime on a GPU"; ``scripts/gpu_check.py`` repeats the sweep):
+#: CUDA provider options per graph precision. Measured on an H100 80GB HBM3 with
+#: onnxruntime-gpu 1.31.1 (x2, conditional decode 1x512x512, numpy in/out; README, "ONNX Runtime
+#: on a GPU"; ``scripts/gpu_check.py`` repeats the sweep):
 #:
-#: * FP16 graphs: ``use_tf32=0`` also takes the tensor-core engines away from FP16
-#:   convolutions (ONNX Runtime deselects every tensor-core engine, whatever the data type),
-#:   so TF32 stays allowed; it only touches FP32 islands, whose point is range, not mantissa.
-#:   ``HEURISTIC`` (cuDNN heuristic mode A) finds tensor-core plans at every shape.
-#: * FP32 graphs: no TF32 (a 10-bit mantissa breaks the 1e-3 parity with the reference), and
-#:   ``EXHAUSTIVE`` (heuristic mode B): with TF32 off, mode A asked for a 139 GB workspace.
+#: * FP16 (the CUDA form): HEURISTIC + TF32 72.1 ms, EXHAUSTIVE + TF32 73.4 ms; with
+#:   ``use_tf32=0`` ONNX Runtime deselects every tensor-core engine, whatever the data type, and
+#:   logged "No execution plans support the graph" 71 times for 71.3 ms, so TF32 stays allowed
+#:   (it only touches FP32 islands, which exist for range, not mantissa); ``fuse_conv_bias``
+#:   (the bias add inside cuDNN's convolution graph) 67.5 ms, same PSNR (63.0 dB).
+#: * FP32: no TF32 (a 10-bit mantissa breaks the 1e-3 parity: measured max abs 1.4e-4 without
+#:   it), and EXHAUSTIVE (cuDNN heuristic mode B, 459 ms): HEURISTIC (mode A) with TF32 off
+#:   asked the memory arena for a 139.8 GB workspace and failed.
 CUDA_PROVIDER_OPTIONS = {
-    "fp16": {"cudnn_conv_algo_search": "HEURISTIC", "use_tf32": "1"},
+    "fp16": {"cudnn_conv_algo_search": "HEURISTIC", "use_tf32": "1", "fuse_conv_bias": "1"},
     "fp32": {"cudnn_conv_algo_search": "EXHAUSTIVE", "use_tf32": "0"},
 }
-#: CUDA graphs a session captures at most (one per input shape); later shapes run uncaptured.
-MAX_CUDA_GRAPHS = 8
+#: The CUDA graph's annotation id. ONNX Runtime reserves 0 for itself and treats -1 as "do not
+#: capture", but with ``enable_cuda_graph`` its Run() repeats itself until the graph of the
+#: run's id is captured, which for -1 never happens: a -1 run on such a session never returns
+#: (seen with onnxruntime-gpu 1.31 on an H100). Every run of a capturing session uses this id.
+CUDA_GRAPH_ID = "1"
 
 
 def session_options(device: str):
@@ -103,24 +109,27 @@ def cuda_provider_available() -> bool:
 
 
 class _Bound:
-    """Device buffers bound once for one input shape, and the CUDA graph captured on them."""
+    """Device buffers bound once for the captured shape, and the IO binding over them."""
 
-    def __init__(self, io, inputs: dict, outputs: dict, graph_id: int):
+    def __init__(self, key: tuple, io, inputs: dict, outputs: dict):
+        self.key = key
         self.io = io
         self.inputs = inputs
         self.outputs = outputs
-        self.graph_id = graph_id
-        self.warm = False
 
 
 class OnnxRuntimeBackend(Backend):
     """One ONNX graph in an ``onnxruntime.InferenceSession`` on ``device`` (``cpu``/``cuda``).
 
     ``precision`` selects the CUDA provider's settings (:data:`CUDA_PROVIDER_OPTIONS`);
-    ``provider_overrides`` replaces single options. ``cuda_graph`` (CUDA only): each input
-    shape gets device buffers bound once and a CUDA graph captured on its second call, which
-    later calls at that shape replay (ONNX Runtime's ``enable_cuda_graph`` with one
-    ``gpu_graph_id`` per shape, up to :data:`MAX_CUDA_GRAPHS` shapes).
+    ``provider_overrides`` replaces single options.
+
+    ``cuda_graph`` (CUDA only, for a service that decodes at one shape): the first call's shape
+    gets device buffers bound once and a CUDA graph (ONNX Runtime's ``enable_cuda_graph``: it
+    warms up and captures within that first call); later calls at that shape copy into the
+    buffers and replay it. Calls at any other shape run on a second, ordinary session made on
+    first need (its own memory arena and a second copy of the weights): a capturing session
+    must never see a second shape, whose first run would allocate during capture.
     """
 
     def __init__(self, graph: GraphSpec, path: str | Path, device: str = "cpu", device_id: int = 0, *,
@@ -138,28 +147,24 @@ class OnnxRuntimeBackend(Backend):
         self.provider_overrides = dict(provider_overrides or {})
         self.name = f"onnxruntime-{device}"
         self.session = None
-        self._stream = None  # a torch stream the session runs on, when torch was there first
-        self._bound: dict[tuple, _Bound] = {}
+        self._stream = None  # a torch stream the (ordinary) session runs on, when torch was there first
+        self._bound: _Bound | None = None  # the captured shape's buffers (cuda_graph)
+        self._plain = None  # cuda_graph: the ordinary session for other shapes, made on first need
         self._lock = threading.Lock()
-        self._warned_full = False
 
-    def _activate(self) -> None:
-        try:
-            import onnxruntime as ort
-        except ImportError:  # pragma: no cover - a dependency of the package
-            raise BackendUnavailableError("onnxruntime is not installed (pip install onnxruntime)") from None
+    def _make_session(self, capture: bool = False):
+        """A session on this backend's provider; ``capture``: one that records a CUDA graph."""
+        import onnxruntime as ort
+
         providers: list = [PROVIDERS["cpu"]]
         if self.device == "cuda":
-            if not cuda_provider_available():
-                raise BackendUnavailableError(
-                    "the installed onnxruntime has no CUDA provider; install onnxruntime-gpu "
-                    "(and only it) to run ONNX Runtime on a GPU"
-                )
             opts = provider_options("cuda", self.device_id, self.precision, self.provider_overrides)
-            if self.cuda_graph:
-                opts["enable_cuda_graph"] = "1"
             torch = arrays.torch_module()
-            if torch is not None and "user_compute_stream" not in opts:
+            if capture:
+                opts["enable_cuda_graph"] = "1"
+                # a fused conv bias clears its output with a blocking cudaMemset: not capturable
+                opts["fuse_conv_bias"] = "0"
+            elif torch is not None and "user_compute_stream" not in opts:
                 try:
                     if torch.cuda.is_available():
                         self._stream = torch.cuda.Stream(device=self.device_id)
@@ -172,7 +177,7 @@ class OnnxRuntimeBackend(Backend):
             try:
                 sess = ort.InferenceSession(str(self.path), session_options(self.device), providers=providers)
             except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
-                if self._stream is None:
+                if capture or "user_compute_stream" not in providers[0][1]:
                     raise
                 # a session on torch's stream is an optimisation, never a reason to fail
                 log.warning("ONNX Runtime refused torch's CUDA stream (%s); using its own stream", e)
@@ -180,7 +185,7 @@ class OnnxRuntimeBackend(Backend):
                 del providers[0][1]["user_compute_stream"]
                 sess = ort.InferenceSession(str(self.path), session_options(self.device), providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types
-            if self.cuda_graph and "graph capture" in str(e):
+            if capture and "graph capture" in str(e):
                 raise BackendUnavailableError(f"ONNX Runtime cannot capture {self.path.name} in a CUDA graph: "
                                               f"{e}; load without cuda_graph") from None
             raise ArtifactError(f"onnxruntime cannot load {self.path.name}: {e}") from None
@@ -190,7 +195,19 @@ class OnnxRuntimeBackend(Backend):
                 "missing); see onnxruntime's log"
             )
         self._check_io(sess)
-        self.session = sess
+        return sess
+
+    def _activate(self) -> None:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:  # pragma: no cover - a dependency of the package
+            raise BackendUnavailableError("onnxruntime is not installed (pip install onnxruntime)") from None
+        if self.device == "cuda" and not cuda_provider_available():
+            raise BackendUnavailableError(
+                "the installed onnxruntime has no CUDA provider; install onnxruntime-gpu "
+                "(and only it) to run ONNX Runtime on a GPU"
+            )
+        self.session = self._make_session(capture=self.cuda_graph)
 
     def _check_io(self, sess) -> None:
         got_in = [i.name for i in sess.get_inputs()]
@@ -209,9 +226,16 @@ class OnnxRuntimeBackend(Backend):
 
     def _deactivate(self) -> None:
         with self._lock:
-            self._bound.clear()
+            self._bound = None
+            self._plain = None
             self.session = None
             self._stream = None
+
+    @property
+    def captured_shape(self) -> tuple | None:
+        """cuda_graph: the input shapes the CUDA graph was captured at (None before the first call)."""
+        b = self._bound
+        return None if b is None else b.key[1]
 
     def _infer(self, feed: dict[str, Any]) -> dict[str, Any]:
         # one read of the session per call: close() from another thread sets it to None
@@ -277,20 +301,15 @@ class OnnxRuntimeBackend(Backend):
         return outs
 
     # ----- CUDA graphs
-    def _bind(self, sess, feed: dict[str, Any], torch_kind: bool) -> _Bound | None:
-        """Device buffers for one input shape, bound once; None when the graph budget is spent."""
-        if len(self._bound) >= MAX_CUDA_GRAPHS:
-            if not self._warned_full:
-                log.warning("%s: %d shapes already have CUDA graphs; further shapes run without one",
-                            self.graph.name, MAX_CUDA_GRAPHS)
-                self._warned_full = True
-            return None
+    def _bind(self, sess, feed: dict[str, Any], key: tuple) -> _Bound:
+        """Device buffers for the captured shape, bound once: torch tensors for torch callers,
+        ONNX Runtime's own device memory for numpy callers."""
         import onnxruntime as ort
 
         shapes = {k: tuple(v.shape) for k, v in feed.items()}
         out_shapes = output_shapes(self.graph, request_shape(self.graph, feed))
         io = sess.io_binding()
-        if torch_kind:
+        if key[0]:
             torch = arrays.torch_module()
             dev = f"cuda:{self.device_id}"
             ins = {n: torch.empty(s, dtype=torch.float32, device=dev) for n, s in shapes.items()}
@@ -308,71 +327,43 @@ class OnnxRuntimeBackend(Backend):
                 io.bind_ortvalue_input(n, v)
             for n, v in outs.items():
                 io.bind_ortvalue_output(n, v)
-        # graph id 0 is ONNX Runtime's own; -1 means "do not capture"
-        return _Bound(io, ins, outs, graph_id=len(self._bound) + 1)
+        return _Bound(key, io, ins, outs)
 
     def _infer_graph(self, sess, feed: dict[str, Any]) -> dict[str, Any]:
-        """Copy into the buffers bound for this shape, replay its CUDA graph (captured on the
-        second call; the first runs uncaptured so cuDNN's plans and the memory arena are
-        settled before capture), copy out."""
+        """The captured shape: copy into its buffers, replay (the first call warms up and
+        captures inside ONNX Runtime), copy out. Other shapes: the ordinary session."""
         import onnxruntime as ort
 
         ref = next(iter(feed.values()))
         torch_kind = arrays.is_cuda_tensor(ref)
-        shapes = {k: tuple(v.shape) for k, v in feed.items()}
-        key = (torch_kind, tuple(sorted(shapes.items())))
-        with self._lock:
+        key = (torch_kind, tuple(sorted((k, tuple(v.shape)) for k, v in feed.items())))
+        with self._lock:  # a capturing session runs one call at a time
             if self.session is None:
                 raise RuntimeError("this AsymVAE is closed")
-            b = self._bound.get(key)
-            if b is None:
-                b = self._bind(sess, feed, torch_kind)
-                if b is None:  # over budget: a plain run, never captured
-                    ro = ort.RunOptions()
-                    ro.add_run_config_entry("gpu_graph_id", "-1")
-                    if torch_kind:
-                        return self._run_torch_once(sess, feed, ro)
-                    return self._run_host_once(sess, feed, ro)
-                self._bound[key] = b
+            if self._bound is None:
+                self._bound = self._bind(sess, feed, key)
+                log.info("%s: CUDA graph for inputs %s", self.graph.name, dict(key[1]))
+            b = self._bound
+            if key != b.key:
+                if self._plain is None:
+                    log.info("%s: a shape other than the captured one; opening an ordinary session",
+                             self.graph.name)
+                    self._plain = self._make_session(capture=False)
+                plain = self._plain
+                if torch_kind:
+                    return self._infer_cuda_tensors(plain, feed)
+                return self._infer_bound_host(plain, feed)
             if torch_kind:
                 torch = arrays.torch_module()
-                caller = torch.cuda.current_stream(ref.device)
                 for n, t in feed.items():
                     b.inputs[n].copy_(t)
-                caller.synchronize()  # the copies, on the caller's stream, before ONNX Runtime reads
+                torch.cuda.current_stream(ref.device).synchronize()  # copied before ONNX Runtime reads
             else:
                 for n, v in feed.items():
                     b.inputs[n].update_inplace(np.ascontiguousarray(arrays.to_numpy(v)))
             ro = ort.RunOptions()
-            ro.add_run_config_entry("gpu_graph_id", str(b.graph_id) if b.warm else "-1")
+            ro.add_run_config_entry("gpu_graph_id", CUDA_GRAPH_ID)
             sess.run_with_iobinding(b.io, ro)
-            b.warm = True
             if torch_kind:
                 return {n: t.clone() for n, t in b.outputs.items()}  # the buffers are replayed into
             return {n: b.outputs[n].numpy() for n in self.graph.output_names}
-
-    def _run_host_once(self, sess, feed, ro) -> dict[str, Any]:
-        ref = next(iter(feed.values()))
-        io = sess.io_binding()
-        for name, v in feed.items():
-            io.bind_cpu_input(name, arrays.to_numpy(v))
-        for name in self.graph.output_names:
-            io.bind_output(name, "cuda", self.device_id)
-        sess.run_with_iobinding(io, ro)
-        outs = io.copy_outputs_to_cpu()
-        return {k: arrays.like(v, ref) for k, v in zip(self.graph.output_names, outs)}
-
-    def _run_torch_once(self, sess, feed, ro) -> dict[str, Any]:
-        torch = arrays.torch_module()
-        ref = next(iter(feed.values()))
-        outs = {name: torch.empty(s, dtype=torch.float32, device=ref.device)
-                for name, s in output_shapes(self.graph, request_shape(self.graph, feed)).items()}
-        io = sess.io_binding()
-        for name, t in feed.items():
-            io.bind_input(name, "cuda", self.device_id, np.float32, tuple(t.shape), t.data_ptr())
-        for name, t in outs.items():
-            io.bind_output(name, "cuda", self.device_id, np.float32, tuple(t.shape), t.data_ptr())
-        torch.cuda.current_stream(ref.device).synchronize()
-        sess.run_with_iobinding(io, ro)
-        io.synchronize_outputs()
-        return outs
