@@ -167,14 +167,18 @@ class _Graph:
     def const(self, name: str) -> np.ndarray | None:
         if name not in self.inits:
             return None
-        if name not in self._arrays:
-            self._arrays[name] = numpy_helper.to_array(self.inits[name])
-        return self._arrays[name]
+        if name in self._arrays:
+            return self._arrays[name]
+        arr = numpy_helper.to_array(self.inits[name])
+        if arr.size <= 4096:  # shapes, scalars, norm parameters; never keep a copy of the weights
+            self._arrays[name] = arr
+        return arr
 
     def add_init(self, name: str, arr: np.ndarray) -> str:
         t = numpy_helper.from_array(np.ascontiguousarray(arr), name)
         self.inits[name] = t
-        self._arrays[name] = arr
+        if arr.size <= 4096:
+            self._arrays[name] = arr
         self.dims[name] = list(arr.shape)
         self.types[name] = t.data_type
         return name
@@ -232,9 +236,12 @@ class _Graph:
         used = {i for n in self.nodes for i in n.input} | self.graph_outputs
         del g.node[:]
         g.node.extend(self.nodes)
-        keep = [self.inits[k] for k in self.inits if k in used]
-        del g.initializer[:]
-        g.initializer.extend(keep)
+        # drop unused tensors in place and append the new ones: no second copy of the weights
+        for i in reversed(range(len(g.initializer))):
+            if g.initializer[i].name not in used:
+                del g.initializer[i]
+        present = {t.name for t in g.initializer}
+        g.initializer.extend(self.inits[k] for k in self.inits if k in used and k not in present)
         produced = {o for n in self.nodes for o in n.output if o}
         vi = []
         for name in sorted(produced - self.graph_outputs):
@@ -365,11 +372,21 @@ def _fuse_group_norms(graph: _Graph) -> None:
 def _convert_convs(graph: _Graph) -> None:
     weights: dict[str, str] = {}
     for conv in [n for n in graph.nodes if n.op_type == "Conv"]:
-        w = graph.const(conv.input[1])
-        if w is None or w.ndim != 4:
+        t = graph.inits.get(conv.input[1])
+        if t is None or len(t.dims) != 4:
             continue
         if conv.input[1] not in weights:
-            weights[conv.input[1]] = graph.add_init(conv.input[1] + ".ohwi", w.transpose(0, 2, 3, 1))
+            w = numpy_helper.to_array(t).transpose(0, 2, 3, 1)
+            if len(graph.consumers(conv.input[1])) == 1:
+                # the only reader: rewrite the tensor in place (x2 holds 1.5 GB of FP32 weights)
+                new_name = conv.input[1] + ".ohwi"
+                t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(w), new_name))
+                graph.inits[new_name] = graph.inits.pop(conv.input[1])
+                graph.dims[new_name], graph.types[new_name] = list(w.shape), t.data_type
+                weights[conv.input[1]] = new_name
+            else:
+                weights[conv.input[1]] = graph.add_init(conv.input[1] + ".ohwi", w)
+            del w
         x_nhwc = graph.to_nhwc(conv.input[0])
         out = conv.output[0]
         y_nhwc = graph.fresh(out + "__nhwc")

@@ -473,9 +473,12 @@ def main() -> int:
         ref = step("reference", lambda: reference_decode(artifact, cache, Shape(1, 512, 512)))
         if ref is not None:
             feed, ref_out = ref
-            rows = step("sweep", lambda: sweep(artifact, feed, ref_out, args.repeats, work))
+            def run_sweep():
+                summary["sweep"] = sweep(artifact, feed, ref_out, args.repeats, work)  # in the JSON at once
+                return summary["sweep"]
+
+            rows = step("sweep", run_sweep)
             if rows:
-                summary["sweep"] = rows
                 fp16, why = best_options(rows, "fp16")
                 fp32, why32 = best_options(rows, "fp32")
                 options = {k: v for k, v in (("fp16", fp16), ("fp32", fp32)) if v}

@@ -41,8 +41,9 @@ def tiny_artifact(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def x2_artifact(tmp_path_factory) -> Path:
-    """The default x2 export with seeded random weights (about a minute). Read-only."""
-    return _export(tmp_path_factory.mktemp("x2"), "x2")
+    """The default x2 export with seeded random weights, without the CUDA forms (their export
+    path is the tiny artifact's; test_cuda_form.py rewrites x2 itself). Read-only."""
+    return _export(tmp_path_factory.mktemp("x2"), "x2", cuda_form=False)
 
 
 @pytest.fixture(scope="session")
@@ -51,7 +52,7 @@ def x15_artifact(tmp_path_factory) -> Path:
     graphs' numerics are covered by test_x15_export_matches_diffusers). Read-only."""
     from asym_runtime.specs import Shape
 
-    return _export(tmp_path_factory.mktemp("x15"), "x1.5", verify_shapes=(Shape(2, 64, 64),))
+    return _export(tmp_path_factory.mktemp("x15"), "x1.5", verify_shapes=(Shape(2, 64, 64),), cuda_form=False)
 
 
 @pytest.fixture(scope="session")

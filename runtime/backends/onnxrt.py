@@ -53,10 +53,11 @@ CUDA_PROVIDER_OPTIONS = {
     "fp16": {"cudnn_conv_algo_search": "HEURISTIC", "use_tf32": "1", "fuse_conv_bias": "1"},
     "fp32": {"cudnn_conv_algo_search": "EXHAUSTIVE", "use_tf32": "0"},
 }
-#: The CUDA graph's annotation id. ONNX Runtime reserves 0 for itself and treats -1 as "do not
-#: capture", but with ``enable_cuda_graph`` its Run() repeats itself until the graph of the
-#: run's id is captured, which for -1 never happens: a -1 run on such a session never returns
-#: (seen with onnxruntime-gpu 1.31 on an H100). Every run of a capturing session uses this id.
+#: The CUDA graph's annotation id (ONNX Runtime reserves 0). Every run of a capturing session
+#: uses it; the session only ever sees one input shape. A first design (a graph per shape, a
+#: warm-up run under id -1, the session on torch's stream, fuse_conv_bias's blocking memset in
+#: the capture) hung on an H100 with onnxruntime-gpu 1.31.1, cause not established; this one
+#: avoids all four and is ONNX Runtime's documented single-graph use.
 CUDA_GRAPH_ID = "1"
 
 

@@ -70,6 +70,7 @@ def test_results_that_cannot_be_written_are_an_error(tiny_artifact, tmp_path, ca
     (["--sizes", "100"], "multiples of 8"),
     (["--backends", "ort-tpu-fp32"], "unknown ort-tpu-fp32"),
     (["--reference", "diffusers-fp16"], "needs a GPU"),
+    (["--backends", "ort-cuda-fp16-cudagraph,torch-compile-fp16"], "need a GPU"),
 ])
 def test_bad_arguments_exit_2(argv, msg, capsys):
     assert main(argv) == 2

@@ -88,7 +88,8 @@ def test_offline_hub_exit_2(tmp_path):
 
 def test_local_weights_folder_end_to_end(tmp_path, tiny_vae):
     tiny_vae.save_pretrained(tmp_path / "w")
-    assert main(["--variant", "tiny", "--weights", str(tmp_path / "w"), "--out", str(tmp_path / "o")]) == 0
+    assert main(["--variant", "tiny", "--weights", str(tmp_path / "w"), "--no-cuda-form",
+                 "--out", str(tmp_path / "o")]) == 0
     import json
 
     m = json.loads((tmp_path / "o" / "manifest.json").read_text())

@@ -168,6 +168,21 @@ def test_export_records_islands_and_reasons(overflow_weights, tmp_path):
     assert m["fp16"]["graphs"]["encoder"]["fp32_nodes"] == []  # the encoder was not scaled
     assert m["verification"]["onnx_fp16_emulated"]["passed"]
     assert any(r.stage == "onnx_fp16_emulated" and r for r in res.reports)
+    # the CUDA form keeps the overflowing tensors' nodes in FP32 too (same calibration, mapped by
+    # tensor name), and its emulated FP16 check passed
+    cuda = m["cuda_form"]["graphs"]["decoder"]["fp16_fp32_nodes"]
+    assert cuda and all("reaches" in n["reason"] or "weight" in n["reason"] for n in cuda)
+    assert m["verification"]["onnx_fp16_cuda_emulated"]["passed"]
+
+
+def test_the_cuda_form_without_its_islands_fails_the_export(overflow_weights, tmp_path, monkeypatch):
+    """Negative control of the island mapping: no calibrated ranges for the CUDA form, no islands,
+    and its emulated FP16 check sees the overflow."""
+    import asym_export.export as ex
+
+    monkeypatch.setattr(ex, "cuda_ranges", lambda model, ranges: {})
+    with pytest.raises(VerificationError, match=r"(?s)onnx_fp16_cuda_emulated.*decoder @ 2x64x64: sample: NaN/Inf"):
+        export_artifact(ExportOptions(variant="tiny", out=tmp_path / "a", weights=str(overflow_weights)))
 
 
 def test_export_fails_when_fp16_overflows(overflow_weights, tmp_path, monkeypatch):
@@ -177,7 +192,7 @@ def test_export_fails_when_fp16_overflows(overflow_weights, tmp_path, monkeypatc
     monkeypatch.setattr(ex, "plan_islands", lambda *a, **k: fp16.Fp16Plan())
     out = tmp_path / "a"
     with pytest.raises(VerificationError, match=r"(?s)onnx_fp16_emulated.*decoder @ 2x64x64: sample: NaN/Inf"):
-        export_artifact(ExportOptions(variant="tiny", out=out, weights=str(overflow_weights)))
+        export_artifact(ExportOptions(variant="tiny", out=out, weights=str(overflow_weights), cuda_form=False))
     assert not (out / "manifest.json").exists() and list(out.iterdir()) == []
 
 
@@ -210,6 +225,10 @@ def test_no_fp16(tmp_path):
     m = json.loads((tmp_path / "a" / "manifest.json").read_text())
     assert not any(".fp16." in n for n in m["files"]) and m["fp16"] is None
     assert "onnx_fp16_emulated" not in m["verification"]
+    # the FP32 CUDA forms are still written and checked
+    assert m["files"]["decoder.cuda.onnx"]["precision"] == "fp32"
+    assert m["verification"]["onnx_fp32_cuda_emulated"]["passed"]
+    assert "onnx_fp16_cuda_emulated" not in m["verification"]
 
 
 @pytest.mark.slow

@@ -62,3 +62,23 @@ def test_parity_with_no_runnable_backend_is_a_failure(tiny_artifact, capsys):
     assert main([str(tiny_artifact), "--backends", "onnxruntime-cuda", "--shapes", "1x64x64"]) == EXIT_FAILED
     captured = capsys.readouterr()
     assert "skipped onnxruntime-cuda/fp32" in captured.out and "no backend could run" in captured.err
+
+
+def test_parity_offers_the_cuda_form_and_the_portable_graphs_on_cuda(tiny_artifact):
+    from asym_export.parity import candidates
+    from asym_runtime import read_manifest
+
+    labels = [c.label for c in candidates(read_manifest(tiny_artifact))]
+    assert labels == ["onnxruntime-cpu/fp32", "onnxruntime-cpu/fp16",
+                      "onnxruntime-cuda/fp32", "onnxruntime-cuda/fp32/portable",
+                      "onnxruntime-cuda/fp16", "onnxruntime-cuda/fp16/portable"]
+
+
+def test_parity_shapes_limits_means_min_opt_max(tiny_artifact, capsys):
+    # 4x1024x1024 is out of reach on a CPU: ask for a backend that cannot run to see the shapes
+    from asym_runtime.backends.onnxrt import cuda_provider_available
+
+    if cuda_provider_available():
+        pytest.skip("onnxruntime-gpu is installed")
+    assert main([str(tiny_artifact), "--backends", "onnxruntime-cuda", "--shapes", "limits"]) == EXIT_FAILED
+    assert "no backend could run" in capsys.readouterr().err

@@ -39,8 +39,19 @@ def test_session_options_per_provider():
         assert so.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         assert so.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
     assert cpu.intra_op_num_threads == 0 and not cuda.enable_mem_pattern
-    assert provider_options("cuda", 1) == {"device_id": "1", "use_tf32": "0"}
+    # per precision, as measured (README "ONNX Runtime on a GPU"): FP32 never gets TF32 and keeps
+    # heuristic mode B; FP16 keeps the tensor cores (use_tf32=0 deselects them) and fuses the bias
+    assert provider_options("cuda", 1) == {"device_id": "1", "cudnn_conv_algo_search": "EXHAUSTIVE",
+                                           "use_tf32": "0"}
+    assert provider_options("cuda", 0, "fp16") == {"device_id": "0", "cudnn_conv_algo_search": "HEURISTIC",
+                                                   "use_tf32": "1", "fuse_conv_bias": "1"}
+    # the caller's options replace single defaults, as strings
+    assert provider_options("cuda", 0, "fp16", {"fuse_conv_bias": 0, "gpu_mem_limit": 1 << 30}) == {
+        "device_id": "0", "cudnn_conv_algo_search": "HEURISTIC", "use_tf32": "1", "fuse_conv_bias": "0",
+        "gpu_mem_limit": str(1 << 30)}
     assert provider_options("cpu") == {}
+    with pytest.raises(ValueError, match="cuda_graph needs the CUDA provider"):
+        OnnxRuntimeBackend(DECODER, "decoder.onnx", device="cpu", cuda_graph=True)
 
 
 def test_tensorrt_backend_activation_says_what_is_missing(tiny_artifact):

@@ -1,0 +1,191 @@
+"""The CUDA form (``*.cuda.onnx``): structure checked here, numerics through its standard-ONNX
+emulation on the CPU (ONNX Runtime's CPU provider has no kernels for the fused ops); the kernels
+themselves are checked on a GPU (tests/runtime/test_ort_cuda_gpu.py, asym-parity)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from asym_export.cuda_form import (FUSED_OPS, MS_DOMAIN, CudaFormError, cuda_form, layout_violations,
+                                   original_tensor, write_emulation)
+from asym_export.feeds import make_feed
+from asym_export.trt_readiness import engine_source
+from asym_runtime.manifest import FORMAT_ONNX, FORMAT_ONNX_CUDA, read_manifest
+from asym_runtime.specs import GRAPHS, Shape
+
+#: emulation vs portable graph, FP32: the same ops in another memory order (measured <= 2e-5 on
+#: tiny); 1e-4 still catches any wrong attribute (the negative control moves outputs by > 0.1)
+EMULATION_ATOL = 1e-4
+
+
+def _ops(model) -> Counter:
+    return Counter(n.op_type for n in model.graph.node)
+
+
+def _session(path):
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(path if isinstance(path, bytes) else str(path), so, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("graph", list(GRAPHS))
+def test_every_groupnorm_and_conv_is_fused_and_the_layout_is_clean(tiny_artifact, graph):
+    spec = GRAPHS[graph]
+    portable = onnx.load(str(tiny_artifact / spec.file_name("fp32")), load_external_data=False)
+    for precision in ("fp32", "fp16"):
+        path = tiny_artifact / spec.file_name(precision, form="cuda")
+        onnx.checker.check_model(str(path), full_check=True)
+        model = onnx.load(str(path), load_external_data=False)
+        ops = _ops(model)
+        assert ops["InstanceNormalization"] == 0 and ops["Conv"] == 0, ops
+        # one fused norm per exported GroupNorm, one NhwcConv per Conv
+        assert ops["GroupNorm"] + ops["SkipGroupNorm"] == _ops(portable)["InstanceNormalization"]
+        assert ops["NhwcConv"] == _ops(portable)["Conv"] > 0
+        assert ops["SkipGroupNorm"] > 0
+        assert all(n.domain == MS_DOMAIN for n in model.graph.node if n.op_type in FUSED_OPS)
+        assert layout_violations(model) == []
+        assert any(o.domain == MS_DOMAIN for o in model.opset_import)
+        inits = {i.name: i.data_type for i in model.graph.initializer}
+        norms = [n for n in model.graph.node if n.op_type in ("GroupNorm", "SkipGroupNorm")]
+        # ONNX Runtime's CUDA GroupNorm takes FP32 gamma/beta only, also in FP16 graphs
+        assert all(inits[n.input[1]] == inits[n.input[2]] == TensorProto.FLOAT for n in norms)
+        want = TensorProto.FLOAT16 if precision == "fp16" else TensorProto.FLOAT
+        assert {inits[n.input[1]] for n in model.graph.node if n.op_type == "NhwcConv"} == {want}
+
+
+def test_the_manifest_lists_the_cuda_forms_apart(tiny_artifact):
+    m = read_manifest(tiny_artifact)
+    data = json.loads((tiny_artifact / "manifest.json").read_text())
+    for graph in GRAPHS.values():
+        for precision in ("fp32", "fp16"):
+            name = graph.file_name(precision, form="cuda")
+            e = m.files[name]
+            assert (e.role, e.format, e.precision) == (graph.name, FORMAT_ONNX_CUDA, precision)
+            assert [c.name for c in m.companions(name)] == [name + ".data"]
+            m.verify_file(name)
+            # nothing that asks for portable ONNX gets a CUDA form
+            assert m.find(graph.name, FORMAT_ONNX, precision).name == graph.file_name(precision)
+        counts = data["cuda_form"]["graphs"][graph.name]["fused_nodes"]
+        model = onnx.load(str(tiny_artifact / graph.file_name("fp32", form="cuda")), load_external_data=False)
+        assert counts == {op: _ops(model)[op] for op in FUSED_OPS}
+        # TensorRT engines are built from the portable graphs, CUDA forms beside them or not
+        assert engine_source(graph, set(m.files)) == graph.file_name("fp16")
+    v = data["verification"]
+    assert v["onnx_fp32_cuda_emulated"]["passed"] and v["onnx_fp16_cuda_emulated"]["passed"]
+    assert v["tensorrt_readiness"]["passed"]
+
+
+@pytest.mark.parametrize("graph", list(GRAPHS))
+def test_the_emulated_cuda_form_computes_the_portable_graph(tiny_artifact, tmp_path, graph):
+    spec = GRAPHS[graph]
+    emu = tiny_artifact / f".test-{graph}.emu.onnx"  # the emulation reads the CUDA form's data
+    try:
+        write_emulation(tiny_artifact / spec.file_name("fp32", form="cuda"), emu)
+        feed = make_feed(spec, Shape(2, 72, 48), 5, 0.18215)
+        want = _session(tiny_artifact / spec.file_name("fp32")).run(None, feed)
+        got = _session(emu).run(None, feed)
+    finally:
+        emu.unlink(missing_ok=True)
+    for w, g in zip(want, got):
+        np.testing.assert_allclose(g, w, atol=EMULATION_ATOL, rtol=0)
+
+
+def test_the_emulation_check_fails_a_wrong_rewrite(tiny_artifact, copy_artifact):
+    """Negative control: a CUDA form with one norm's SiLU dropped no longer matches."""
+    folder = copy_artifact(tiny_artifact)
+    path = folder / "decoder.cuda.onnx"
+    model = onnx.load(str(path), load_external_data=False)
+    norm = next(n for n in model.graph.node if n.op_type == "GroupNorm" and
+                any(a.name == "activation" and a.i == 1 for a in n.attribute))
+    next(a for a in norm.attribute if a.name == "activation").i = 0
+    onnx.save_model(model, str(path))
+    write_emulation(path, folder / "emu.onnx")
+    feed = make_feed(GRAPHS["decoder"], Shape(1, 64, 64), 5, 0.18215)
+    want = _session(folder / "decoder.onnx").run(None, feed)[0]
+    got = _session(folder / "emu.onnx").run(None, feed)[0]
+    assert np.abs(got - want).max() > 100 * EMULATION_ATOL
+
+
+def test_layout_violations_finds_a_transpose_between_fused_nodes(tiny_artifact):
+    model = onnx.load(str(tiny_artifact / "decoder_uncond.cuda.onnx"), load_external_data=False)
+    conv = next(n for n in model.graph.node if n.op_type == "NhwcConv" and
+                any(c.op_type in ("GroupNorm", "SkipGroupNorm") for c in model.graph.node if n.output[0] in c.input))
+    out = conv.output[0]
+    conv.output[0] = out + "__test"
+    model.graph.node.extend([
+        helper.make_node("Transpose", [out + "__test"], [out + "__nchw"], name="T1", perm=[0, 3, 1, 2]),
+        helper.make_node("Transpose", [out + "__nchw"], [out], name="T2", perm=[0, 2, 3, 1]),
+    ])
+    assert sorted(layout_violations(model)) == ["T1", "T2"]
+
+
+def test_a_graph_without_the_exporters_groupnorm_is_left_alone():
+    """A Conv-only graph: every Conv converted, nothing fused that is not there."""
+    rng = np.random.default_rng(0)
+    w = helper.make_tensor("w", TensorProto.FLOAT, [8, 4, 3, 3], rng.standard_normal(288).astype(np.float32))
+    g = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["c"], ["y"], name="relu")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 8, 8, 8])], [w],
+        value_info=[helper.make_tensor_value_info("c", TensorProto.FLOAT, ["b", 8, 8, 8])])
+    model, report = cuda_form(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]))
+    assert report.fused == {"GroupNorm": 0, "SkipGroupNorm": 0, "NhwcConv": 1}
+    # the Relu runs channels-last; the only layout Transposes are at the input and the output
+    assert report.layout_transposes == 2 and layout_violations(model) == []
+    x = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+    want = _session(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString()).run(
+        None, {"x": x})[0]
+    got = _session(emulated(model).SerializeToString()).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+def emulated(model):
+    from asym_export.cuda_form import emulate
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    return emulate(m)
+
+
+def test_original_tensor_names():
+    assert original_tensor("add_45__nhwc__cf12") == "add_45"
+    assert original_tensor("conv2d_3__cf7") == "conv2d_3"
+    assert original_tensor("add_45") == "add_45"
+
+
+def test_cuda_form_refuses_a_layout_it_could_not_clean(monkeypatch):
+    import asym_export.cuda_form as cf
+
+    monkeypatch.setattr(cf, "layout_violations", lambda model: ["T"])
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 2, 2])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 2, 2])])
+    with pytest.raises(CudaFormError, match="layout Transposes left between fused nodes: T"):
+        cf.cuda_form(helper.make_model(g))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("graph, counts", [("encoder", (14, 8, 28)), ("decoder", (27, 27, 74))])
+def test_x2_cuda_form_structure(x2_artifact, tmp_path, graph, counts):
+    """x2 (real channel counts, attention at 512 channels): every norm and conv fused, layout
+    Transposes only at the boundaries. The numerics of the same pass are checked on tiny."""
+    from asym_export.cuda_form import write_cuda_form
+
+    spec = GRAPHS[graph]
+    report = write_cuda_form(x2_artifact / spec.file_name("fp32"), tmp_path / spec.file_name("fp32", form="cuda"),
+                             graph)
+    gn, sgn, conv = counts
+    assert report.fused == {"GroupNorm": gn, "SkipGroupNorm": sgn, "NhwcConv": conv}
+    assert report.unfused_group_norms == 0 and report.convs_left == 0
+    portable = onnx.load(str(x2_artifact / spec.file_name("fp32")), load_external_data=False)
+    assert gn + sgn == _ops(portable)["InstanceNormalization"] and conv == _ops(portable)["Conv"]
+    model = onnx.load(str(tmp_path / spec.file_name("fp32", form="cuda")), load_external_data=False)
+    assert layout_violations(model) == []

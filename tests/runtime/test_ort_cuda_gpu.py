@@ -1,0 +1,79 @@
+"""ONNX Runtime's CUDA provider on a GPU: the CUDA form's kernels against the portable graphs and
+the reference, CUDA graphs, torch tensors. Skips itself without onnxruntime-gpu and a GPU (no
+mock stands in for either); ``scripts/gpu_check.py`` runs the same paths on x2."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from runtime_helpers import diffusers_decode, feed
+
+import asym_runtime
+from asym_runtime.backends.onnxrt import cuda_provider_available
+from asym_runtime.specs import Shape
+
+
+def _gpu() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return cuda_provider_available() and torch.cuda.is_available()
+
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _gpu(), reason="needs onnxruntime-gpu and a CUDA GPU")]
+
+#: the export's FP32 tolerance (verify.FP32_MAX_ABS) and FP16 PSNR floor (verify.FP16_MIN_PSNR_DB)
+FP32_ATOL, FP16_MIN_PSNR = 1e-3, 50.0
+
+
+def _psnr(ref, out, peak=2.0):
+    return 10 * np.log10(peak * peak / np.mean((ref.astype(np.float64) - out) ** 2))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_cuda_form_matches_the_reference_and_the_portable_graph(tiny_artifact, tiny_vae, precision):
+    f = feed("decoder", Shape(2, 64, 96), seed=3)
+    ref = diffusers_decode(tiny_vae, **f)
+    outs = {}
+    for form in ("cuda", "portable"):
+        with asym_runtime.load(tiny_artifact, backend="onnxruntime-cuda", precision=precision,
+                               graph_form=form) as rt:
+            assert rt.graph_form == form
+            outs[form] = rt.decode(f["latent"], image=f["image"], mask=f["mask"])
+    for out in outs.values():
+        if precision == "fp32":
+            np.testing.assert_allclose(out, ref, atol=FP32_ATOL, rtol=0)
+        else:
+            assert _psnr(ref, out) >= FP16_MIN_PSNR
+
+
+def test_cuda_graph_replays_the_same_numbers_and_other_shapes_still_run(tiny_artifact):
+    f = feed("decoder", Shape(1, 64, 64), seed=4)
+    g = feed("decoder", Shape(2, 96, 64), seed=5)
+    with asym_runtime.load(tiny_artifact, backend="onnxruntime-cuda", precision="fp16", graphs=("decoder",)) as rt:
+        want_f = rt.decode(f["latent"], image=f["image"], mask=f["mask"])
+        want_g = rt.decode(g["latent"], image=g["image"], mask=g["mask"])
+    with asym_runtime.load(tiny_artifact, backend="onnxruntime-cuda", precision="fp16", graphs=("decoder",),
+                           cuda_graph=True) as rt:
+        first = [rt.decode(f["latent"], image=f["image"], mask=f["mask"]) for _ in range(3)]
+        other = rt.decode(g["latent"], image=g["image"], mask=g["mask"])
+        again = rt.decode(f["latent"], image=f["image"], mask=f["mask"])
+        assert rt.backends["decoder"].captured_shape is not None
+    for out in first + [again]:
+        np.testing.assert_allclose(out, want_f, atol=1e-2, rtol=0)
+    np.testing.assert_allclose(other, want_g, atol=1e-2, rtol=0)
+
+
+def test_torch_cuda_tensors_give_the_numpy_numbers(tiny_artifact):
+    import torch
+
+    f = feed("decoder", Shape(1, 64, 64), seed=6)
+    with asym_runtime.load(tiny_artifact, backend="onnxruntime-cuda", precision="fp16") as rt:
+        want = rt.decode(f["latent"], image=f["image"], mask=f["mask"])
+        t = {k: torch.from_numpy(v).cuda() for k, v in f.items()}
+        got = rt.decode(t["latent"], image=t["image"], mask=t["mask"])
+        assert got.is_cuda
+        plain = rt.decode(t["latent"])
+        assert plain.shape == (1, 3, 64, 64)
+    np.testing.assert_allclose(got.cpu().numpy(), want, atol=1e-2, rtol=0)
