@@ -2,7 +2,7 @@
 way to check them on a CPU.
 
 TensorRT 11 builds only strongly typed networks, so the precision has to be in the ONNX graph
-(FACTS.md). The conversion here:
+(TensorRT 11 removed the FP16 builder flag). The conversion here:
 
 1. **Calibrate**: run the FP32 graph with ONNX Runtime on calibration inputs of several
    shapes and record the largest magnitude every float tensor reaches.

@@ -1,6 +1,6 @@
 """The published checkpoints of AsymmetricAutoencoderKL and a tiny test config.
 
-Configs are the exact diffusers configs (FACTS.md, "Published checkpoints"): x2 from its
+Configs are the exact diffusers configs (docs/contracts.md, "The model"): x2 from its
 hub ``config.json``, x1.5 from diffusers ``scripts/convert_asymmetric_vqgan_to_diffusers.py``.
 """
 

@@ -1,6 +1,6 @@
 """Load the PyTorch reference: diffusers' own AsymmetricAutoencoderKL, never a rewrite.
 
-Three sources (DESIGN.md, "Reference model"):
+Three sources (docs/contracts.md, "The model"):
 
 * a local diffusers folder (``config.json`` + safetensors, as written by ``save_pretrained``),
 * a hub id, downloaded through the hub cache (``huggingface_hub.snapshot_download``),

@@ -15,7 +15,7 @@ can buy that time back. ``subpixel=False`` keeps diffusers' own upsamplers.
 **The feature lookup:**
 ``MaskConditionDecoder`` stores the condition features in a dict keyed by
 ``str(tuple(x.shape))`` and looks them up by the current activation's shape. With symbolic
-shapes that key is not a concrete string, so ``torch.export`` fails (FACTS.md). Here the
+shapes that key is not a concrete string, so ``torch.export`` fails (docs/contracts.md, "The model"). Here the
 features are kept in a list and each up block reads the one at a level fixed when the
 wrapper is built. The level is chosen by the same rule the dict applies at run time (same
 channel count and same spatial size; the last match wins, as a dict overwrite would), so

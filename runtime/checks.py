@@ -1,6 +1,6 @@
 """Input checks, derived from the graph contract (``specs.py``) and the artifact's shape limits.
 
-Every call checks its inputs here before any backend sees them (DESIGN.md, "Runtime"): type,
+Every call checks its inputs here before any backend sees them (docs/contracts.md, "The runtime"): type,
 rank, fixed dims (channels), floating dtype, pixel sizes that are multiples of 8, batch and
 sizes that agree between the inputs, the shape limits, then NaN/Inf and value ranges. Each
 problem raises an :class:`~asym_runtime.errors.AsymInputError` (a ``ValueError``) whose

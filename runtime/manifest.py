@@ -1,4 +1,4 @@
-"""Reading and checking an artifact folder's ``manifest.json`` (DESIGN.md, "Artifact directory").
+"""Reading and checking an artifact folder's ``manifest.json`` (docs/contracts.md, "The artifact folder").
 
 The manifest is written last by ``asym-export``: a folder whose manifest exists is complete.
 The runtime reads only the files the manifest lists and checks their sha256 before use.

@@ -2,7 +2,7 @@
 
 Every part of the toolkit derives from these declarations: the ONNX export (input/output
 names, dynamic axes), the verification feeds, the TensorRT optimization profiles, the
-manifest, and the runtime's input checks. See DESIGN.md, "Graphs" and "Shape limits".
+manifest, and the runtime's input checks. See docs/contracts.md, "Graphs" and "Shape limits".
 
 Dim names: ``batch``, ``height``, ``width`` (pixels) and ``latent_height``,
 ``latent_width`` (pixels / 8). Integers are fixed sizes.

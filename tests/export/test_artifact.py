@@ -70,14 +70,30 @@ def test_graph_that_computes_the_wrong_thing_fails_the_export(tmp_path, monkeypa
     assert list(out.iterdir()) == []  # nothing published, staging removed
 
 
-def test_nan_fails_outright(tmp_path, monkeypatch):
+def test_nan_fails_outright_through_the_cli(tmp_path, monkeypatch, capsys):
+    """NaN fails the export, and the CLI's failure path: exit 1, the verification table and two
+    lines of verdict on stderr, no manifest, nothing published."""
     import asym_export.wrappers as w
+    from asym_export.cli import main
 
     orig = w.EncoderWrapper.forward
     monkeypatch.setattr(w.EncoderWrapper, "forward",
                         lambda self, image: tuple(t * math.nan for t in orig(self, image)))
-    with pytest.raises(VerificationError, match="NaN/Inf"):
-        export_artifact(ExportOptions(variant="tiny", out=tmp_path / "nan", random_weights=True))
+    out = tmp_path / "nan"
+    assert main(["--variant", "tiny", "--random-weights", "--no-fp16", "--out", str(out)]) == 1
+    captured = capsys.readouterr()
+    err = [ln for ln in captured.err.splitlines() if ln.strip()]
+    rows = [ln for ln in err if ln.startswith("onnx_fp32 ")]
+    # 3 shapes x (2 encoder outputs + 1 decoder output + 1 plain decoder output), encoder rows failing
+    assert len(rows) == 12 and sum("NaN/Inf" in ln or "FAIL" in ln for ln in rows) == 6, err
+    # after the table: the verdict, one indented line per failing case, the consequence
+    verdict = next(i for i, ln in enumerate(err) if ln.startswith("asym-export:"))
+    assert err[verdict].startswith("asym-export: onnx_fp32 verification failed")
+    failures = err[verdict + 1:-1]
+    assert len(failures) == 6 and all(ln.startswith("  encoder @ ") and "NaN/Inf" in ln for ln in failures)
+    assert err[-1] == "no manifest was written; the folder is not loadable."
+    assert sum(ln.startswith("asym-export:") for ln in err) == 1
+    assert list(out.iterdir()) == []
 
 
 def test_reexport_removes_the_old_manifest_first(tmp_path, copy_artifact, tiny_artifact, monkeypatch):

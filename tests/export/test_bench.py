@@ -78,7 +78,7 @@ def test_bad_arguments_exit_2(argv, msg, capsys):
 
 
 def test_flop_counts_match_the_published_figures():
-    # FACTS.md: x2 conditional decode at 512x512 is 18.4 TFLOP, the plain decode 16.0, encode 1.1
+    # docs/contracts.md: x2 conditional decode at 512x512 is 18.4 TFLOP, the plain decode 16.0, encode 1.1
     s512 = Shape(1, 512, 512)
     assert graph_tflop("x2", "decode", s512, exported=False) == pytest.approx(18.4, abs=0.05)
     assert graph_tflop("x2", "decode_uncond", s512, exported=False) == pytest.approx(16.0, abs=0.05)

@@ -108,3 +108,38 @@ def test_default_verify_shapes_stay_inside_the_limits():
     assert default_verify_shapes(one) == (Shape(1, 512, 512),)
     for limits in (big, one):
         assert all(limits.contains(s) for s in default_verify_shapes(limits))
+
+
+# ----------------------------------------------------------------------- paths through main()
+
+def _stderr_lines(capsys) -> list[str]:
+    return [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+
+
+def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(tmp_path, monkeypatch, capsys):
+    import asym_export.export as ex
+
+    def boom(*a, **k):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(ex, "export_artifact", boom)
+    argv = ["--variant", "tiny", "--random-weights", "--out", str(tmp_path / "o")]
+    assert main(argv) == 1
+    assert _stderr_lines(capsys) == [
+        "asym-export: unexpected error: RuntimeError: boom (rerun with --debug for the traceback)"]
+    with pytest.raises(RuntimeError, match="boom"):
+        main(argv + ["--debug"])
+
+
+@pytest.mark.parametrize("argv, code, needle", [
+    (["--variant", "x3", "--random-weights", "--out", "o"], 2, "unknown variant 'x3'"),
+    (["--variant", "tiny", "--random-weights", "--atol", "0", "--out", "o"], 2, "--atol 0.0 must be positive"),
+    (["--variant", "tiny", "--random-weights", "--fp16-headroom", "0.5", "--out", "o"], 2, "--fp16-headroom 0.5"),
+    (["--variant", "tiny", "--random-weights", "--seed", "-1", "--out", "o"], 2, "--seed -1 must be >= 0"),
+    (["--variant", "tiny", "--random-weights", "--opt-level", "3", "--out", "o"], 2, "--opt-level"),
+])
+def test_bad_options_are_one_line_exit_2(tmp_path, monkeypatch, capsys, argv, code, needle):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == code
+    err = _stderr_lines(capsys)
+    assert len(err) == 1 and err[0].startswith("asym-export: error: ") and needle in err[0], err

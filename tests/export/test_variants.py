@@ -1,4 +1,4 @@
-"""Variant configs are the published ones (FACTS.md), checked by size, not only by value."""
+"""Variant configs are the published ones (docs/contracts.md), checked by size, not only by value."""
 
 import pytest
 import torch
