@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(REASON is not None, reason=f"n
 from asym_export.engine_verify import profile_shapes, verify_engines
 from asym_export.engines import EngineRunner, engine_from_onnx
 from asym_export.feeds import make_feed
-from asym_export.verify import FP16_TOLERANCE
+from asym_export.verify import FP16_TOLERANCE, FP32_MAX_ABS
 from asym_runtime.errors import ShapeOutOfLimitsError
 from asym_runtime.manifest import read_manifest
 from asym_runtime.specs import DECODER, GRAPHS, Shape, ShapeLimits
@@ -55,6 +55,7 @@ def test_build_records_what_the_manifest_needs(tiny_engines):
         assert plans[name].stat().st_size > 0
         assert info["tensorrt_version"] == trt.__version__
         assert info["flags"]["strongly_typed"] and not info["flags"]["fp16_flag"]
+        assert not info["flags"]["tf32"]  # strongly typed FP32 layers must run in FP32
         if name != "encoder":
             assert info["profile"]["latent"] == [[1, 4, 4, 5], [2, 4, 8, 8], [3, 4, 12, 16]]
         if name != "decoder_uncond":  # the plain decoder takes the latent only
@@ -69,7 +70,10 @@ def test_engines_match_pytorch_at_min_opt_max(tiny_engines, tiny_vae):
     report = verify_engines(plans, tiny_vae, LIMITS, 0.18215, stage=f"engine_{precision}")
     print(report.table())
     assert report, report.failure_lines()
-    assert report.tolerance is FP16_TOLERANCE
+    if precision == "fp16":
+        assert report.tolerance is FP16_TOLERANCE
+    else:  # an FP32 engine is judged as FP32: the export's max abs error, not the FP16 floors
+        assert report.tolerance.max_abs == FP32_MAX_ABS and report.tolerance.min_psnr_db is None
     assert [str(c.shape) for c in report.cases] == [str(s) for s in profile_shapes(LIMITS)] * len(GRAPHS)
 
 
