@@ -41,6 +41,7 @@ import numpy as np
 from asym_runtime.specs import DECODER, DECODER_UNCOND, ENCODER, Shape
 
 from .artifact import write_json_atomic
+from .cliutil import parse, OneLineParser, exit_codes
 
 log = logging.getLogger(__name__)
 
@@ -522,25 +523,53 @@ def _parse_list(text: str, what: str, allowed=None) -> list[str]:
     return items
 
 
+DESCRIPTION = """\
+Time every backend against the PyTorch reference in one process: for each graph, batch and
+size, the load time, the first call (apart), and the steady state over interleaved rounds
+(one call per backend per round, the order rotating, so drift of the machine hits every
+backend alike): median and p90 latency, images/s, the ratio to the reference and, where
+torch.compile ran, to it; TFLOP/s from a FLOP count of what each backend computes, and its
+share of the device's peak (a large matmul measured on the spot; on known GPUs also the
+datasheet's FP16 peak); host and GPU memory. A table on the terminal, JSON and a PNG plot.
+"""
+
+EPILOG = f"""\
+backends: {", ".join(RUNTIME_BACKENDS)} (asym_runtime);
+  {", ".join(TORCH_BACKENDS)} (PyTorch).
+  ort-cuda-* run the folder's CUDA form, *-portable the standard graphs, *-cudagraph replay a
+  CUDA graph; every ort-* and tensorrt-* call is numpy in, numpy out.
+graphs: {", ".join(GRAPHS)}.
+
+examples:
+  asym-bench --variant x2 --sizes 256                              # CPU: ONNX Runtime vs diffusers FP32
+  asym-bench --variant x2 --artifact artifacts/x2 --sizes 512,1024 --json b.json --plot b.png
+  asym-bench --variant x2 --artifact artifacts/x2 --backends torch-compile-fp16,ort-cuda-fp16 --sizes 512
+
+{exit_codes("measured", "the implicit export failed or a backend could not run", "bad arguments")}
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="asym-bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variant", default="x2", help="x1.5, x2 or tiny (default x2)")
+    from .variants import VARIANTS
+
+    p = OneLineParser(prog="asym-bench", description=DESCRIPTION, epilog=EPILOG)
+    p.add_argument("--variant", default="x2", choices=list(VARIANTS), metavar="{" + ",".join(VARIANTS) + "}",
+                   help="the model (default x2)")
     p.add_argument("--artifact", type=Path, metavar="DIR",
                    help="an artifact folder of that variant (default: export one with --random-weights "
                         "--seed 0 into a temporary folder first)")
     p.add_argument("--backends", metavar="LIST",
-                   help="backends to time against the reference, of " + ", ".join(RUNTIME_BACKENDS) + ", "
-                        + ", ".join(TORCH_BACKENDS) + " (default: on a CPU ort-cpu-fp32, ort-cpu-fp16; on a "
-                        "GPU torch-compile-fp16, ort-cuda-fp32, ort-cuda-fp16, ort-cuda-fp16-cudagraph; "
-                        "tensorrt-engine where it runs). ort-cuda-* run the folder's CUDA form, "
-                        "*-portable the standard graphs")
-    p.add_argument("--reference", default=None,
-                   help="the backend ratios are taken against: diffusers-fp32 (default on a CPU) or "
-                        "diffusers-fp16 (default on a GPU)")
-    p.add_argument("--graphs", default="encode,decode,decode_uncond", help="of encode, decode, decode_uncond")
-    p.add_argument("--sizes", default="256", help="resolutions, N or HxW pixels, comma separated (default 256)")
-    p.add_argument("--batches", default="1", help="batch sizes, comma separated (default 1)")
+                   help="comma-separated backends to time against the reference (listed below; default: on a "
+                        "CPU ort-cpu-fp32, ort-cpu-fp16; on a GPU torch-compile-fp16, ort-cuda-fp32, "
+                        "ort-cuda-fp16, ort-cuda-fp16-cudagraph, and tensorrt-engine where it runs)")
+    p.add_argument("--reference", default=None, choices=["diffusers-fp32", "diffusers-fp16"],
+                   help="the backend ratios are taken against (default: diffusers-fp32 on a CPU, "
+                        "diffusers-fp16 on a GPU)")
+    p.add_argument("--graphs", default=",".join(GRAPHS), metavar="LIST",
+                   help=f"comma-separated, of {', '.join(GRAPHS)} (default: all)")
+    p.add_argument("--sizes", default="256", metavar="LIST",
+                   help="resolutions, N or HxW pixels, comma separated (default 256)")
+    p.add_argument("--batches", default="1", metavar="LIST", help="batch sizes, comma separated (default 1)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls per backend after the first (default 1)")
     p.add_argument("--repeats", type=int, default=5, help="timed interleaved rounds (default 5)")
     p.add_argument("--json", type=Path, metavar="FILE", help="write the full result (every timing) as JSON")
@@ -549,7 +578,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, code = parse(build_parser(), argv)
+    if args is None:
+        return code
     logging.basicConfig(level=logging.WARNING, format="%(name)s %(levelname)s: %(message)s")
     from asym_runtime.specs import parse_size
 

@@ -10,46 +10,40 @@ from pathlib import Path
 from asym_runtime.errors import AsymInputError
 from asym_runtime.specs import ShapeLimits, parse_shape
 
+from .cliutil import parse, EXIT_FAILED, EXIT_OK, EXIT_USAGE, OneLineParser, exit_codes, graph_lines
 from .variants import PUBLISHED, VARIANTS
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-
-DESCRIPTION = """\
+DESCRIPTION = f"""\
 Export the asymmetric VAE of Stable Diffusion inpainting (diffusers AsymmetricAutoencoderKL)
-into one self-describing folder: encoder.onnx and decoder.onnx (FP32, dynamic batch/height/
-width), each verified with ONNX Runtime against the PyTorch reference at several shapes;
-their mixed-precision twins encoder.fp16.onnx and decoder.fp16.onnx (FP16 with FP32 islands
-chosen from calibrated activation ranges, float32 inputs/outputs), verified with a faithful
-FP16 emulation on the CPU; the CUDA forms of all of them (*.cuda.onnx: channels-last with
-ONNX Runtime's fused GroupNorm/NhwcConv CUDA kernels, what asym_runtime runs on ONNX
-Runtime's CUDA provider), verified on the CPU through their standard-ONNX emulation; and
-manifest.json (written last) with hashes, shape limits, versions and the verification
-results. A verification failure exits 1 and writes no manifest.
+into one self-describing folder, every file verified before the manifest is written:
+
+{graph_lines()}
+
+each in FP32 (dynamic batch/height/width, checked with ONNX Runtime against the PyTorch
+reference at several shapes) and as *.fp16.onnx (FP16 with FP32 islands chosen from
+calibrated activation ranges, float32 inputs/outputs, checked with a faithful FP16 emulation);
+the CUDA form of each (*.cuda.onnx, *.fp16.cuda.onnx: channels-last with ONNX Runtime's fused
+GroupNorm/NhwcConv CUDA kernels, checked through their standard-ONNX emulation); with
+--engines on a GPU, TensorRT engines; and manifest.json, written last, with hashes, shape
+limits, versions and every verification result. A verification failure writes no manifest.
 """
 
-EPILOG = """\
+EPILOG = f"""\
 examples:
   asym-export --variant x2 --out artifacts/x2                   # hub weights (through the cache)
   asym-export --variant x2 --weights ./my-vae --out artifacts/x2  # a save_pretrained folder
   asym-export --variant x2 --random-weights --seed 0 --out /tmp/x2  # offline, for tests/benchmarks
   asym-export --variant x2 --engines --out artifacts/x2          # + FP16 TensorRT engines (GPU + tensorrt)
 
-exit codes: 0 verified folder written; 1 export or verification failed, or --engines on a
-machine without a GPU and tensorrt (the verified ONNX folder is still written); 2 bad
-arguments, unusable weights or output folder.
+{exit_codes("verified folder written", "export or verification failed, or --engines on a machine without a GPU and tensorrt (the verified ONNX folder is still written)", "bad arguments, unusable weights or output folder")}
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage dump
-        self.exit(EXIT_USAGE, f"asym-export: error: {message} (see asym-export --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="asym-export", description=DESCRIPTION, epilog=EPILOG,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variant", required=True, metavar="{x1.5,x2}",
-                   help="which published checkpoint: x1.5 or x2 ('tiny' is a test-only config)")
+    p = OneLineParser(prog="asym-export", description=DESCRIPTION, epilog=EPILOG)
+    p.add_argument("--variant", required=True, metavar="{" + ",".join(PUBLISHED) + "}",
+                   help=f"which published checkpoint: {' or '.join(PUBLISHED)} (also accepted: "
+                        f"{', '.join(v for v in VARIANTS if v not in PUBLISHED)}, a test-only config)")
     p.add_argument("--out", required=True, type=Path, metavar="DIR",
                    help="output folder (created; an existing manifest there is replaced)")
     w = p.add_argument_group("weights (default: the variant's hub id, through the hub cache)")
@@ -166,7 +160,9 @@ def _summary(result) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, code = parse(build_parser(), argv)
+    if args is None:
+        return code
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s: %(message)s",

@@ -27,7 +27,10 @@ from asym_runtime.errors import (ArtifactError, AsymInputError, BackendUnavailab
 from asym_runtime.manifest import FORMAT_ONNX, FORMAT_ONNX_CUDA, FORMAT_PLAN, Manifest, read_manifest
 from asym_runtime.specs import DECODER, ENCODER, Shape, parse_shape
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+from .cliutil import parse, EXIT_FAILED, EXIT_OK, EXIT_USAGE, OneLineParser, exit_codes
+
+#: asym_runtime.load backends a comparison can force (its "auto" and "onnxruntime" pick one of these)
+PARITY_BACKENDS = ("onnxruntime-cpu", "onnxruntime-cuda", "tensorrt")
 
 log = logging.getLogger(__name__)
 
@@ -207,29 +210,28 @@ def run_parity(root: str | Path, *, backends: list[str] | None = None, shapes: l
 
 DESCRIPTION = """\
 Compare an artifact folder, run through asym_runtime on every backend this machine offers
-(ONNX Runtime CPU/CUDA for each ONNX precision, TensorRT engines), with the PyTorch
-reference rebuilt from the manifest's weights source: encode (mean, logvar), conditional
-decode and plain decode at the manifest's verification shapes. FP32 is held to a max abs
-error (default: the export's tolerance), FP16 to PSNR floors.
+(ONNX Runtime CPU and CUDA for each ONNX precision, on the CUDA provider both the CUDA form
+and the portable graphs; TensorRT engines), with the PyTorch reference rebuilt from the
+manifest's weights source: encode (mean, logvar), conditional decode and plain decode at the
+manifest's verification shapes. FP32 is held to a max abs error (default: the export's
+tolerance), FP16 to PSNR floors.
 """
 
-EPILOG = """\
-exit codes: 0 every backend passed; 1 a comparison failed; 2 bad arguments, an unusable
-folder, or reference weights that differ from the ones the folder was exported from.
+EPILOG = f"""\
+examples:
+  asym-parity artifacts/x2                                        # every backend here, export's shapes
+  asym-parity artifacts/x2 --backends onnxruntime-cuda --shapes limits --reference-device cuda
+
+{exit_codes("every backend passed", "a comparison failed, or no backend could run",
+            "bad arguments, an unusable folder, or reference weights that differ from the ones the folder was exported from")}
 """
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        self.exit(EXIT_USAGE, f"asym-parity: error: {message} (see asym-parity --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="asym-parity", description=DESCRIPTION, epilog=EPILOG,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="asym-parity", description=DESCRIPTION, epilog=EPILOG)
     p.add_argument("dir", type=Path, metavar="DIR", help="artifact folder written by asym-export")
     p.add_argument("--backends", metavar="NAME[,NAME...]",
-                   help="only these: onnxruntime-cpu, onnxruntime-cuda, tensorrt (default: all available)")
+                   help=f"only these, of {', '.join(PARITY_BACKENDS)} (default: every one that runs here)")
     p.add_argument("--shapes", metavar="BxHxW[,BxHxW...]|limits",
                    help="comparison shapes (default: the manifest's verification shapes inside its limits); "
                         "'limits': the shape limits' min, opt and max")
@@ -244,7 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, code = parse(build_parser(), argv)
+    if args is None:
+        return code
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     from .weights import WeightsError
@@ -253,10 +257,9 @@ def main(argv: list[str] | None = None) -> int:
         backends = None
         if args.backends:
             backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-            known = {"onnxruntime-cpu", "onnxruntime-cuda", "tensorrt"}
-            bad = [b for b in backends if b not in known]
+            bad = [b for b in backends if b not in PARITY_BACKENDS]
             if bad:
-                raise AsymInputError(f"--backends {','.join(bad)}: choose from {', '.join(sorted(known))}")
+                raise AsymInputError(f"--backends {','.join(bad)}: choose from {', '.join(sorted(PARITY_BACKENDS))}")
         if args.shapes and args.shapes.strip() == "limits":
             lim = read_manifest(args.dir).limits
             shapes = list(dict.fromkeys([lim.min, lim.opt, lim.max]))

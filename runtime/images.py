@@ -32,10 +32,38 @@ def _as_list(images: Any, what: str) -> list[Image.Image]:
     return items
 
 
+def _target(size: Any, width: int | None, height: int | None, what: str) -> tuple[int, int] | None:
+    """(height, width) to resize to, from ``width=``/``height=`` or a square ``size``; None: keep.
+
+    PIL orders sizes (width, height), numpy and diffusers (height, width): a non-square pair is
+    ambiguous, so it is refused rather than guessed."""
+    if size is not None and (width is not None or height is not None):
+        raise AsymInputError(f"{what}: pass either size= or width=/height=, not both")
+    if width is not None or height is not None:
+        if width is None or height is None:
+            raise AsymInputError(f"{what}: pass both width= and height= (or size=N for a square)")
+        return int(height), int(width)
+    if size is None:
+        return None
+    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
+        return int(size), int(size)
+    try:
+        a, b = (int(v) for v in size)
+    except (TypeError, ValueError):
+        raise AsymInputError(f"{what}: size={size!r} must be one number (a square) or a square pair; "
+                             "for other shapes pass width= and height=") from None
+    if a != b:
+        raise AsymInputError(
+            f"{what}: size={tuple(size)!r} is ambiguous (PIL orders sizes (width, height), numpy "
+            f"(height, width)); pass width= and height= instead, e.g. width={a}, height={b} or "
+            f"width={b}, height={a}")
+    return a, b
+
+
 def _sized(images: Sequence[Image.Image], size: tuple[int, int] | None, what: str) -> list[Image.Image]:
     """Resize to ``size`` = (height, width) with Lanczos, or check that all share one valid size."""
     if size is not None:
-        h, w = (int(v) for v in size)
+        h, w = size
         if h < VAE_SCALE or w < VAE_SCALE or h % VAE_SCALE or w % VAE_SCALE:
             raise AsymInputError(f"{what}: size {h}x{w} is not allowed; height and width must be "
                                  f"positive multiples of {VAE_SCALE}")
@@ -44,29 +72,33 @@ def _sized(images: Sequence[Image.Image], size: tuple[int, int] | None, what: st
     sizes = {im.size for im in images}
     if len(sizes) > 1:
         raise AsymInputError(f"{what}: images have different sizes {sorted(sizes)} (width x height); "
-                             "pass size=(height, width) to resize them to one")
+                             "pass width= and height= to resize them to one")
     (w, h), = sizes
     if h % VAE_SCALE or w % VAE_SCALE:
         raise AsymInputError(
             f"{what}: image is {w}x{h} (width x height); both must be multiples of {VAE_SCALE}. "
-            f"Pass size=({h // VAE_SCALE * VAE_SCALE}, {w // VAE_SCALE * VAE_SCALE}) to resize, "
+            f"Pass width={w // VAE_SCALE * VAE_SCALE}, height={h // VAE_SCALE * VAE_SCALE} to resize, "
             "as diffusers does"
         )
     return list(images)
 
 
-def images_to_batch(images: Image.Image | Iterable[Image.Image],
-                    size: tuple[int, int] | None = None) -> np.ndarray:
-    """PIL image(s) -> float32 [B, 3, H, W] in [-1, 1]. ``size`` = (height, width) resizes."""
-    items = _sized([im.convert("RGB") for im in _as_list(images, "images_to_batch")], size, "images_to_batch")
+def images_to_batch(images: Image.Image | Iterable[Image.Image], size: Any = None, *,
+                    width: int | None = None, height: int | None = None) -> np.ndarray:
+    """PIL image(s) -> float32 [B, 3, H, W] in [-1, 1]. ``width=``/``height=`` (or ``size=N``
+    for a square) resize with Lanczos, as diffusers' preprocessing does."""
+    target = _target(size, width, height, "images_to_batch")
+    items = _sized([im.convert("RGB") for im in _as_list(images, "images_to_batch")], target, "images_to_batch")
     batch = np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in items])
     return np.ascontiguousarray(batch.transpose(0, 3, 1, 2) * 2.0 - 1.0, dtype=np.float32)
 
 
-def masks_to_batch(masks: Image.Image | Iterable[Image.Image],
-                   size: tuple[int, int] | None = None) -> np.ndarray:
-    """PIL mask(s) -> float32 [B, 1, H, W] in {0, 1}: white (>= 0.5 after / 255) = 1 = repaint."""
-    items = _sized([m.convert("L") for m in _as_list(masks, "masks_to_batch")], size, "masks_to_batch")
+def masks_to_batch(masks: Image.Image | Iterable[Image.Image], size: Any = None, *,
+                   width: int | None = None, height: int | None = None) -> np.ndarray:
+    """PIL mask(s) -> float32 [B, 1, H, W] in {0, 1}: white (>= 0.5 after / 255) = 1 = repaint.
+    ``width=``/``height=`` (or ``size=N``) resize as for images."""
+    target = _target(size, width, height, "masks_to_batch")
+    items = _sized([m.convert("L") for m in _as_list(masks, "masks_to_batch")], target, "masks_to_batch")
     batch = np.stack([np.asarray(m, dtype=np.float32) / 255.0 for m in items])[:, None]
     return (batch >= 0.5).astype(np.float32)
 

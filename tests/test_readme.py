@@ -1,6 +1,8 @@
 """The README's two set-up commands and .ci/run stay in step."""
 
 import re
+
+import pytest
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,3 +27,31 @@ def test_setup_never_pulls_a_cuda_torch():
     for cmd in _bash_blocks()[:2]:
         # torch is pinned to the CPU wheel before the project asks for torch>=...
         assert cmd.index("pip install torch==2.13.0") < cmd.index("pip install -e")
+
+
+def test_the_install_notes_match_the_extras():
+    """What the README says each extra brings is what pyproject.toml declares."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    text = " ".join((ROOT / "README.md").read_text().split())
+
+    def names(extra):
+        out = set()
+        for req in extras[extra]:
+            name = re.split(r"[<>=\[ ;#]", req, maxsplit=1)[0]
+            out |= names(req[len("asym-export["):-1]) if req.startswith("asym-export[") else {name}
+        return out
+
+    export = names("export") - {"torch"}
+    assert all(n in text for n in export), export
+    assert names("pipeline") - names("export") == {"transformers"} and "`.[pipeline]` adds transformers" in text
+    assert names("test") == names("pipeline") | {"pytest"} and "`.[test]` is `.[pipeline]` plus pytest" in text
+    assert names("tensorrt") == {"tensorrt", "cuda-python"}
+
+
+def test_every_file_the_readme_names_exists():
+    text = (ROOT / "README.md").read_text()
+    for path in set(re.findall(r"\]\(((?:docs|scripts|examples|asym_export|runtime|tests)/[^)#]+)\)", text)) | \
+            set(re.findall(r"`((?:scripts|examples)/[\w./-]+\.py)`", text)):
+        assert (ROOT / path).exists(), path

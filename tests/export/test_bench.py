@@ -65,7 +65,7 @@ def test_results_that_cannot_be_written_are_an_error(tiny_artifact, tmp_path, ca
 
 
 @pytest.mark.parametrize("argv, msg", [
-    (["--variant", "x3"], "unknown variant"),
+    (["--variant", "x3"], "invalid choice: 'x3'"),
     (["--graphs", "decode,foo"], "unknown foo"),
     (["--sizes", "100"], "multiples of 8"),
     (["--backends", "ort-tpu-fp32"], "unknown ort-tpu-fp32"),

@@ -38,7 +38,7 @@ def test_images_to_batch_equals_the_pipeline_preprocessing(processors):
     assert got.min() >= -1 and got.max() <= 1
     np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
     # resizing (Lanczos, like diffusers)
-    got = asym_runtime.images_to_batch(_photo(100, 70), size=(64, 96))
+    got = asym_runtime.images_to_batch(_photo(100, 70), width=96, height=64)
     want = processors[0].preprocess(_photo(100, 70), height=64, width=96).numpy()
     np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
 
@@ -65,6 +65,17 @@ def test_batch_to_images_equals_the_pipeline_postprocessing(processors):
     np.testing.assert_array_equal(np.asarray(asym_runtime.batch_to_images(torch.from_numpy(x))[0]), np.asarray(got[0]))
 
 
+def test_square_sizes_may_be_one_number_or_a_pair():
+    a = asym_runtime.images_to_batch(_photo(100, 70), size=64)
+    b = asym_runtime.images_to_batch(_photo(100, 70), size=(64, 64))
+    c = asym_runtime.images_to_batch(_photo(100, 70), width=64, height=64)
+    assert a.shape == (1, 3, 64, 64)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, c)
+    # width/height are the PIL image's: a 96-wide, 64-high target gives [.., 64, 96]
+    assert asym_runtime.masks_to_batch(_mask(), width=96, height=64).shape == (1, 1, 64, 96)
+
+
 def test_round_trip_through_the_runtime(tiny_rt):
     image, mask = _photo(), _mask()
     x, m = asym_runtime.images_to_batch(image), asym_runtime.masks_to_batch(mask)
@@ -74,11 +85,15 @@ def test_round_trip_through_the_runtime(tiny_rt):
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda: asym_runtime.images_to_batch(_photo(100, 64)), r"100x64 .* multiples of 8. Pass size=\(64, 96\)"),
+    (lambda: asym_runtime.images_to_batch(_photo(100, 64)), r"100x64 .* multiples of 8. Pass width=96, height=64"),
     (lambda: asym_runtime.images_to_batch([_photo(96, 64), _photo(64, 64)]), r"different sizes"),
     (lambda: asym_runtime.images_to_batch([]), r"no images"),
     (lambda: asym_runtime.images_to_batch([np.zeros((8, 8, 3))]), r"expected PIL images, got ndarray"),
-    (lambda: asym_runtime.masks_to_batch(_mask(), size=(60, 96)), r"size 60x96 is not allowed"),
+    (lambda: asym_runtime.masks_to_batch(_mask(), width=96, height=60), r"size 60x96 is not allowed"),
+    # PIL says (width, height), numpy (height, width): a non-square pair is refused, not guessed
+    (lambda: asym_runtime.images_to_batch(_photo(), size=(64, 96)), r"size=\(64, 96\) is ambiguous .* width="),
+    (lambda: asym_runtime.images_to_batch(_photo(), width=96), r"pass both width= and height="),
+    (lambda: asym_runtime.masks_to_batch(_mask(), size=64, height=64), r"either size= or width=/height="),
     (lambda: asym_runtime.batch_to_images(np.zeros((1, 4, 8, 8))), r"expected \[batch, 3, height, width\]"),
 ])
 def test_helper_errors_say_what_to_do(call, message):
