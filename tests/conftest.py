@@ -17,6 +17,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
+#: Session fixtures that build real-size models (minutes each): every test using one runs in the
+#: same pytest-xdist worker (``-n 2 --dist loadgroup``), so each is built once per run.
+_REAL_SIZE = {"x2_artifact", "x2_vae", "x15_artifact"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _REAL_SIZE & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group(name="real-size"))
+
+
 @pytest.fixture(scope="session")
 def tiny_vae():
     from asym_export.variants import get_variant

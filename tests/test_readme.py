@@ -17,7 +17,7 @@ def test_ci_runs_the_readme_test_command():
     blocks = _bash_blocks()
     main_job, test_cmd = blocks[0], blocks[1]
     assert "asym-export --variant x2 --random-weights" in main_job
-    assert test_cmd.endswith("python -m pytest -q --durations=15")  # the slowest 15 tests in every CI log
+    assert test_cmd.endswith("python -m pytest -q -n 2 --dist loadgroup --durations=15")  # the slowest 15 tests in every CI log
     ci = (ROOT / ".ci" / "run").read_text()
     (ci_cmd,) = re.findall(r'^TEST_COMMAND="(.*)"$', ci, re.M)
     assert ci_cmd == test_cmd

@@ -16,24 +16,22 @@ from asym_runtime.specs import Shape
 PIPE_ATOL = 2e-4
 
 
+def _example():
+    """examples/inpaint_pipeline.py, whose tiny pipeline this test shares with the example."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "inpaint_pipeline.py"
+    spec = importlib.util.spec_from_file_location("inpaint_pipeline_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="module")
 def pipe(tiny_vae):
-    from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=9, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=16, norm_num_groups=4, attention_head_dim=2,
-    ).eval()
     # no text encoder or tokenizer: prompt embeddings go in directly, nothing is downloaded
-    p = StableDiffusionInpaintPipeline(
-        vae=tiny_vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=DDIMScheduler(steps_offset=1),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    p.set_progress_bar_config(disable=True)
-    return p
+    return _example().tiny_pipeline(tiny_vae)
 
 
 def _inputs():

@@ -31,4 +31,4 @@ def test_readme_runtime_examples_run(tiny_artifact, tmp_path, monkeypatch, capsy
         exec(compile(code.replace('"artifacts/x2"', repr(str(tiny_artifact))), f"README block {i}", "exec"), {})
     assert "(1, 3, 512, 512)" in capsys.readouterr().out
     out = Image.open(tmp_path / "inpainted.png")
-    assert out.size == (512, 512) and out.mode == "RGB"
+    assert out.size == (768, 512) and out.mode == "RGB"  # width=768, height=512 as the example asks
