@@ -41,7 +41,7 @@ import numpy as np
 from asym_runtime.specs import DECODER, DECODER_UNCOND, ENCODER, Shape
 
 from .artifact import write_json_atomic
-from .cliutil import parse, OneLineParser, exit_codes
+from .cliutil import EXIT_FAILED, EXIT_USAGE, OneLineParser, add_debug, exit_codes, guarded, parse
 
 log = logging.getLogger(__name__)
 
@@ -545,7 +545,7 @@ examples:
   asym-bench --variant x2 --artifact artifacts/x2 --sizes 512,1024 --json b.json --plot b.png
   asym-bench --variant x2 --artifact artifacts/x2 --backends torch-compile-fp16,ort-cuda-fp16 --sizes 512
 
-{exit_codes("measured", "the implicit export failed or a backend could not run", "bad arguments")}
+{exit_codes("measured", "the implicit export failed or a backend could not run", "bad arguments or an unusable artifact folder")}
 """
 
 
@@ -553,6 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .variants import VARIANTS
 
     p = OneLineParser(prog="asym-bench", description=DESCRIPTION, epilog=EPILOG)
+    add_debug(p)
     p.add_argument("--variant", default="x2", choices=list(VARIANTS), metavar="{" + ",".join(VARIANTS) + "}",
                    help="the model (default x2)")
     p.add_argument("--artifact", type=Path, metavar="DIR",
@@ -582,6 +583,10 @@ def main(argv: list[str] | None = None) -> int:
     if args is None:
         return code
     logging.basicConfig(level=logging.WARNING, format="%(name)s %(levelname)s: %(message)s")
+    return guarded("asym-bench", args.debug, lambda: _main(args, argv))
+
+
+def _main(args, argv) -> int:
     from asym_runtime.specs import parse_size
 
     from .variants import VARIANTS
@@ -632,9 +637,12 @@ def main(argv: list[str] | None = None) -> int:
         print(e.report.table(), file=sys.stderr)
         print(f"asym-bench: error: {e}", file=sys.stderr)
         return 1
-    except (ValueError, RuntimeError, OSError) as e:  # bad folder, failed export, unavailable backend
+    except ValueError as e:  # an unusable folder or bad input (ArtifactError, AsymInputError ...)
         print(f"asym-bench: error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_USAGE
+    except (RuntimeError, OSError) as e:  # a failed export, an unavailable backend
+        print(f"asym-bench: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
     result["command"] = "asym-bench " + " ".join(argv if argv is not None else sys.argv[1:])
     print(table(result))
     for s in result["skipped"]:

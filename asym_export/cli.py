@@ -10,7 +10,7 @@ from pathlib import Path
 from asym_runtime.errors import AsymInputError
 from asym_runtime.specs import ShapeLimits, parse_shape
 
-from .cliutil import parse, EXIT_FAILED, EXIT_OK, EXIT_USAGE, OneLineParser, exit_codes, graph_lines
+from .cliutil import parse, EXIT_FAILED, EXIT_OK, EXIT_USAGE, OneLineParser, add_debug, exit_codes, graph_lines
 from .variants import PUBLISHED, VARIANTS
 
 DESCRIPTION = f"""\
@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--hardware-compat", default=None, metavar="{none,ampere_plus,same_compute_capability}",
                    help="engines that run on other GPUs than the one that built them (default none; may be slower)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every step")
-    p.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
+    add_debug(p)
     return p
 
 
@@ -147,16 +147,20 @@ def _engine_options(args):
 
 def _summary(result) -> str:
     lines = [f"artifact folder: {result.out}"]
-    width = max(len(n) for n in result.files)
+    width = max(len(n) for n in result.files) + len(result.generation) + 1
+    lines.append(f"  {'manifest.json'.ljust(width)}  (switched to the new files last)")
     for name, size in sorted(result.files.items()):
-        lines.append(f"  {name.ljust(width)}  {size / 1e6:10.1f} MB")
-    lines.append(f"  {'manifest.json'.ljust(width)}  (written last)")
+        lines.append(f"  {(result.generation + '/' + name).ljust(width)}  {size / 1e6:10.1f} MB")
     lines.append("")
     for report in result.reports:
         lines.append(report.table())
     lines.append("")
     lines.append(f"weights: {result.weights.describe()}; total {result.timings['total_s']:.1f} s")
     return "\n".join(lines)
+
+
+#: What every failed export leaves: the folder's manifest is switched only after all checks passed.
+UNCHANGED = "nothing was published: the folder is as it was (its previous artifact, if any, still loads)."
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except VerificationError as e:
         print(e.report.table(), file=sys.stderr)
-        print(f"asym-export: {e}\nno manifest was written; the folder is not loadable.", file=sys.stderr)
+        print(f"asym-export: {e}\n{UNCHANGED}", file=sys.stderr)
         return EXIT_FAILED
     except EnginesNotBuiltError as e:
         print(_summary(e.result))
@@ -202,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
               "and verified", file=sys.stderr)
         return EXIT_FAILED
     except TensorRTReadinessError as e:
-        print(f"asym-export: {e}\nno manifest was written; the folder is not loadable.", file=sys.stderr)
+        print(f"asym-export: {e}\n{UNCHANGED}", file=sys.stderr)
         return EXIT_FAILED
     except (ExportError, EngineBuildError) as e:
         print(f"asym-export: export failed: {e}", file=sys.stderr)
@@ -210,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         return EXIT_FAILED
     except KeyboardInterrupt:
-        print("asym-export: interrupted; no manifest was written", file=sys.stderr)
+        print(f"asym-export: interrupted; {UNCHANGED}", file=sys.stderr)
         return 130
     except Exception as e:  # an unexpected failure: one line, the traceback on request
         if args.debug:

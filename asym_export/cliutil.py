@@ -5,6 +5,8 @@ variants, backends), so help can never list what the code does not accept."""
 from __future__ import annotations
 
 import argparse
+import sys
+from typing import Callable
 
 from asym_runtime.specs import GRAPHS
 
@@ -40,3 +42,23 @@ def graph_lines(indent: str = "  ") -> str:
 
 def exit_codes(ok: str, failed: str, usage: str) -> str:
     return f"exit codes: {EXIT_OK} {ok}; {EXIT_FAILED} {failed}; {EXIT_USAGE} {usage}."
+
+
+def add_debug(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
+
+
+def guarded(prog: str, debug: bool, body: Callable[[], int]) -> int:
+    """Run a tool's body under the shared convention: an error the body did not expect is one
+    line on stderr and exit 1 (its traceback with ``--debug``); Ctrl-C is exit 130."""
+    try:
+        return body()
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the convention: one line, never a traceback unasked
+        if debug:
+            raise
+        print(f"{prog}: unexpected error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return EXIT_FAILED

@@ -145,8 +145,8 @@ class EngineStep:
             return None
         o = self.options
         cache = writer.stage_path(TIMING_CACHE)
-        previous = writer.out / TIMING_CACHE
-        if previous.is_file():  # reuse what earlier builds in this folder measured
+        previous = writer.previous_file(TIMING_CACHE)
+        if previous is not None:  # reuse what earlier builds in this folder measured
             shutil.copyfile(previous, cache)
         infos, plans, precision = {}, {}, {}
         for graph in GRAPHS.values():
@@ -155,7 +155,7 @@ class EngineStep:
             plan = writer.stage_path(graph.engine_name())
             with progress.step(f"build {graph.engine_name()} from {src} (TensorRT, opt level {o.opt_level})"):
                 infos[graph.name] = engine_from_onnx(
-                    writer.out / src, plan, graph, limits, opt_level=o.opt_level, workspace_gib=o.workspace_gib,
+                    writer.stage_path(src), plan, graph, limits, opt_level=o.opt_level, workspace_gib=o.workspace_gib,
                     timing_cache=cache, version_compatible=o.version_compatible,
                     hardware_compatibility=o.hardware_compat)
             plans[graph.name] = plan

@@ -86,6 +86,8 @@ class ExportResult:
     timings: dict[str, float]
     files: dict[str, int]  # name -> size
     weights: WeightsSource
+    generation: str = ""  # the folder inside ``out`` that holds the files
+
 
 
 def library_versions() -> dict[str, str]:
@@ -248,7 +250,7 @@ def model_config(vae) -> dict:
 
 def export_artifact(opts: ExportOptions, progress: Progress | None = None) -> ExportResult:
     """Export, verify and publish one artifact folder. Raises on any failure; the folder then
-    has no manifest, so nothing can load it."""
+    holds what it held before (asym_export.artifact: the manifest switches last)."""
     progress = progress or Progress()
     variant = get_variant(opts.variant)
     timings: dict[str, float] = {}
@@ -371,7 +373,7 @@ def export_artifact(opts: ExportOptions, progress: Progress | None = None) -> Ex
         })
         files = {n: e.size for n, e in writer.entries.items()}
     result = ExportResult(opts.out, manifest, reports + ([engines.report] if engines else []),
-                          timings, files, source)
+                          timings, files, source, writer.generation or "")
     if engine_step and engine_step.reason:
         raise EnginesNotBuiltError(engine_step.reason, result)
     return result

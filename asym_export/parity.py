@@ -27,7 +27,7 @@ from asym_runtime.errors import (ArtifactError, AsymInputError, BackendUnavailab
 from asym_runtime.manifest import FORMAT_ONNX, FORMAT_ONNX_CUDA, FORMAT_PLAN, Manifest, read_manifest
 from asym_runtime.specs import DECODER, ENCODER, Shape, parse_shape
 
-from .cliutil import parse, EXIT_FAILED, EXIT_OK, EXIT_USAGE, OneLineParser, exit_codes
+from .cliutil import parse, EXIT_FAILED, EXIT_OK, EXIT_USAGE, OneLineParser, add_debug, exit_codes, guarded
 
 #: asym_runtime.load backends a comparison can force (its "auto" and "onnxruntime" pick one of these)
 PARITY_BACKENDS = ("onnxruntime-cpu", "onnxruntime-cuda", "tensorrt")
@@ -229,6 +229,7 @@ examples:
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="asym-parity", description=DESCRIPTION, epilog=EPILOG)
+    add_debug(p)
     p.add_argument("dir", type=Path, metavar="DIR", help="artifact folder written by asym-export")
     p.add_argument("--backends", metavar="NAME[,NAME...]",
                    help=f"only these, of {', '.join(PARITY_BACKENDS)} (default: every one that runs here)")
@@ -251,6 +252,10 @@ def main(argv: list[str] | None = None) -> int:
         return code
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    return guarded("asym-parity", args.debug, lambda: _main(args))
+
+
+def _main(args) -> int:
     from .weights import WeightsError
 
     try:

@@ -171,6 +171,9 @@ def _load_folder(folder: Path, variant: Variant, allow_pickle: bool):
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise WeightsError(f"{folder}/config.json is not readable JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise WeightsError(f"{folder}/config.json holds a JSON {type(config).__name__}; a diffusers config is "
+                           "a JSON object (written by save_pretrained)")
     cls = config.get("_class_name")
     if cls not in (None, "AsymmetricAutoencoderKL"):
         raise WeightsError(f"{folder}/config.json describes a {cls}, not an AsymmetricAutoencoderKL")

@@ -27,7 +27,7 @@ from .backends.onnxrt import OnnxRuntimeBackend, cuda_provider_available
 from .checks import check_inputs
 from .errors import (ArtifactError, AsymInputError, BackendUnavailableError,
                      IncompatibleEngineError)
-from .manifest import FORMAT_ONNX, FORMAT_ONNX_CUDA, FORMAT_PLAN, MANIFEST_NAME, Manifest, read_manifest
+from .manifest import FORMAT_ONNX, FORMAT_ONNX_CUDA, FORMAT_PLAN, MANIFEST_NAME, ArtifactMissing, Manifest, read_manifest
 from .specs import DECODER, DECODER_UNCOND, ENCODER, ShapeLimits
 
 log = logging.getLogger(__name__)
@@ -326,8 +326,34 @@ def load(path: str | os.PathLike, backend: str = "auto", precision: str | None =
     unknown = [g for g in wanted if g not in _SPECS]
     if unknown or not wanted:
         raise ValueError(f"graphs {list(graphs or [])!r}: choose from {', '.join(_SPECS)}")
-    manifest = read_manifest(path)
+    for attempt in range(1, _LOAD_ATTEMPTS + 1):
+        manifest = None
+        try:
+            manifest = read_manifest(path)
+            return _load(manifest, backend, precision, verify_onnx, device_id, cuda_graph, wanted,
+                         graph_form, provider_options)
+        except ArtifactMissing:
+            # a new export switched the folder to another generation and removed the one this
+            # load was reading: load the new one (the manifest always names a complete one)
+            if attempt == _LOAD_ATTEMPTS or (manifest is not None and _generation_of(path) == manifest.generation):
+                raise
+            log.info("%s was replaced by a new export while loading; loading the new artifact", path)
+    raise AssertionError("unreachable")  # pragma: no cover
 
+
+#: How often load() starts over when an export replaces the folder under it.
+_LOAD_ATTEMPTS = 3
+
+
+def _generation_of(path) -> str | None:
+    try:
+        return read_manifest(path).generation
+    except ArtifactError:
+        return None
+
+
+def _load(manifest: Manifest, backend: str, precision: str | None, verify_onnx: bool, device_id: int,
+          cuda_graph: bool, wanted: tuple[str, ...], graph_form: str, provider_options: dict | None) -> AsymVAE:
     if backend in ("auto", "tensorrt"):
         engines = _engine_entries(manifest, precision, wanted)
         reason = trt_backend.unavailable_reason(device_id) if backend == "tensorrt" or engines else None
@@ -476,21 +502,17 @@ def _load_onnxruntime(manifest: Manifest, backend: str, precision: str, verify: 
         if backend == "onnxruntime-cpu":
             raise ValueError("cuda_graph needs a GPU backend (TensorRT or ONNX Runtime CUDA), not onnxruntime-cpu")
         log.warning("cuda_graph: no GPU backend can run here; running on the CPU without CUDA graphs")
-    verified: set[str] = set()
     last: Exception | None = None
     for device in devices:
         cuda = _cuda_entries(manifest, precision, wanted, graph_form) if device == "cuda" else None
         graphs = cuda or portable
-        if verify:
-            for name in graphs.values():
-                for entry in [manifest.files[name], *manifest.companions(name)]:
-                    if entry.name not in verified:
-                        manifest.verify_file(entry.name)
-                        verified.add(entry.name)
         backends: dict[str, Backend] = {}
         try:
             for role, name in graphs.items():
-                b = OnnxRuntimeBackend(_SPECS[role], manifest.path(name), device=device, device_id=device_id,
+                # verify: the checked bytes of the graph and of every data file it reads go to
+                # ONNX Runtime from memory (nothing is opened again after the check)
+                source = manifest.graph_source(name) if verify else manifest.path(name)
+                b = OnnxRuntimeBackend(_SPECS[role], source, device=device, device_id=device_id,
                                        precision=precision, cuda_graph=cuda_graph and device == "cuda",
                                        provider_overrides=provider_options if device == "cuda" else None)
                 backends[role] = b.activate()

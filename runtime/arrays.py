@@ -30,10 +30,16 @@ def is_cuda_tensor(x: Any) -> bool:
 
 
 def kind_of(x: Any) -> str:
-    """``numpy``, ``torch`` (CPU tensor) or ``torch-cuda:N``; anything else raises TypeError."""
+    """``numpy``, ``torch`` (CPU tensor) or ``torch-cuda:N``; TypeError for anything else,
+    ValueError for tensors without readable dense data (sparse, meta, other devices)."""
     if isinstance(x, np.ndarray):
         return "numpy"
     if is_torch(x):
+        torch = torch_module()
+        if x.layout != torch.strided:
+            raise ValueError(f"a {str(x.layout).replace('torch.', '')} tensor; only dense (strided) tensors hold pixels")
+        if x.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"a tensor on device {x.device.type!r}; only CPU and CUDA tensors carry data here")
         return f"torch-cuda:{x.device.index or 0}" if x.is_cuda else "torch"
     raise TypeError(type(x).__name__)
 

@@ -70,6 +70,8 @@ def check_inputs(call: str, specs: Sequence[TensorSpec], values: dict[str, Any],
                 f"{call}: {spec.name} must be a numpy array or a torch tensor, got "
                 f"{type(x).__module__}.{type(x).__name__}{hint}"
             ) from None
+        except ValueError as e:
+            raise AsymInputError(f"{call}: {spec.name} is {e}") from None
     if len(set(kinds.values())) > 1:
         raise AsymInputError(
             f"{call}: inputs must all be numpy arrays or all torch tensors on one device; got "

@@ -1,7 +1,16 @@
-"""Reading and checking an artifact folder's ``manifest.json`` (docs/contracts.md, "The artifact folder").
+"""Reading and checking an artifact folder (docs/contracts.md, "The artifact folder").
 
-The manifest is written last by ``asym-export``: a folder whose manifest exists is complete.
-The runtime reads only the files the manifest lists and checks their sha256 before use.
+Layout: ``manifest.json`` at the top names one *generation* folder (``gen-...``) that holds
+every file of one export; ``asym-export`` switches from one generation to the next by
+renaming a new ``manifest.json`` over the old one, so a reader sees a complete old or a
+complete new artifact. The manifest is checked against ``manifest.schema.json`` (shipped
+with this package) with strict types.
+
+What the runtime uses is what it checked: files are opened without following symlinks,
+must be regular files inside the generation, are read once, and their bytes are compared
+with the recorded size and sha256; sessions and engines are made from those same bytes.
+The external data an ONNX graph reads is taken from the graph itself, not from the
+manifest's hints, and every such file must be listed (size, sha256) and inside the folder.
 """
 
 from __future__ import annotations
@@ -9,8 +18,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
-from dataclasses import dataclass
+import posixpath
+import stat
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
 from pathlib import Path
 
 from .errors import ArtifactError
@@ -19,8 +33,15 @@ from .specs import ShapeLimits
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
+SCHEMA_NAME = "manifest.schema.json"
 #: Bumped whenever a field changes meaning; the runtime refuses other versions.
-SCHEMA_VERSION = 1
+#: 2: files live in the generation folder the manifest names (1: beside the manifest).
+SCHEMA_VERSION = 2
+GENERATION_PREFIX = "gen-"
+#: A manifest is a few tens of kB; anything far larger is not one of ours.
+MAX_MANIFEST_BYTES = 16 << 20
+#: Deepest JSON nesting a manifest may have (ours: 6).
+MAX_DEPTH = 32
 
 ROLE_EXTERNAL_DATA = "external_data"
 ROLE_TIMING_CACHE = "timing_cache"
@@ -32,10 +53,7 @@ FORMAT_ONNX_CUDA = "onnx_cuda"
 FORMAT_ONNX_DATA = "onnx_external_data"
 FORMAT_PLAN = "tensorrt_plan"
 FORMAT_TIMING_CACHE = "tensorrt_timing_cache"
-
-_JSON = {dict: "object", str: "string"}
-_REQUIRED = ("schema_version", "variant", "model_config", "scaling_factor", "weights",
-             "shape_limits", "files", "versions", "verification")
+GRAPH_FORMATS = (FORMAT_ONNX, FORMAT_ONNX_CUDA)
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
@@ -46,23 +64,168 @@ def sha256_file(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
     return h.hexdigest()
 
 
+# --------------------------------------------------------------------------- safe reading
+
+def _refuse_links(root: Path, rel: str) -> Path:
+    """``root/rel`` after checking that no part below ``root`` is a symlink (lstat)."""
+    path = root
+    for part in rel.split("/"):
+        path = path / part
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            raise ArtifactMissing(path) from None
+        except OSError as e:
+            raise ArtifactError(f"{path}: cannot be read ({e.strerror})") from None
+        if stat.S_ISLNK(st.st_mode):
+            raise ArtifactError(f"{path} is a symbolic link; an artifact folder holds its own files, "
+                                "links are refused (they can lead outside the folder)")
+    return path
+
+
+def read_regular(path: Path, *, max_size: int | None = None, expect_size: int | None = None) -> bytes:
+    """The bytes of ``path``, which must be a regular file (not a link, FIFO, device or folder).
+
+    Opened with O_NOFOLLOW and O_NONBLOCK (a FIFO must not block the load), checked with
+    fstat on the open descriptor, then read through that same descriptor. A wrong size
+    (``expect_size``) or one above ``max_size`` fails before anything is read.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise ArtifactMissing(path) from None
+    except OSError as e:  # ELOOP: a symlink; EACCES ...
+        raise ArtifactError(f"{path}: cannot be opened as a regular file ({e.strerror})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ArtifactError(f"{path} is not a regular file; an artifact folder holds regular files only")
+        if expect_size is not None and st.st_size != expect_size:
+            raise ArtifactError(f"{path} is {st.st_size} bytes, the manifest records {expect_size}; "
+                                "the file was changed or truncated after export")
+        if max_size is not None and st.st_size > max_size:
+            raise ArtifactError(f"{path} is {st.st_size} bytes, more than the {max_size} a manifest may have")
+        buf = bytearray(st.st_size)
+        view, got = memoryview(buf), 0
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            while got < len(buf):
+                n = f.readinto(view[got:])
+                if not n:
+                    break
+                got += n
+            grew = bool(f.read(1))
+        if got != len(buf) or grew:
+            raise ArtifactError(f"{path} changed size while it was read; the folder is being rewritten")
+        return bytes(buf) if len(buf) < (1 << 20) else buf  # large files: no second copy
+    finally:
+        os.close(fd)
+
+
+class ArtifactMissing(ArtifactError):
+    """A file the manifest lists is not there (another export may have just replaced the folder)."""
+
+    def __init__(self, path: Path):
+        super().__init__(f"{path} is listed in {MANIFEST_NAME} but missing")
+        self.path = path
+
+
+# --------------------------------------------------------------------------- schema
+
+@lru_cache(maxsize=1)
+def schema() -> dict:
+    """The manifest's JSON Schema (``manifest.schema.json`` in this package)."""
+    return json.loads(resources.files(__package__).joinpath(SCHEMA_NAME).read_text(encoding="utf-8"))
+
+
+@lru_cache(maxsize=1)
+def _validator():
+    from jsonschema import Draft202012Validator
+
+    Draft202012Validator.check_schema(schema())
+    return Draft202012Validator(schema())
+
+
+def _field(error) -> str:
+    path = "/".join(str(p) for p in error.absolute_path)
+    return f"'{path}'" if path else "the top level"
+
+
+def schema_errors(data) -> list[str]:
+    """Every violation of the schema, as "'field/path': what is wrong" lines (empty: valid)."""
+    from jsonschema.exceptions import relevance
+
+    errors = sorted(_validator().iter_errors(data), key=relevance)
+    return [f"{_field(e)}: {e.message}" for e in errors]
+
+
+def _depth_ok(data, limit: int = MAX_DEPTH) -> bool:
+    stack = [(data, 0)]
+    while stack:
+        x, d = stack.pop()
+        if d > limit:
+            return False
+        if isinstance(x, dict):
+            stack.extend((v, d + 1) for v in x.values())
+        elif isinstance(x, list):
+            stack.extend((v, d + 1) for v in x)
+    return True
+
+
+def _finite(text: str) -> float:
+    v = float(text)
+    if not math.isfinite(v):
+        raise ValueError(f"{text} is not a finite number")
+    return v
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON (numbers must be finite)")
+
+
+def parse_manifest_bytes(raw: bytes, where: str) -> dict:
+    """Parse and schema-check a manifest; every violation is an :class:`ArtifactError`."""
+    try:
+        data = json.loads(raw.decode("utf-8"), parse_float=_finite, parse_constant=_no_constant)
+    except RecursionError:
+        raise ArtifactError(f"{where}: JSON nested deeper than {MAX_DEPTH} levels") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ArtifactError(f"{where} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{where} does not hold a JSON object")
+    if not _depth_ok(data):
+        raise ArtifactError(f"{where}: JSON nested deeper than {MAX_DEPTH} levels")
+    version = data.get("schema_version")
+    if type(version) is not int or version != SCHEMA_VERSION:
+        hint = (" (version 1 folders keep their files beside the manifest)" if version == 1 and type(version) is int
+                else "")
+        raise ArtifactError(
+            f"{where} has schema_version {version!r}{hint}; this asym_runtime reads only version "
+            f"{SCHEMA_VERSION}. Re-export the folder with a matching asym-export"
+        )
+    problems = schema_errors(data)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ArtifactError(f"{where} breaks the manifest schema at {problems[0]}{more}")
+    return data
+
+
+# --------------------------------------------------------------------------- entries
+
 @dataclass(frozen=True)
 class FileEntry:
-    name: str  # path relative to the artifact folder, "/" separated
+    name: str  # path relative to the generation folder, "/" separated
     role: str
     format: str
     precision: str | None
     sha256: str
     size: int
-    data_of: str | None = None  # for external data: the graph file it belongs to
+    data_of: str | None = None  # for external data: the graph file it belongs to (a hint)
 
     @classmethod
     def from_dict(cls, name: str, d: dict) -> "FileEntry":
-        try:
-            return cls(name=name, role=d["role"], format=d["format"], precision=d.get("precision"),
-                       sha256=d["sha256"], size=int(d["size"]), data_of=d.get("data_of"))
-        except (KeyError, TypeError, ValueError) as e:
-            raise ArtifactError(f"manifest entry for {name!r} is malformed ({e!r})") from None
+        return cls(name=name, role=d["role"], format=d["format"], precision=d.get("precision"),
+                   sha256=d["sha256"], size=d["size"], data_of=d.get("data_of"))
 
     def to_dict(self) -> dict:
         d = {"role": self.role, "format": self.format, "precision": self.precision,
@@ -72,30 +235,85 @@ class FileEntry:
         return d
 
 
+@dataclass
+class GraphSource:
+    """An ONNX graph and every external data file it reads, as checked bytes.
+
+    ``external`` maps each location exactly as the graph writes it to that file's bytes;
+    ONNX Runtime gets them from memory, so no file is opened again after the check.
+    """
+
+    name: str
+    model: bytes
+    external: dict[str, bytes] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.model) + sum(len(b) for b in self.external.values())
+
+
+def external_locations(model_bytes: bytes, where: str) -> list[str]:
+    """The external data locations an ONNX model (serialised bytes) reads, in first-use order:
+    initializers, sparse initializers and tensors in node attributes, subgraphs included."""
+    import onnx
+
+    try:
+        model = onnx.ModelProto.FromString(model_bytes)
+    except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and friends
+        raise ArtifactError(f"{where} is not an ONNX model ({e})") from None
+    found: dict[str, None] = {}
+
+    def tensor(t) -> None:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            loc = next((e.value for e in t.external_data if e.key == "location"), None)
+            if not loc:
+                raise ArtifactError(f"{where}: tensor {t.name!r} is external but names no location")
+            found.setdefault(loc)
+
+    graphs = [model.graph]
+    while graphs:
+        g = graphs.pop()
+        for t in g.initializer:
+            tensor(t)
+        for s in g.sparse_initializer:
+            tensor(s.values)
+            tensor(s.indices)
+        for node in g.node:
+            for a in node.attribute:
+                if a.HasField("t"):
+                    tensor(a.t)
+                for t in a.tensors:
+                    tensor(t)
+                if a.HasField("sparse_tensor"):
+                    tensor(a.sparse_tensor.values)
+                    tensor(a.sparse_tensor.indices)
+                if a.HasField("g"):
+                    graphs.append(a.g)
+                graphs.extend(a.graphs)
+    for f in model.functions:
+        for node in f.node:
+            for a in node.attribute:
+                if a.HasField("t"):
+                    tensor(a.t)
+    return list(found)
+
+
+# --------------------------------------------------------------------------- manifest
+
 class Manifest:
     """A parsed, schema-checked manifest of one artifact folder."""
 
     def __init__(self, root: Path, data: dict):
         self.root = Path(root)
         self.data = data
-        for key, kind in (("files", dict), ("model_config", dict), ("shape_limits", dict), ("variant", str)):
-            if not isinstance(data[key], kind):
-                raise ArtifactError(f"{root}/{MANIFEST_NAME}: '{key}' must be a JSON {_JSON[kind]}, "
-                                    f"not {type(data[key]).__name__}")
+        self.generation: str = data["generation"]
+        self.files: dict[str, FileEntry] = {name: FileEntry.from_dict(name, d) for name, d in data["files"].items()}
         sf = data["scaling_factor"]
-        if isinstance(sf, bool) or not isinstance(sf, (int, float)) or not sf > 0:
-            raise ArtifactError(f"{root}/{MANIFEST_NAME}: 'scaling_factor' must be a positive number, not {sf!r}")
-        self.files: dict[str, FileEntry] = {
-            name: FileEntry.from_dict(name, d) for name, d in data["files"].items()
-        }
-        for name in self.files:
-            p = Path(name)
-            if p.is_absolute() or ".." in p.parts:
-                raise ArtifactError(f"manifest lists {name!r}, which lies outside the artifact folder")
         try:
             self.limits = ShapeLimits.from_dict(data["shape_limits"])
         except (ValueError, TypeError, KeyError) as e:  # the folder's fault, not the caller's input
-            raise ArtifactError(f"{root}/{MANIFEST_NAME}: 'shape_limits' is unusable: {e}") from None
+            raise ArtifactError(f"{self.root}/{MANIFEST_NAME}: 'shape_limits' is unusable: {e}") from None
+        assert sf > 0  # the schema says so
 
     # ----- fields
     @property
@@ -110,8 +328,14 @@ class Manifest:
     def model_config(self) -> dict:
         return self.data["model_config"]
 
+    @property
+    def folder(self) -> Path:
+        """The generation folder that holds the files."""
+        return self.root / self.generation
+
     def path(self, name: str) -> Path:
-        return self.root / name
+        """Where ``name`` lies (for tools that hand paths on; the runtime reads :meth:`read_verified`)."""
+        return self.root / self.generation / name
 
     def find(self, role: str, fmt: str, precision: str | None = None) -> FileEntry | None:
         for e in self.files.values():
@@ -120,50 +344,61 @@ class Manifest:
         return None
 
     def companions(self, name: str) -> list[FileEntry]:
-        """External data files that belong to graph file ``name``."""
+        """The listed files graph ``name`` reads its external data from, per the manifest's hint.
+        :meth:`graph_source` takes them from the graph itself."""
         return [e for e in self.files.values() if e.data_of == name]
 
     # ----- checks
-    def verify_file(self, name: str) -> Path:
-        """Check that ``name`` exists with the size and sha256 the manifest records."""
-        self._listed(name)
-        p = self.path(name)
-        if not p.is_file():
-            raise self._missing(name)
-        size = p.stat().st_size
-        self._check(name, size)  # a wrong size fails before the file is hashed
-        self._check(name, size, sha256_file(p))
-        log.debug("verified %s (%d bytes)", name, size)
-        return p
-
-    def read_verified(self, name: str) -> bytes:
-        """The bytes of ``name``, checked against the recorded size and sha256; read once, so
-        what is checked is what is used (engines are deserialized from these bytes)."""
-        self._listed(name)
-        try:
-            data = self.path(name).read_bytes()
-        except FileNotFoundError:
-            raise self._missing(name) from None
-        self._check(name, len(data), hashlib.sha256(data).hexdigest())
-        return data
-
-    def _listed(self, name: str) -> FileEntry:
+    def _entry(self, name: str) -> FileEntry:
         entry = self.files.get(name)
         if entry is None:
             raise ArtifactError(f"{self.root}: {name!r} is not listed in {MANIFEST_NAME}")
         return entry
 
-    def _missing(self, name: str) -> ArtifactError:
-        return ArtifactError(f"{self.root}: {name} is listed in {MANIFEST_NAME} but missing")
+    def read_verified(self, name: str) -> bytes:
+        """The bytes of ``name``, read once through a descriptor that is not a link and is a
+        regular file, and checked against the recorded size and sha256: what is checked is
+        what is used."""
+        entry = self._entry(name)
+        path = _refuse_links(self.root, f"{self.generation}/{name}")
+        data = read_regular(path, expect_size=entry.size)
+        self._check(name, len(data), hashlib.sha256(data).hexdigest())
+        log.debug("verified %s (%d bytes)", name, len(data))
+        return data
 
-    def _check(self, name: str, size: int, digest: str | None = None) -> None:
+    def verify_file(self, name: str) -> Path:
+        """Check ``name`` (size, sha256, a regular file, no link) and return its path, for
+        tools that hand the path to another program. The runtime itself uses the bytes."""
+        self.read_verified(name)
+        return self.path(name)
+
+    def graph_source(self, name: str) -> GraphSource:
+        """Graph ``name`` and every external data file it reads, checked.
+
+        The locations come from the graph's own tensors; each must resolve inside the
+        generation folder to a file the manifest lists, and is read and hashed like the graph.
+        """
+        model = self.read_verified(name)
+        base = posixpath.dirname(name)
+        external: dict[str, bytes] = {}
+        for loc in external_locations(model, f"{self.root}/{name}"):
+            rel = posixpath.normpath(posixpath.join(base, loc))
+            if posixpath.isabs(loc) or rel == ".." or rel.startswith("../") or "\\" in loc:
+                raise ArtifactError(f"{self.root}: {name} reads external data from {loc!r}, outside the artifact folder")
+            if rel not in self.files:
+                raise ArtifactError(f"{self.root}: {name} reads external data from {loc!r}, which {MANIFEST_NAME} "
+                                    "does not list (size, sha256); the folder cannot be checked")
+            external[loc] = self.read_verified(rel)
+        return GraphSource(name, model, external)
+
+    def _check(self, name: str, size: int, digest: str) -> None:
         entry = self.files[name]
         if size != entry.size:
             raise ArtifactError(
                 f"{self.root}: {name} is {size} bytes, the manifest records {entry.size}; "
                 "the file was changed or truncated after export"
             )
-        if digest is not None and digest != entry.sha256:
+        if digest != entry.sha256:
             raise ArtifactError(
                 f"{self.root}: sha256 of {name} is {digest[:16]}..., the manifest records "
                 f"{entry.sha256[:16]}...; the file was changed after export"
@@ -176,24 +411,26 @@ def read_manifest(root: str | os.PathLike) -> Manifest:
     if not root.is_dir():
         raise ArtifactError(f"{root} is not a folder (expected an artifact folder written by asym-export)")
     path = root / MANIFEST_NAME
-    if not path.is_file():
+    try:
+        raw = read_regular(path, max_size=MAX_MANIFEST_BYTES)
+    except ArtifactMissing:
         raise ArtifactError(
             f"{root} has no {MANIFEST_NAME}: it is not an asym-export artifact folder, or its "
-            "export did not finish (the manifest is written last)"
-        )
+            "first export did not finish (the manifest is written last)"
+        ) from None
+    data = parse_manifest_bytes(bytes(raw), str(path))
+    gen = root / data["generation"]
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"{path} is not readable JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise ArtifactError(f"{path} does not hold a JSON object")
-    version = data.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise ArtifactError(
-            f"{path} has schema_version {version!r}; this asym_runtime reads only version "
-            f"{SCHEMA_VERSION}. Re-export the folder with a matching asym-export"
-        )
-    missing = [k for k in _REQUIRED if k not in data]
-    if missing:
-        raise ArtifactError(f"{path} lacks required field(s): {', '.join(missing)}")
+        st = os.lstat(gen)
+    except FileNotFoundError:
+        raise ArtifactMissing(gen) from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise ArtifactError(f"{gen} is not a folder (a symbolic link or a file); the manifest's generation "
+                            "must be a folder inside the artifact folder")
     return Manifest(root, data)
+
+
+def generation_folder(root: str | os.PathLike) -> Path:
+    """The folder that holds the current artifact's files (``root/gen-...``), for tools that want
+    paths (trtexec, Netron). It changes with every export; the manifest names it."""
+    return read_manifest(root).folder

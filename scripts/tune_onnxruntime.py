@@ -78,7 +78,7 @@ def main() -> int:
     manifest = asym_runtime.read_manifest(args.artifact)
     graph = GRAPHS[args.graph]
     feed = make_feed(graph, Shape(args.batch, args.size, args.size), 0, manifest.scaling_factor)
-    path = str(args.artifact / graph.file_name("fp32"))
+    path = str(manifest.path(graph.file_name("fp32")))
     cands = candidates()
     if args.only:
         cands = {k: v for k, v in cands.items() if k in args.only.split(",")}

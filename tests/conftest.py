@@ -22,10 +22,21 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 _REAL_SIZE = {"x2_artifact", "x2_vae", "x15_artifact"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if _REAL_SIZE & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.xdist_group(name="real-size"))
+
+
+def pytest_collection_finish(session):
+    """Under ``--dist loadgroup`` pytest-xdist appends "@group" to each grouped test's id; if it did
+    not (a pytest it does not know), every worker would build the real-size models: say so."""
+    if getattr(session.config.option, "loadgroup", False):
+        lost = [i.nodeid for i in session.items if i.get_closest_marker("xdist_group") and "@" not in i.nodeid]
+        if lost:
+            raise pytest.UsageError(f"pytest-xdist ignored the xdist_group marks (e.g. {lost[0]}); "
+                                    "install the pytest the test extra pins")
 
 
 @pytest.fixture(scope="session")

@@ -46,7 +46,8 @@ def test_the_install_notes_match_the_extras():
     export = names("export") - {"torch"}
     assert all(n in text for n in export), export
     assert names("pipeline") - names("export") == {"transformers"} and "`.[pipeline]` adds transformers" in text
-    assert names("test") == names("pipeline") | {"pytest"} and "`.[test]` is `.[pipeline]` plus pytest" in text
+    assert names("test") == names("pipeline") | {"pytest", "pytest-xdist"}
+    assert "`.[test]` is `.[pipeline]` plus pytest and pytest-xdist" in text
     assert names("tensorrt") == {"tensorrt", "cuda-python"}
 
 

@@ -30,6 +30,7 @@ import numpy as np
 from .. import arrays
 from ..checks import output_shapes, request_shape
 from ..errors import ArtifactError, AsymInputError, BackendUnavailableError
+from ..manifest import GraphSource
 from ..specs import GraphSpec
 from .base import Backend
 
@@ -133,14 +134,17 @@ class OnnxRuntimeBackend(Backend):
     must never see a second shape, whose first run would allocate during capture.
     """
 
-    def __init__(self, graph: GraphSpec, path: str | Path, device: str = "cpu", device_id: int = 0, *,
+    def __init__(self, graph: GraphSpec, source: GraphSource | str | Path, device: str = "cpu", device_id: int = 0, *,
                  precision: str = "fp32", cuda_graph: bool = False, provider_overrides: dict | None = None):
         super().__init__(graph)
         if device not in PROVIDERS:
             raise ValueError(f"device {device!r}: use cpu or cuda")
         if cuda_graph and device != "cuda":
             raise ValueError("cuda_graph needs the CUDA provider")
-        self.path = Path(path)
+        # checked bytes (asym_runtime.load) or, for tools and tests, a path ONNX Runtime opens itself
+        self._source = source if isinstance(source, GraphSource) else None
+        self._from_bytes = self._source is not None
+        self.path = Path(source.name if isinstance(source, GraphSource) else source)
         self.device = device
         self.device_id = device_id
         self.precision = precision
@@ -176,7 +180,7 @@ class OnnxRuntimeBackend(Backend):
             providers = [(PROVIDERS["cuda"], opts), PROVIDERS["cpu"]]
         try:
             try:
-                sess = ort.InferenceSession(str(self.path), session_options(self.device), providers=providers)
+                sess = self._session(ort, providers)
             except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
                 if capture or "user_compute_stream" not in providers[0][1]:
                     raise
@@ -184,7 +188,7 @@ class OnnxRuntimeBackend(Backend):
                 log.warning("ONNX Runtime refused torch's CUDA stream (%s); using its own stream", e)
                 self._stream = None
                 del providers[0][1]["user_compute_stream"]
-                sess = ort.InferenceSession(str(self.path), session_options(self.device), providers=providers)
+                sess = self._session(ort, providers)
         except Exception as e:  # onnxruntime raises its own exception types
             if capture and "graph capture" in str(e):
                 raise BackendUnavailableError(f"ONNX Runtime cannot capture {self.path.name} in a CUDA graph: "
@@ -198,6 +202,21 @@ class OnnxRuntimeBackend(Backend):
         self._check_io(sess)
         return sess
 
+    def _session(self, ort, providers):
+        so = session_options(self.device)
+        if self._from_bytes and self._source is None:
+            raise BackendUnavailableError(f"{self.path.name}: the checked bytes were released after the first "
+                                          "activation; load the artifact again")
+        if self._source is None:
+            return ort.InferenceSession(str(self.path), so, providers=providers)
+        src = self._source
+        if src.external:  # the checked bytes; the graph's data locations are served from memory
+            names = list(src.external)
+            so.add_external_initializers_from_files_in_memory(
+                names, [np.frombuffer(src.external[n], dtype=np.uint8) for n in names],
+                [len(src.external[n]) for n in names])
+        return ort.InferenceSession(bytes(src.model), so, providers=providers)
+
     def _activate(self) -> None:
         try:
             import onnxruntime  # noqa: F401
@@ -209,6 +228,9 @@ class OnnxRuntimeBackend(Backend):
                 "(and only it) to run ONNX Runtime on a GPU"
             )
         self.session = self._make_session(capture=self.cuda_graph)
+        if not self.cuda_graph:
+            self._source = None  # ONNX Runtime copied what it needs; a capturing backend keeps the
+            # bytes for the ordinary session it makes on first need for other shapes
 
     def _check_io(self, sess) -> None:
         got_in = [i.name for i in sess.get_inputs()]

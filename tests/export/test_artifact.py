@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import pytest
 
@@ -20,11 +21,14 @@ def test_manifest_describes_every_file(tiny_artifact):
     assert d["weights"]["source"] == "random" and d["weights"]["seed"] == 0
     assert m.limits == ShapeLimits()
     assert {"torch", "diffusers", "onnx", "onnxruntime", "python"} <= set(d["versions"])
-    on_disk = {p.relative_to(tiny_artifact).as_posix() for p in tiny_artifact.rglob("*") if p.is_file()}
-    assert on_disk == set(m.files) | {"manifest.json"}  # nothing staged or temporary left behind
+    # the folder: the manifest, the export lock and one generation holding exactly the listed files
+    assert sorted(p.name for p in tiny_artifact.iterdir()) == sorted([".lock", "manifest.json", m.generation])
+    assert re.fullmatch(r"gen-\d{8}T\d{6}Z-[0-9a-f]{8}", m.generation)
+    on_disk = {p.relative_to(m.folder).as_posix() for p in m.folder.rglob("*") if p.is_file()}
+    assert on_disk == set(m.files)  # nothing staged or temporary left behind
     for name, e in m.files.items():
-        assert e.sha256 == sha256_file(tiny_artifact / name)
-        assert e.size == (tiny_artifact / name).stat().st_size
+        assert e.sha256 == sha256_file(m.path(name))
+        assert e.size == m.path(name).stat().st_size
         assert e.precision == ("fp16" if ".fp16." in name else "fp32")
     for g in GRAPHS.values():
         for precision in ("fp32", "fp16"):
@@ -67,7 +71,7 @@ def test_graph_that_computes_the_wrong_thing_fails_the_export(tmp_path, monkeypa
     assert all("sample: max abs" in f for c in failing for f in c.failures)
     assert all(c for c in report.cases if c.graph == "encoder")
     assert not (out / "manifest.json").exists()
-    assert list(out.iterdir()) == []  # nothing published, staging removed
+    assert [p.name for p in out.iterdir()] == [".lock"]  # nothing published, staging removed
 
 
 def test_nan_fails_outright_through_the_cli(tmp_path, monkeypatch, capsys):
@@ -91,23 +95,9 @@ def test_nan_fails_outright_through_the_cli(tmp_path, monkeypatch, capsys):
     assert err[verdict].startswith("asym-export: onnx_fp32 verification failed")
     failures = err[verdict + 1:-1]
     assert len(failures) == 6 and all(ln.startswith("  encoder @ ") and "NaN/Inf" in ln for ln in failures)
-    assert err[-1] == "no manifest was written; the folder is not loadable."
+    assert err[-1] == "nothing was published: the folder is as it was (its previous artifact, if any, still loads)."
     assert sum(ln.startswith("asym-export:") for ln in err) == 1
-    assert list(out.iterdir()) == []
-
-
-def test_reexport_removes_the_old_manifest_first(tmp_path, copy_artifact, tiny_artifact, monkeypatch):
-    folder = copy_artifact(tiny_artifact)
-    import asym_export.export as ex
-
-    def fail(*a, **k):
-        raise RuntimeError("interrupted")
-
-    monkeypatch.setattr(ex, "onnx_from_model", fail)
-    with pytest.raises(RuntimeError):
-        export_artifact(ExportOptions(variant="tiny", out=folder, random_weights=True))
-    assert not (folder / "manifest.json").exists()  # old files may remain; nothing claims them
-    assert not [p for p in folder.iterdir() if p.name.startswith(".staging-")]
+    assert [p.name for p in out.iterdir()] == [".lock"]
 
 
 def test_out_that_cannot_be_created(tmp_path):
@@ -119,15 +109,36 @@ def test_out_that_cannot_be_created(tmp_path):
         ArtifactWriter(blocker / "sub").open()
 
 
-def test_manifest_is_written_last_and_readable(tmp_path):
-    w = ArtifactWriter(tmp_path / "a")
+def test_manifest_is_written_last_and_readable(tmp_path, tiny_artifact):
+    src = read_manifest(tiny_artifact)
+    out = tmp_path / "a"
+    w = ArtifactWriter(out)
     with w:
-        p = w.stage_path("x.bin")
-        p.write_bytes(b"abc")
-        assert not (tmp_path / "a" / "x.bin").exists()  # staged, not yet published
+        name = "decoder.onnx"
+        w.stage_path(name).write_bytes(src.path(name).read_bytes())
+        w.publish(name, role="decoder", fmt="onnx", precision="fp32")
+        assert not (out / "manifest.json").exists() and not list(out.glob("gen-*"))  # staged, not yet published
+        fields = {k: v for k, v in src.data.items() if k not in ("schema_version", "generation", "files")}
+        w.write_manifest(fields)
+        assert w.staging is None  # it became the generation
+    data = json.loads((out / "manifest.json").read_text())
+    assert data["files"][name]["size"] == src.files[name].size
+    assert (out / "manifest.json").stat().st_mode & 0o044  # readable by others
+    assert (out / data["generation"]).stat().st_mode & 0o055 == 0o055  # a folder others can list
+
+
+def test_a_manifest_that_breaks_the_schema_is_never_written(tmp_path, tiny_artifact):
+    """The export checks what it writes against the schema the runtime reads with: a field of the
+    wrong type is a bug caught before the switch, and the folder stays as it was."""
+    src = read_manifest(tiny_artifact)
+    out = tmp_path / "a"
+    with ArtifactWriter(out) as w:
+        w.stage_path("x.bin").write_bytes(b"abc")
         w.publish("x.bin", role="test", fmt="raw", precision=None)
-        assert not (tmp_path / "a" / "manifest.json").exists()
-        w.write_manifest({"variant": "tiny"})
-    data = json.loads((tmp_path / "a" / "manifest.json").read_text())
-    assert data["files"]["x.bin"]["size"] == 3
-    assert (tmp_path / "a" / "manifest.json").stat().st_mode & 0o044  # readable by others
+        fields = {k: v for k, v in src.data.items() if k not in ("schema_version", "generation", "files")}
+        with pytest.raises(RuntimeError, match=r"breaks the schema: 'files/x.bin/format': 'raw' is not one of .*'files/x.bin/role': 'test'"):
+            w.write_manifest(fields)
+        fields["scaling_factor"] = math.inf
+        with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
+            w.write_manifest(fields)
+    assert [p.name for p in out.iterdir()] == [".lock"]

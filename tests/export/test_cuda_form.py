@@ -19,6 +19,7 @@ from asym_export.feeds import make_feed
 from asym_export.trt_readiness import engine_source
 from asym_runtime.manifest import FORMAT_ONNX, FORMAT_ONNX_CUDA, read_manifest
 from asym_runtime.specs import GRAPHS, Shape
+from asym_runtime.manifest import generation_folder as gen
 
 #: emulation vs portable graph, FP32: the same ops in another memory order (measured <= 2e-5 on
 #: tiny); 1e-4 still catches any wrong attribute (the negative control moves outputs by > 0.1)
@@ -38,9 +39,9 @@ def _session(path):
 @pytest.mark.parametrize("graph", list(GRAPHS))
 def test_every_groupnorm_and_conv_is_fused_and_the_layout_is_clean(tiny_artifact, graph):
     spec = GRAPHS[graph]
-    portable = onnx.load(str(tiny_artifact / spec.file_name("fp32")), load_external_data=False)
+    portable = onnx.load(str(gen(tiny_artifact) / spec.file_name("fp32")), load_external_data=False)
     for precision in ("fp32", "fp16"):
-        path = tiny_artifact / spec.file_name(precision, form="cuda")
+        path = gen(tiny_artifact) / spec.file_name(precision, form="cuda")
         onnx.checker.check_model(str(path), full_check=True)
         model = onnx.load(str(path), load_external_data=False)
         ops = _ops(model)
@@ -73,7 +74,7 @@ def test_the_manifest_lists_the_cuda_forms_apart(tiny_artifact):
             # nothing that asks for portable ONNX gets a CUDA form
             assert m.find(graph.name, FORMAT_ONNX, precision).name == graph.file_name(precision)
         counts = data["cuda_form"]["graphs"][graph.name]["fused_nodes"]
-        model = onnx.load(str(tiny_artifact / graph.file_name("fp32", form="cuda")), load_external_data=False)
+        model = onnx.load(str(gen(tiny_artifact) / graph.file_name("fp32", form="cuda")), load_external_data=False)
         assert counts == {op: _ops(model)[op] for op in FUSED_OPS}
         # TensorRT engines are built from the portable graphs, CUDA forms beside them or not
         assert engine_source(graph, set(m.files)) == graph.file_name("fp16")
@@ -85,11 +86,11 @@ def test_the_manifest_lists_the_cuda_forms_apart(tiny_artifact):
 @pytest.mark.parametrize("graph", list(GRAPHS))
 def test_the_emulated_cuda_form_computes_the_portable_graph(tiny_artifact, tmp_path, graph):
     spec = GRAPHS[graph]
-    emu = tiny_artifact / f".test-{graph}.emu.onnx"  # the emulation reads the CUDA form's data
+    emu = gen(tiny_artifact) / f".test-{graph}.emu.onnx"  # the emulation reads the CUDA form's data
     try:
-        write_emulation(tiny_artifact / spec.file_name("fp32", form="cuda"), emu)
+        write_emulation(gen(tiny_artifact) / spec.file_name("fp32", form="cuda"), emu)
         feed = make_feed(spec, Shape(2, 72, 48), 5, 0.18215)
-        want = _session(tiny_artifact / spec.file_name("fp32")).run(None, feed)
+        want = _session(gen(tiny_artifact) / spec.file_name("fp32")).run(None, feed)
         got = _session(emu).run(None, feed)
     finally:
         emu.unlink(missing_ok=True)
@@ -99,7 +100,7 @@ def test_the_emulated_cuda_form_computes_the_portable_graph(tiny_artifact, tmp_p
 
 def test_the_emulation_check_fails_a_wrong_rewrite(tiny_artifact, copy_artifact):
     """Negative control: a CUDA form with one norm's SiLU dropped no longer matches."""
-    folder = copy_artifact(tiny_artifact)
+    folder = gen(copy_artifact(tiny_artifact))
     path = folder / "decoder.cuda.onnx"
     model = onnx.load(str(path), load_external_data=False)
     norm = next(n for n in model.graph.node if n.op_type == "GroupNorm" and
@@ -114,7 +115,7 @@ def test_the_emulation_check_fails_a_wrong_rewrite(tiny_artifact, copy_artifact)
 
 
 def test_layout_violations_finds_a_transpose_between_fused_nodes(tiny_artifact):
-    model = onnx.load(str(tiny_artifact / "decoder_uncond.cuda.onnx"), load_external_data=False)
+    model = onnx.load(str(gen(tiny_artifact) / "decoder_uncond.cuda.onnx"), load_external_data=False)
     conv = next(n for n in model.graph.node if n.op_type == "NhwcConv" and
                 any(c.op_type in ("GroupNorm", "SkipGroupNorm") for c in model.graph.node if n.output[0] in c.input))
     out = conv.output[0]
@@ -180,12 +181,12 @@ def test_x2_cuda_form_structure(x2_artifact, tmp_path, graph, counts):
     from asym_export.cuda_form import write_cuda_form
 
     spec = GRAPHS[graph]
-    report = write_cuda_form(x2_artifact / spec.file_name("fp32"), tmp_path / spec.file_name("fp32", form="cuda"),
+    report = write_cuda_form(gen(x2_artifact) / spec.file_name("fp32"), tmp_path / spec.file_name("fp32", form="cuda"),
                              graph)
     gn, sgn, conv = counts
     assert report.fused == {"GroupNorm": gn, "SkipGroupNorm": sgn, "NhwcConv": conv}
     assert report.unfused_group_norms == 0 and report.convs_left == 0
-    portable = onnx.load(str(x2_artifact / spec.file_name("fp32")), load_external_data=False)
+    portable = onnx.load(str(gen(x2_artifact) / spec.file_name("fp32")), load_external_data=False)
     assert gn + sgn == _ops(portable)["InstanceNormalization"] and conv == _ops(portable)["Conv"]
     model = onnx.load(str(tmp_path / spec.file_name("fp32", form="cuda")), load_external_data=False)
     assert layout_violations(model) == []

@@ -16,6 +16,7 @@ from asym_export.engines import EngineOptions, engine_from_onnx, require_tensorr
 from asym_runtime.errors import AsymInputError, BackendUnavailableError
 from asym_runtime.manifest import read_manifest
 from asym_runtime.specs import DECODER, ENCODER, GRAPHS, Shape, ShapeLimits
+from asym_runtime.manifest import generation_folder as gen
 
 NO_ENGINES_HERE = tensorrt_unavailable_reason() is not None
 needs_no_gpu = pytest.mark.skipif(not NO_ENGINES_HERE, reason="this machine can build engines")
@@ -79,7 +80,7 @@ def test_what_is_missing_is_one_sentence():
 @needs_no_gpu
 def test_building_without_tensorrt_raises_a_clear_error(tiny_artifact, tmp_path):
     with pytest.raises(BackendUnavailableError) as e:
-        engine_from_onnx(tiny_artifact / "decoder.onnx", tmp_path / "d.plan", DECODER, ShapeLimits(),
+        engine_from_onnx(gen(tiny_artifact) / "decoder.onnx", tmp_path / "d.plan", DECODER, ShapeLimits(),
                          timing_cache=tmp_path / "timing.cache")
     assert str(e.value) == tensorrt_unavailable_reason()
     assert list(tmp_path.iterdir()) == []
@@ -111,9 +112,9 @@ def test_engines_without_a_gpu_still_write_the_verified_onnx_artifact(tmp_path):
     assert tensorrt_unavailable_reason() in errors[0] and "complete and verified" in errors[0]
     warning = r.stderr.splitlines()[0]  # said up front, before minutes of export
     assert warning.startswith("asym-export: warning: --engines: no TensorRT engines can be built")
-    assert not (out / "engines").exists()
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging left behind
     m = read_manifest(out)
+    assert not (m.folder / "engines").exists()
+    assert sorted(p.name for p in out.iterdir()) == sorted([".lock", "manifest.json", m.generation])  # no staging
     assert "engines" not in m.data
     assert not [e for e in m.files.values() if e.format.startswith("tensorrt")]
     for name in m.files:

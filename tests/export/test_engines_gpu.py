@@ -26,6 +26,7 @@ from asym_export.verify import FP16_TOLERANCE, FP32_MAX_ABS
 from asym_runtime.errors import ShapeOutOfLimitsError
 from asym_runtime.manifest import read_manifest
 from asym_runtime.specs import DECODER, GRAPHS, Shape, ShapeLimits
+from asym_runtime.manifest import generation_folder as gen
 
 #: Small profile so tiny engines build in seconds; min/opt/max differ in every axis.
 LIMITS = ShapeLimits(min_batch=1, opt_batch=2, max_batch=3, min_height=32, opt_height=64, max_height=96,
@@ -41,7 +42,7 @@ def tiny_engines(request, tiny_artifact, tmp_path_factory):
     plans, infos = {}, {}
     for g in GRAPHS.values():
         plans[g.name] = out / f"{g.name}.plan"
-        infos[g.name] = engine_from_onnx(tiny_artifact / g.file_name(precision), plans[g.name], g, LIMITS,
+        infos[g.name] = engine_from_onnx(gen(tiny_artifact) / g.file_name(precision), plans[g.name], g, LIMITS,
                                          opt_level=2, timing_cache=cache)
     return precision, plans, infos, cache
 

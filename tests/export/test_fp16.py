@@ -17,6 +17,7 @@ from asym_export.variants import get_variant
 from asym_export.verify import FP16_TOLERANCE, VerificationError, VerificationReport
 from asym_export.weights import load_reference, random_model
 from asym_runtime.specs import DECODER, GRAPHS, Shape
+from asym_runtime.manifest import generation_folder as gen
 
 CPU = ["CPUExecutionProvider"]
 
@@ -200,7 +201,7 @@ def test_export_fails_when_fp16_overflows(overflow_weights, tmp_path, monkeypatc
 
 @pytest.mark.parametrize("graph", list(GRAPHS.values()), ids=lambda g: g.name)
 def test_fp16_graphs_keep_the_contract_and_float32_io(tiny_artifact, graph):
-    m = onnx.load(str(tiny_artifact / graph.file_name("fp16")), load_external_data=False)
+    m = onnx.load(str(gen(tiny_artifact) / graph.file_name("fp16")), load_external_data=False)
     assert [v.name for v in m.graph.input] == graph.input_names
     assert [v.name for v in m.graph.output] == graph.output_names
     for v in list(m.graph.input) + list(m.graph.output):
@@ -244,7 +245,7 @@ def test_x2_fp16_graphs_at_unseen_shapes(x2_artifact, x2_vae, tmp_path):
         assert 0.45 < half / fp32 < 0.55  # about half the size of the FP32 twin
     for g in GRAPHS.values():
         feed = make_feed(g, Shape(2, 96, 160), seed=77, scaling_factor=0.18215)
-        twin = fp16.write_emulation_twin(x2_artifact / g.file_name("fp16"), tmp_path / f"{g.name}.twin.onnx")
+        twin = fp16.write_emulation_twin(gen(x2_artifact) / g.file_name("fp16"), tmp_path / f"{g.name}.twin.onnx")
         out = dict(zip(g.output_names, _run(twin, feed)))
         ref = reference_outputs(x2_vae, g, feed)
         report = VerificationReport("direct", FP16_TOLERANCE)

@@ -8,6 +8,7 @@ import pytest
 from asym_export.feeds import make_feed
 from asym_export.onnx_export import EXPORT_SHAPE, ExportError, onnx_from_model, reference_outputs, rename_dims
 from asym_runtime.specs import DECODER, ENCODER, GRAPHS, Shape
+from asym_runtime.manifest import generation_folder as gen
 
 UNSEEN = [Shape(2, 96, 160), Shape(1, 40, 24), Shape(4, 64, 64)]
 
@@ -15,7 +16,7 @@ UNSEEN = [Shape(2, 96, 160), Shape(1, 40, 24), Shape(4, 64, 64)]
 def _assert_matches_diffusers(folder, vae, graph, shape, seed):
     """Run ``graph`` of ``folder`` with onnxruntime by the contract's names; max abs <= 1e-3
     against diffusers itself for every output."""
-    sess = ort.InferenceSession(str(folder / graph.file_name()), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(gen(folder) / graph.file_name()), providers=["CPUExecutionProvider"])
     feed = make_feed(graph, shape, seed=seed, scaling_factor=0.18215)
     out = dict(zip(graph.output_names, sess.run(graph.output_names, feed)))
     ref = reference_outputs(vae, graph, feed)
@@ -30,7 +31,7 @@ def _dims(v):
 
 @pytest.mark.parametrize("graph", list(GRAPHS.values()), ids=lambda g: g.name)
 def test_io_names_and_dims_are_the_contract(tiny_artifact, graph):
-    m = onnx.load(str(tiny_artifact / graph.file_name()), load_external_data=False)
+    m = onnx.load(str(gen(tiny_artifact) / graph.file_name()), load_external_data=False)
     assert [v.name for v in m.graph.input] == graph.input_names
     assert [v.name for v in m.graph.output] == graph.output_names
     for v in list(m.graph.input) + list(m.graph.output):
@@ -43,7 +44,7 @@ def test_io_names_and_dims_are_the_contract(tiny_artifact, graph):
     assert m.opset_import[0].version == 18
     # weights live in external data beside the graph
     assert any(i.data_location == onnx.TensorProto.EXTERNAL for i in m.graph.initializer)
-    assert (tiny_artifact / (graph.file_name() + ".data")).is_file()
+    assert (gen(tiny_artifact) / (graph.file_name() + ".data")).is_file()
 
 
 @pytest.mark.parametrize("shape", UNSEEN, ids=str)
@@ -54,11 +55,11 @@ def test_onnxruntime_matches_diffusers_at_unseen_shapes(tiny_artifact, tiny_vae,
 
 
 def test_rename_dims_rejects_a_graph_that_breaks_the_contract(tiny_artifact):
-    m = onnx.load(str(tiny_artifact / "decoder.onnx"), load_external_data=False)
+    m = onnx.load(str(gen(tiny_artifact) / "decoder.onnx"), load_external_data=False)
     m.graph.input[2].type.tensor_type.shape.dim[1].dim_value = 3  # mask with 3 channels
     with pytest.raises(ExportError, match="mask dim 1 is 3, contract 1"):
         rename_dims(m, DECODER)
-    m = onnx.load(str(tiny_artifact / "encoder.onnx"), load_external_data=False)
+    m = onnx.load(str(gen(tiny_artifact) / "encoder.onnx"), load_external_data=False)
     m.graph.output[0].name = "mean"
     with pytest.raises(ExportError, match="contract says"):
         rename_dims(m, ENCODER)

@@ -12,12 +12,13 @@ from asym_export.export import ExportOptions, export_artifact
 from asym_export.trt_readiness import TensorRTReadinessError, check_folder, check_graph, support_table
 from asym_runtime.manifest import read_manifest
 from asym_runtime.specs import DECODER, ENCODER, GRAPHS, ShapeLimits
+from asym_runtime.manifest import generation_folder as gen
 
 LIMITS = ShapeLimits()
 
 
 def _load(folder, graph, precision="fp32"):
-    return onnx.load(str(folder / graph.file_name(precision)), load_external_data=False)
+    return onnx.load(str(gen(folder) / graph.file_name(precision)), load_external_data=False)
 
 
 def _save(model, tmp_path, name="g.onnx"):
@@ -31,14 +32,14 @@ def _save(model, tmp_path, name="g.onnx"):
 def tiny_fp16(tiny_artifact):
     """The FP16 graphs the export wrote (FP16 weights and compute, float32 I/O with Casts
     inside): what engines are built from."""
-    return tiny_artifact
+    return gen(tiny_artifact)
 
 
 # --------------------------------------------------------------------------- graphs that pass
 
 @pytest.mark.parametrize("graph", list(GRAPHS.values()), ids=lambda g: g.name)
 def test_tiny_fp32_graphs_are_ready(tiny_artifact, graph):
-    r = check_graph(tiny_artifact / graph.file_name(), graph, LIMITS)
+    r = check_graph(gen(tiny_artifact) / graph.file_name(), graph, LIMITS)
     assert r, r.problems
     assert r.opset == 18 and r.nodes > 100
     assert {"Conv", "InstanceNormalization"} <= set(r.operators)
@@ -59,7 +60,7 @@ def test_tiny_fp16_graphs_are_ready(tiny_fp16, graph):
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 @pytest.mark.parametrize("graph", list(GRAPHS.values()), ids=lambda g: g.name)
 def test_x2_graphs_are_ready(x2_artifact, graph, precision):
-    r = check_graph(x2_artifact / graph.file_name(precision), graph, LIMITS)
+    r = check_graph(gen(x2_artifact) / graph.file_name(precision), graph, LIMITS)
     assert r, r.problems
     ready = read_manifest(x2_artifact).data["verification"]["tensorrt_readiness"]
     assert ready["passed"] and ready["graphs"][graph.name]["passed"]
@@ -68,14 +69,14 @@ def test_x2_graphs_are_ready(x2_artifact, graph, precision):
 @pytest.mark.slow
 @pytest.mark.parametrize("graph", list(GRAPHS.values()), ids=lambda g: g.name)
 def test_x15_graphs_are_ready(x15_artifact, graph):
-    r = check_graph(x15_artifact / graph.file_name("fp16"), graph, LIMITS)
+    r = check_graph(gen(x15_artifact) / graph.file_name("fp16"), graph, LIMITS)
     assert r, r.problems
     assert read_manifest(x15_artifact).data["verification"]["tensorrt_readiness"]["passed"]
 
 
 def test_engines_are_checked_from_the_fp16_graph_when_there_is_one(tiny_artifact, tiny_fp16, tmp_path):
     for g in GRAPHS.values():
-        shutil.copy(tiny_artifact / g.file_name(), tmp_path)
+        shutil.copy(gen(tiny_artifact) / g.file_name(), tmp_path)
     assert {r.file for r in check_folder(tmp_path, LIMITS)} == {g.file_name() for g in GRAPHS.values()}
     shutil.copy(tiny_fp16 / DECODER.file_name("fp16"), tmp_path)
     assert {r.file for r in check_folder(tmp_path, LIMITS)} == (
@@ -174,7 +175,7 @@ def test_an_export_whose_graph_tensorrt_cannot_take_fails_without_manifest(tiny_
 
     def copy_exported(vae, graph, path, **kw):  # the session's real tiny graphs, to skip the exporter
         for suffix in ("", ".data"):
-            shutil.copy(tiny_artifact / (graph.file_name() + suffix), str(path) + suffix)
+            shutil.copy(gen(tiny_artifact) / (graph.file_name() + suffix), str(path) + suffix)
         return path
 
     monkeypatch.setattr(ex, "onnx_from_model", copy_exported)
@@ -184,4 +185,4 @@ def test_an_export_whose_graph_tensorrt_cannot_take_fails_without_manifest(tiny_
     with pytest.raises(TensorRTReadinessError, match="InstanceNormalization is marked unsupported"):
         export_artifact(ExportOptions(variant="tiny", out=tmp_path / "o", random_weights=True, seed=0,
                                       verify_shapes=()))
-    assert list((tmp_path / "o").iterdir()) == []  # nothing published, no manifest
+    assert [p.name for p in (tmp_path / "o").iterdir()] == [".lock"]  # nothing published, no manifest

@@ -7,10 +7,11 @@ from asym_runtime.backends.onnxrt import OnnxRuntimeBackend, provider_options, s
 from asym_runtime.backends.tensorrt import TensorRTBackend, unavailable_reason
 from asym_runtime.errors import ArtifactError, BackendUnavailableError
 from asym_runtime.specs import DECODER, ENCODER, Shape
+from asym_runtime.manifest import generation_folder as gen
 
 
 def test_lifecycle(tiny_artifact):
-    b = OnnxRuntimeBackend(ENCODER, tiny_artifact / "encoder.onnx")
+    b = OnnxRuntimeBackend(ENCODER, gen(tiny_artifact) / "encoder.onnx")
     image = feed("encoder", Shape(1, 64, 64))["image"]
     with pytest.raises(RuntimeError, match="not active: call activate"):
         b.infer({"image": image})
@@ -26,9 +27,9 @@ def test_lifecycle(tiny_artifact):
 
 def test_a_graph_that_breaks_the_contract_is_refused_at_activation(tiny_artifact):
     with pytest.raises(ArtifactError, match=r"encoder.onnx has inputs \['image'\] .*the decoder contract"):
-        OnnxRuntimeBackend(DECODER, tiny_artifact / "encoder.onnx").activate()
+        OnnxRuntimeBackend(DECODER, gen(tiny_artifact) / "encoder.onnx").activate()
     with pytest.raises(ValueError, match="use cpu or cuda"):
-        OnnxRuntimeBackend(DECODER, tiny_artifact / "decoder.onnx", device="tpu")
+        OnnxRuntimeBackend(DECODER, gen(tiny_artifact) / "decoder.onnx", device="tpu")
 
 
 def test_session_options_per_provider():

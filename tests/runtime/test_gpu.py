@@ -50,13 +50,14 @@ def trt_artifact(tiny_artifact, tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("trt") / "artifact"
     shutil.copytree(tiny_artifact, folder)
-    (folder / "engines").mkdir()
     data = json.loads((folder / "manifest.json").read_text())
+    gen = folder / data["generation"]
+    (gen / "engines").mkdir()
     for graph in (ENCODER, DECODER):
         name = graph.engine_name()
-        engine_from_onnx(folder / graph.file_name(), folder / name, graph, LIMITS)
+        engine_from_onnx(gen / graph.file_name(), gen / name, graph, LIMITS)
         data["files"][name] = {"role": graph.name, "format": "tensorrt_plan", "precision": "fp32",
-                               "sha256": sha256_file(folder / name), "size": (folder / name).stat().st_size}
+                               "sha256": sha256_file(gen / name), "size": (gen / name).stat().st_size}
     data["engines"] = {"tensorrt_version": trt.__version__, "device": device_info(0), "version_compatible": False,
                        "hardware_compatibility_level": "none", "variant": "tiny", "profile": LIMITS.to_dict()}
     (folder / "manifest.json").write_text(json.dumps(data))
@@ -171,9 +172,10 @@ def test_foreign_or_tampered_engines_are_refused(trt_artifact, tmp_path, caplog)
             assert rt.backend.startswith("onnxruntime")
     assert "using ONNX Runtime instead" in caplog.text
 
-    raw = bytearray((folder / "engines" / "decoder.plan").read_bytes())
+    plan = folder / data["generation"] / "engines" / "decoder.plan"
+    raw = bytearray(plan.read_bytes())
     raw[len(raw) // 2] ^= 1
-    (folder / "engines" / "decoder.plan").write_bytes(bytes(raw))
+    plan.write_bytes(bytes(raw))
     data["engines"]["tensorrt_version"] = __import__("tensorrt").__version__
     (folder / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(ArtifactError, match="sha256 of engines/decoder.plan"):

@@ -18,6 +18,11 @@ def _edit_manifest(folder, change):
     path.write_text(json.dumps(data))
 
 
+def _file(folder, name):
+    """Where the folder's current generation keeps ``name``."""
+    return read_manifest(folder).path(name)
+
+
 def _flip_byte(path, offset=-100):
     raw = bytearray(path.read_bytes())
     raw[offset] ^= 0x01
@@ -31,26 +36,67 @@ def test_a_folder_without_manifest_is_refused(tmp_path):
         asym_runtime.load(tmp_path / "nope")
 
 
-def test_another_schema_version_is_refused(tiny_artifact, copy_artifact):
+@pytest.mark.parametrize("version, message", [
+    (3, "schema_version 3; this asym_runtime reads only version 2"),
+    (1, r"schema_version 1 \(version 1 folders keep their files beside the manifest\)"),
+    (True, "schema_version True; this asym_runtime reads only version 2"),  # a bool is not an int
+    ("2", "schema_version '2'"),
+])
+def test_another_schema_version_is_refused(tiny_artifact, copy_artifact, version, message):
     folder = copy_artifact(tiny_artifact)
-    _edit_manifest(folder, lambda d: d.update(schema_version=2))
-    with pytest.raises(ArtifactError, match="schema_version 2; this asym_runtime reads only version 1"):
+    _edit_manifest(folder, lambda d: d.update(schema_version=version))
+    with pytest.raises(ArtifactError, match=message):
         asym_runtime.load(folder)
 
 
+def _set(path, value):
+    def change(d):
+        *parents, last = path
+        for k in parents:
+            d = d[k]
+        d[last] = value
+    return change
+
+
 @pytest.mark.parametrize("change, message", [
-    (lambda d: d.update(files=[]), "'files' must be a JSON object, not list"),
-    (lambda d: d.update(model_config="x"), "'model_config' must be a JSON object, not str"),
-    (lambda d: d.update(scaling_factor="abc"), "'scaling_factor' must be a positive number, not 'abc'"),
-    (lambda d: d.update(scaling_factor=0), "'scaling_factor' must be a positive number, not 0"),
+    (lambda d: d.update(files=[]), r"at 'files': \[\] is not of type 'object'"),
+    (lambda d: d.update(model_config="x"), r"at 'model_config': 'x' is not of type 'object'"),
+    (lambda d: d.update(scaling_factor="abc"), r"at 'scaling_factor': 'abc' is not of type 'number'"),
+    (lambda d: d.update(scaling_factor=0), r"at 'scaling_factor': 0 is less than or equal to the minimum of 0"),
     (lambda d: d["shape_limits"].update(min_height=65), "'shape_limits' is unusable: .*8"),
-    (lambda d: d["shape_limits"].pop("max_batch"), "'shape_limits' is unusable"),
-], ids=["files", "model_config", "scaling_factor", "scaling_factor-0", "limits-not-8", "limits-missing"])
+    (lambda d: d["shape_limits"].pop("max_batch"), r"at 'shape_limits': 'max_batch' is a required property"),
+    (lambda d: d["shape_limits"].update(max_batch=True), r"at 'shape_limits/max_batch': True is not of type 'integer'"),
+    (_set(["files", "decoder.onnx", "sha256"], 123), r"at 'files/decoder.onnx/sha256': 123 is not of type 'string'"),
+    (_set(["files", "decoder.onnx", "size"], "12"), r"at 'files/decoder.onnx/size': '12' is not of type 'integer'"),
+    (_set(["files", "decoder.onnx", "role"], "vocoder"), r"at 'files/decoder.onnx/role': 'vocoder' is not one of"),
+    (lambda d: d["files"].update({"../x.onnx": d["files"]["decoder.onnx"]}), r"at 'files': '../x.onnx' does not match"),
+    (lambda d: d["files"].update({"/etc/x.onnx": d["files"]["decoder.onnx"]}), r"at 'files': '/etc/x.onnx' does not match"),
+    (lambda d: d.update(generation="../elsewhere"), r"at 'generation': '../elsewhere' does not match"),
+    (lambda d: d.pop("generation"), r"at the top level: 'generation' is a required property"),
+], ids=["files", "model_config", "scaling_factor", "scaling_factor-0", "limits-not-8", "limits-missing",
+        "limits-bool", "sha256-int", "size-str", "role", "name-dotdot", "name-absolute", "generation-outside",
+        "generation-missing"])
 def test_a_malformed_manifest_is_an_artifact_error(tiny_artifact, copy_artifact, change, message):
     folder = copy_artifact(tiny_artifact)
     _edit_manifest(folder, change)
     with pytest.raises(ArtifactError, match=message):
         asym_runtime.load(folder, backend="onnxruntime-cpu")
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"schema_version": 2, "scaling_factor": Infinity}', "Infinity is not JSON"),
+    ('{"schema_version": 2, "scaling_factor": NaN}', "NaN is not JSON"),
+    ('{"schema_version": 2, "scaling_factor": 1e400}', "1e400 is not a finite number"),
+    ("[" * 200_000 + "]" * 200_000, "nested deeper than 32 levels"),
+    ('{"a": ' * 40 + "1" + "}" * 40, "nested deeper than 32 levels"),
+    ("\xff\xfe", "is not valid JSON"),
+    ("[1, 2]", "does not hold a JSON object"),
+], ids=["infinity", "nan", "overflow", "deep-200k", "deep-40", "not-utf8", "list"])
+def test_manifest_json_that_no_schema_can_hold_is_an_artifact_error(tiny_artifact, copy_artifact, text, message):
+    folder = copy_artifact(tiny_artifact)
+    (folder / "manifest.json").write_bytes(text.encode("latin-1"))
+    with pytest.raises(ArtifactError, match=message):
+        asym_runtime.load(folder)
 
 
 def test_a_wrong_sha256_for_decoder_onnx_in_the_manifest_is_refused(tiny_artifact, copy_artifact):
@@ -66,21 +112,21 @@ def test_a_wrong_sha256_for_decoder_onnx_in_the_manifest_is_refused(tiny_artifac
 @pytest.mark.parametrize("name", ["decoder.onnx", "decoder.onnx.data", "encoder.onnx.data"])
 def test_a_tampered_file_is_refused(tiny_artifact, copy_artifact, name):
     folder = copy_artifact(tiny_artifact)
-    _flip_byte(folder / name)
+    _flip_byte(_file(folder, name))
     with pytest.raises(ArtifactError, match=rf"sha256 of {name} .*changed after export"):
         asym_runtime.load(folder)
 
 
 def test_a_missing_file_is_refused(tiny_artifact, copy_artifact):
     folder = copy_artifact(tiny_artifact)
-    (folder / "encoder.onnx").unlink()
+    _file(folder, "encoder.onnx").unlink()
     with pytest.raises(ArtifactError, match="encoder.onnx is listed in manifest.json but missing"):
         asym_runtime.load(folder)
 
 
 def test_a_truncated_file_is_refused(tiny_artifact, copy_artifact):
     folder = copy_artifact(tiny_artifact)
-    (folder / "decoder.onnx.data").write_bytes(b"short")
+    _file(folder, "decoder.onnx.data").write_bytes(b"short")
     with pytest.raises(ArtifactError, match=r"decoder.onnx.data is 5 bytes, the manifest records \d+"):
         asym_runtime.load(folder)
 
@@ -101,15 +147,16 @@ def with_engines(tiny_artifact, copy_artifact):
     """The tiny folder plus engine entries (bytes that are not a plan: nothing here can
     deserialize one; what matters is how the runtime chooses and checks)."""
     folder = copy_artifact(tiny_artifact)
-    (folder / "engines").mkdir()
+    gen = read_manifest(folder).folder
+    (gen / "engines").mkdir()
     for g in ("encoder", "decoder"):
-        (folder / "engines" / f"{g}.plan").write_bytes(b"not a TensorRT plan " + g.encode())
+        (gen / "engines" / f"{g}.plan").write_bytes(b"not a TensorRT plan " + g.encode())
 
     def add(d):
         for g in ("encoder", "decoder"):
             name = f"engines/{g}.plan"
             d["files"][name] = {"role": g, "format": "tensorrt_plan", "precision": "fp16",
-                                "sha256": sha256_file(folder / name), "size": (folder / name).stat().st_size}
+                                "sha256": sha256_file(gen / name), "size": (gen / name).stat().st_size}
         d["engines"] = dict(ENGINES_META, profile=d["shape_limits"])
 
     _edit_manifest(folder, add)
@@ -129,7 +176,7 @@ def test_auto_falls_back_to_onnxruntime_when_engines_cannot_run_here(with_engine
 def test_engine_bytes_are_checked_against_the_manifest(with_engines):
     m = read_manifest(with_engines)
     assert m.read_verified("engines/decoder.plan") == b"not a TensorRT plan decoder"
-    _flip_byte(with_engines / "engines" / "decoder.plan", 0)
+    _flip_byte(m.path("engines/decoder.plan"), 0)
     with pytest.raises(ArtifactError, match="sha256 of engines/decoder.plan"):
         m.read_verified("engines/decoder.plan")
 

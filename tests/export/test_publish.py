@@ -1,0 +1,210 @@
+"""Publishing as one atomic switch: failed, killed and concurrent exports never cost the folder
+its artifact, and never leave a mix (asym_export/artifact.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import asym_runtime
+from asym_export.artifact import STAGING_PREFIX, ArtifactWriter, OutputBusyError
+from asym_export.cli import main
+from asym_runtime.manifest import GENERATION_PREFIX, read_manifest
+
+CHILD = Path(__file__).with_name("publish_child.py")
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """sha256 of every file of the artifact: the manifest and the generations, not the export lock
+    or a staging folder (checked separately: a killed export leaves one for the next to remove)."""
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"
+            and not p.relative_to(folder).parts[0].startswith(STAGING_PREFIX)}
+
+
+def assert_complete(folder: Path) -> str:
+    """The folder loads, and every file its manifest lists is there with its sha256; the generation."""
+    m = read_manifest(folder)
+    for name in m.files:
+        m.read_verified(name)
+    with asym_runtime.load(folder, backend="onnxruntime-cpu", graphs=("decoder_uncond",)) as rt:
+        assert np.isfinite(rt.decode(np.zeros((1, 4, 8, 8), np.float32))).all()
+    return m.generation
+
+
+def debris(folder: Path, keep: str) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()
+                  if p.name.startswith(STAGING_PREFIX) or (p.name.startswith(GENERATION_PREFIX) and p.name != keep)
+                  or p.name.endswith(".tmp"))
+
+
+# --------------------------------------------------------------------------- failing re-exports
+
+def _pickle_only_weights(folder: Path, tiny_vae) -> Path:
+    tiny_vae.save_pretrained(folder, safe_serialization=False)
+    assert not list(folder.glob("*.safetensors"))
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["missing-weights", "pickle-weights", "failed-verification"])
+def test_a_failing_reexport_leaves_the_old_artifact_byte_identical(tiny_artifact, copy_artifact, tmp_path,
+                                                                   tiny_vae, capsys, kind):
+    folder = copy_artifact(tiny_artifact)
+    before = snapshot(folder)
+    argv, code = {
+        "missing-weights": (["--weights", str(tmp_path / "nonexistent")], 2),
+        "pickle-weights": (["--weights", str(_pickle_only_weights(tmp_path / "w", tiny_vae))]
+                           if kind == "pickle-weights" else [], 2),
+        # a late failure: graphs were exported and staged, then their check fails
+        "failed-verification": (["--random-weights", "--atol", "1e-12", "--no-fp16", "--no-cuda-form"], 1),
+    }[kind]
+    assert main(["--variant", "tiny", "--out", str(folder), *argv]) == code
+    err = capsys.readouterr().err
+    assert "nothing was published: the folder is as it was" in err or code == 2, err
+    assert snapshot(folder) == before
+    assert_complete(folder)
+    assert debris(folder, read_manifest(folder).generation) == []
+
+
+# --------------------------------------------------------------------------- kill -9
+
+def _publish(src: Path, out: Path, kill_at: int = 0, pause: float = 0.0) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(CHILD), str(src), str(out)], capture_output=True, text=True,
+                          env={**ENV, "KILL_AT": str(kill_at), "PAUSE_S": str(pause)}, timeout=300)
+
+
+def test_twenty_kill_points_leave_the_old_or_the_new_artifact(tiny_artifact, copy_artifact, tmp_path):
+    """SIGKILL at 20 points spread over the publishing of an export (every file-system change
+    the writer makes is a candidate), with a reader loading the folder in a loop alongside:
+    after each kill the folder holds the complete old or the complete new artifact, and each
+    of the reader's loads succeeded. The next export removes what the killed ones left."""
+    folder = copy_artifact(tiny_artifact)
+    old_manifest = (folder / "manifest.json").read_bytes()
+    old = snapshot(folder)
+    shutil.copytree(tiny_artifact, tmp_path / "probe")
+    probe = _publish(tiny_artifact, tmp_path / "probe")  # count the changes of one whole re-export
+    assert probe.returncode == 0, probe.stderr
+    total = int(probe.stdout.split()[-1])
+    assert total >= 40, total  # ~24 files: fsync + chmod each, plus the switch
+    points = sorted({round(1 + i * (total - 1) / 19) for i in range(20)})
+    assert len(points) == 20
+
+    stop, loads, failures = threading.Event(), [], []
+
+    def reader():
+        while not stop.is_set():
+            try:
+                with asym_runtime.load(folder, backend="onnxruntime-cpu", graphs=("decoder_uncond",)) as rt:
+                    loads.append(rt.manifest.generation)
+            except Exception as e:  # noqa: BLE001 - any failure is the finding
+                failures.append(repr(e))
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    outcomes = []
+    try:
+        for k in points:
+            r = _publish(tiny_artifact, folder, kill_at=k, pause=0.002)
+            assert r.returncode == -signal.SIGKILL, (k, r.returncode, r.stderr)
+            manifest = (folder / "manifest.json").read_bytes()
+            gen = assert_complete(folder)
+            if manifest == old_manifest:
+                now = snapshot(folder)
+                assert {n: h for n, h in now.items() if n in old} == old, f"kill at {k} changed the old artifact"
+                outcomes.append("old")
+            else:
+                assert json.loads(manifest)["created_utc"] == "child"
+                outcomes.append("new")
+                old_manifest, old = manifest, {n: h for n, h in snapshot(folder).items()
+                                               if n == "manifest.json" or n.startswith(gen + "/")}
+    finally:
+        stop.set()
+        t.join(120)
+    assert not failures, failures[:3]
+    assert loads, "the reader never loaded"
+    assert "old" in outcomes and "new" in outcomes, outcomes  # kills fell before and after the switch
+
+    r = _publish(tiny_artifact, folder)  # the next export cleans up
+    assert r.returncode == 0, r.stderr
+    gen = assert_complete(folder)
+    assert debris(folder, gen) == []
+    assert sorted(p.name for p in folder.iterdir()) == sorted([".lock", "manifest.json", gen])
+
+
+# --------------------------------------------------------------------------- concurrency
+
+def _export_cmd(out: Path, seed: int) -> list[str]:
+    return [sys.executable, "-m", "asym_export.cli", "--variant", "tiny", "--random-weights", "--seed", str(seed),
+            "--no-fp16", "--no-cuda-form", "--out", str(out)]
+
+
+def _wait_for(predicate, timeout=300.0, what=""):
+    t0 = time.monotonic()
+    while not predicate():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_a_second_export_into_a_busy_folder_fails_at_once_and_a_killed_one_changes_nothing(
+        tiny_artifact, copy_artifact, capsys):
+    """Export A (seed 1) runs; B into the same folder fails at once naming A's pid; A is then
+    killed mid-export (graphs staged): the old artifact is intact; export C succeeds and
+    removes A's staging folder."""
+    folder = copy_artifact(tiny_artifact)
+    before = snapshot(folder)
+    a = subprocess.Popen(_export_cmd(folder, 1), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        lock = folder / ".lock"
+        _wait_for(lambda: f'"pid": {a.pid}' in lock.read_text(errors="replace"), what="export A to take the lock")
+        t0 = time.monotonic()
+        assert main(["--variant", "tiny", "--random-weights", "--seed", "2", "--out", str(folder)]) == 2
+        assert time.monotonic() - t0 < 10  # at once, not after waiting
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"another export is writing into this folder (pid {a.pid} on " in err[0], err
+
+        def staged_graph():
+            return any(p.name.endswith(".onnx") for s in folder.glob(STAGING_PREFIX + "*") for p in s.iterdir())
+
+        _wait_for(lambda: staged_graph() or a.poll() is not None, what="export A to stage a graph")
+        assert a.poll() is None, a.stderr.read()
+        a.send_signal(signal.SIGKILL)
+        a.wait(60)
+    finally:
+        if a.poll() is None:
+            a.kill()
+    assert snapshot(folder) == before
+    assert_complete(folder)
+    assert [p.name for p in folder.glob(STAGING_PREFIX + "*")], "the kill left no staging folder to clean"
+
+    c = subprocess.run(_export_cmd(folder, 3), env=ENV, capture_output=True, text=True, timeout=600)
+    assert c.returncode == 0, c.stderr
+    gen = assert_complete(folder)
+    assert read_manifest(folder).data["weights"]["seed"] == 3
+    assert sorted(p.name for p in folder.iterdir()) == sorted([".lock", "manifest.json", gen])
+
+
+def test_the_lock_is_per_folder_and_released(tmp_path):
+    a, b = ArtifactWriter(tmp_path / "x"), ArtifactWriter(tmp_path / "x")
+    a.open()
+    try:
+        with pytest.raises(OutputBusyError, match=rf"pid {os.getpid()} on .*wait for it to finish or choose another --out"):
+            b.open()
+        with ArtifactWriter(tmp_path / "y"):  # another folder is free
+            pass
+    finally:
+        a.close()
+    b.open()  # released by close()
+    b.close()
