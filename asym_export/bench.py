@@ -116,12 +116,21 @@ def datasheet_tflops(device_name: str) -> float | None:
 
 def device_name(device: str) -> str:
     if device == "cpu":
+        model, flags = "", set()
         try:
             with open("/proc/cpuinfo") as f:
-                model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+                for ln in f:
+                    if ln.startswith("model name") and not model:
+                        model = ln.split(":", 1)[1].strip()
+                    elif ln.startswith("flags") and not flags:
+                        flags = set(ln.split(":", 1)[1].split())
         except OSError:
-            model = ""
-        return f"{model or platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+            pass
+        # the units BF16/FP16 speed depends on (AMX tiles, AVX-512 BF16/FP16)
+        units = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16") if f in flags]
+        bf16 = "BF16 units" if {"avx512_bf16", "amx_bf16"} & flags else "no BF16 units"
+        extra = f" ({', '.join(units) or 'no vector flags read'}; {bf16})" if flags else ""
+        return f"{model or platform.processor() or platform.machine()}, {os.cpu_count()} cores{extra}"
     import torch
 
     return torch.cuda.get_device_name()
@@ -205,6 +214,8 @@ def diffusers_backend(manifest, device: str, dtype: str, cache: dict | None = No
         vae = reference_from_manifest(manifest, cache).to(device)  # float32, as built or loaded
         if dtype == "fp16":
             vae = vae.half()
+        elif dtype == "bf16":  # torch's own BF16 on a CPU: what a PyTorch user tries first
+            vae = vae.to(torch.bfloat16)
         tdtype = next(vae.parameters()).dtype
         sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
 
@@ -268,8 +279,10 @@ RUNTIME_BACKENDS = {
     "ort-cuda-fp32-portable": {"backend": "onnxruntime-cuda", "precision": "fp32", "graph_form": "portable"},
     "ort-cuda-fp16-portable": {"backend": "onnxruntime-cuda", "precision": "fp16", "graph_form": "portable"},
     "tensorrt-engine": {"backend": "tensorrt", "precision": None},
+    "openvino-cpu-fp32": {"backend": "openvino", "precision": "fp32"},
+    "openvino-cpu-bf16": {"backend": "openvino", "precision": "bf16"},
 }
-TORCH_BACKENDS = ("diffusers-fp32", "diffusers-fp16", "torch-compile-fp16")
+TORCH_BACKENDS = ("diffusers-fp32", "diffusers-bf16", "diffusers-fp16", "torch-compile-fp16")
 
 
 def runtime_backend(folder: Path, name: str, provider_options: dict | None = None) -> Backend:
@@ -509,6 +522,13 @@ def available_backends() -> list[str]:
 
     if tensorrt_unavailable_reason() is None:
         out.append("tensorrt-engine")
+    if not gpu:
+        from asym_runtime.backends import openvino as ov
+
+        if ov.unavailable_reason() is None:
+            out.append("openvino-cpu-fp32")
+            if ov.bf16_reason() is None:  # like with like: torch's BF16 beside OpenVINO's
+                out += ["openvino-cpu-bf16", "diffusers-bf16"]
     return out
 
 
@@ -537,7 +557,8 @@ EPILOG = f"""\
 backends: {", ".join(RUNTIME_BACKENDS)} (asym_runtime);
   {", ".join(TORCH_BACKENDS)} (PyTorch).
   ort-cuda-* run the folder's CUDA form, *-portable the standard graphs, *-cudagraph replay a
-  CUDA graph; every ort-* and tensorrt-* call is numpy in, numpy out.
+  CUDA graph; openvino-cpu-* run the FP32 graphs with OpenVINO (bf16: BF16 compute, on CPUs
+  with BF16 units); every ort-*, openvino-* and tensorrt-* call is numpy in, numpy out.
 graphs: {", ".join(GRAPHS)}.
 
 examples:

@@ -15,7 +15,7 @@ from .variants import PUBLISHED, VARIANTS
 
 DESCRIPTION = f"""\
 Export the asymmetric VAE of Stable Diffusion inpainting (diffusers AsymmetricAutoencoderKL)
-into one self-describing folder, every file verified before the manifest is written:
+into one self-describing folder, every file verified before it is published:
 
 {graph_lines()}
 
@@ -24,8 +24,10 @@ reference at several shapes) and as *.fp16.onnx (FP16 with FP32 islands chosen f
 calibrated activation ranges, float32 inputs/outputs, checked with a faithful FP16 emulation);
 the CUDA form of each (*.cuda.onnx, *.fp16.cuda.onnx: channels-last with ONNX Runtime's fused
 GroupNorm/NhwcConv CUDA kernels, checked through their standard-ONNX emulation); with
---engines on a GPU, TensorRT engines; and manifest.json, written last, with hashes, shape
-limits, versions and every verification result. A verification failure writes no manifest.
+--engines on a GPU, TensorRT engines; and manifest.json with hashes, shape limits, versions
+and every verification result. The files go into a new generation folder (OUT/gen-*) and
+manifest.json switches to it last, in one rename: a failed, interrupted or killed export
+leaves OUT as it was, and a second export into a busy OUT fails at once.
 """
 
 EPILOG = f"""\

@@ -30,7 +30,7 @@ from asym_runtime.specs import DECODER, ENCODER, Shape, parse_shape
 from .cliutil import parse, EXIT_FAILED, EXIT_OK, EXIT_USAGE, OneLineParser, add_debug, exit_codes, guarded
 
 #: asym_runtime.load backends a comparison can force (its "auto" and "onnxruntime" pick one of these)
-PARITY_BACKENDS = ("onnxruntime-cpu", "onnxruntime-cuda", "tensorrt")
+PARITY_BACKENDS = ("onnxruntime-cpu", "onnxruntime-cuda", "tensorrt", "openvino")
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,8 @@ def candidates(manifest: Manifest, backends: list[str] | None = None) -> list[Ca
     engine_precisions = sorted({e.precision for e in manifest.files.values()
                                 if e.format == FORMAT_PLAN and e.role == "decoder"})
     out += [Candidate("tensorrt", p) for p in engine_precisions]
+    if "fp32" in onnx_precisions:  # OpenVINO runs the FP32 graphs, in FP32 or in BF16 compute
+        out += [Candidate("openvino", "fp32"), Candidate("openvino", "bf16")]
     if backends:
         out = [c for c in out if c.backend in backends]
     return out
@@ -142,7 +144,7 @@ def run_parity(root: str | Path, *, backends: list[str] | None = None, shapes: l
     from .export import VERIFY_SEED
     from .feeds import make_feed
     from .onnx_export import reference_outputs
-    from .verify import FP16_TOLERANCE, FP32_MAX_ABS, Tolerance, VerificationReport
+    from .verify import BF16_TOLERANCE, FP16_TOLERANCE, FP32_MAX_ABS, Tolerance, VerificationReport
 
     manifest = read_manifest(root)
     result = ParityResult()
@@ -187,7 +189,7 @@ def run_parity(root: str | Path, *, backends: list[str] | None = None, shapes: l
             result.skipped.append((cand.label, str(e)))
             continue
         precision = rt.precision
-        tol = Tolerance(max_abs=fp32_max_abs) if precision == "fp32" else FP16_TOLERANCE
+        tol = {"fp32": Tolerance(max_abs=fp32_max_abs), "bf16": BF16_TOLERANCE}.get(precision, FP16_TOLERANCE)
         report = VerificationReport(cand.label, tol)
         t_total = 0.0
         try:
@@ -211,10 +213,11 @@ def run_parity(root: str | Path, *, backends: list[str] | None = None, shapes: l
 DESCRIPTION = """\
 Compare an artifact folder, run through asym_runtime on every backend this machine offers
 (ONNX Runtime CPU and CUDA for each ONNX precision, on the CUDA provider both the CUDA form
-and the portable graphs; TensorRT engines), with the PyTorch reference rebuilt from the
-manifest's weights source: encode (mean, logvar), conditional decode and plain decode at the
-manifest's verification shapes. FP32 is held to a max abs error (default: the export's
-tolerance), FP16 to PSNR floors.
+and the portable graphs; TensorRT engines; OpenVINO on the CPU in FP32 and, on CPUs with BF16
+units, BF16), with the PyTorch reference rebuilt from the manifest's weights source: encode
+(mean, logvar), conditional decode and plain decode at the manifest's verification shapes.
+FP32 is held to a max abs error (default: the export's tolerance), FP16 and BF16 to PSNR
+floors (FP16: 50 dB, logvar 40; BF16: 44 dB, logvar 35).
 """
 
 EPILOG = f"""\

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import posixpath
 from typing import Any, Iterable
 
 import numpy as np
@@ -32,8 +33,9 @@ from .specs import DECODER, DECODER_UNCOND, ENCODER, ShapeLimits
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "tensorrt", "onnxruntime", "onnxruntime-cuda", "onnxruntime-cpu")
-PRECISIONS = ("fp32", "fp16")
+BACKENDS = ("auto", "tensorrt", "onnxruntime", "onnxruntime-cuda", "onnxruntime-cpu", "openvino")
+#: bf16: OpenVINO only (the FP32 graphs computed in BF16 on CPUs with BF16 units)
+PRECISIONS = ("fp32", "fp16", "bf16")
 #: Which ONNX graphs the CUDA provider runs: "auto" (the CUDA form where the folder has one),
 #: "cuda" (the CUDA form, or an error) or "portable" (the standard graphs every provider runs).
 GRAPH_FORMS = ("auto", "cuda", "portable")
@@ -272,7 +274,7 @@ class AsymVAE:
 def load(path: str | os.PathLike, backend: str = "auto", precision: str | None = None, *,
          verify_onnx: bool = True, device_id: int = 0, cuda_graph: bool = False,
          graphs: Iterable[str] | None = None, graph_form: str = "auto",
-         provider_options: dict | None = None) -> AsymVAE:
+         provider_options: dict | None = None, cache_dir: str | os.PathLike | bool | None = None) -> AsymVAE:
     """Load the artifact folder ``path`` (written by ``asym-export``) and pick a backend.
 
     Args:
@@ -282,10 +284,13 @@ def load(path: str | os.PathLike, backend: str = "auto", precision: str | None =
             TensorRT version), else ONNX Runtime with the CUDA provider where it starts,
             else ONNX Runtime on the CPU. ``"tensorrt"``, ``"onnxruntime"`` (CUDA if it
             starts, else CPU), ``"onnxruntime-cuda"`` or ``"onnxruntime-cpu"`` force one.
+            ``"openvino"`` (``pip install -e '.[openvino]'``) runs the FP32 graphs with
+            OpenVINO on the CPU; ``"auto"`` never picks it (it is not measured faster here).
         precision: ``"fp32"`` or ``"fp16"`` picks the graph pair (ONNX graphs
             ``encoder.onnx`` or ``encoder.fp16.onnx``, ...) and, for TensorRT, the engines
             of that precision. None (default): the engines as built for TensorRT, the FP32
-            graphs for ONNX Runtime.
+            graphs for ONNX Runtime. OpenVINO: ``"fp32"`` or ``"bf16"`` (BF16 compute on a CPU
+            with BF16 units; refused with BackendUnavailableError on one without).
         verify_onnx: check the sha256 of every ONNX file against the manifest before
             loading it (default True). Engines are always checked.
         device_id: the CUDA device for GPU backends.
@@ -302,6 +307,9 @@ def load(path: str | os.PathLike, backend: str = "auto", precision: str | None =
             (``decoder.fp16.cuda.onnx``: channels-last with fused GroupNorm/NhwcConv kernels)
             where it has one, ``"cuda"`` insists on it, ``"portable"`` runs the standard
             graphs. The CPU provider always runs the portable graphs.
+        cache_dir: OpenVINO: where compiled models are cached (default
+            ``~/.cache/asym-export/openvino``, keyed by the graph's sha256 and the precision;
+            ``False``: no cache).
         provider_options: ONNX Runtime CUDA provider options that replace the measured
             defaults (``asym_runtime.backends.onnxrt.CUDA_PROVIDER_OPTIONS``), e.g.
             ``{"cudnn_conv_algo_search": "EXHAUSTIVE"}``.
@@ -317,7 +325,11 @@ def load(path: str | os.PathLike, backend: str = "auto", precision: str | None =
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if precision is not None and precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r}: choose fp32, fp16 or None (the folder's default)")
+        raise ValueError(f"precision {precision!r}: choose fp32, fp16, bf16 (OpenVINO) or None (the folder's default)")
+    if precision == "bf16" and backend != "openvino":
+        raise ValueError("precision 'bf16' runs on backend='openvino' only (the FP32 graphs in BF16 on a CPU)")
+    if backend == "openvino" and precision not in (None, "fp32", "bf16"):
+        raise ValueError(f"precision {precision!r}: OpenVINO runs fp32 or bf16")
     if graph_form not in GRAPH_FORMS:
         raise ValueError(f"graph_form {graph_form!r}: choose one of {', '.join(GRAPH_FORMS)}")
     if isinstance(graphs, str):  # load(dir, graphs="decoder"): one name, not its letters
@@ -330,6 +342,8 @@ def load(path: str | os.PathLike, backend: str = "auto", precision: str | None =
         manifest = None
         try:
             manifest = read_manifest(path)
+            if backend == "openvino":
+                return _load_openvino(manifest, precision or "fp32", wanted, cache_dir)
             return _load(manifest, backend, precision, verify_onnx, device_id, cuda_graph, wanted,
                          graph_form, provider_options)
         except ArtifactMissing:
@@ -379,6 +393,34 @@ def _load(manifest: Manifest, backend: str, precision: str | None, verify_onnx: 
 
     return _load_onnxruntime(manifest, backend, precision or "fp32", verify_onnx, device_id, wanted,
                              cuda_graph=cuda_graph, graph_form=graph_form, provider_options=provider_options)
+
+
+def _load_openvino(manifest: Manifest, precision: str, wanted: tuple[str, ...], cache_dir) -> AsymVAE:
+    from .backends import openvino as ov_backend
+
+    reason = ov_backend.unavailable_reason() or (ov_backend.bf16_reason() if precision == "bf16" else None)
+    if reason:
+        raise BackendUnavailableError(reason)
+    if cache_dir is None or cache_dir is True:
+        cache_dir = ov_backend.default_cache_dir()
+    backends: dict[str, Backend] = {}
+    try:
+        for role, name in _onnx_entries(manifest, "fp32", wanted).items():
+            source = manifest.graph_source(name)  # the checked bytes, external data included
+            key = ",".join([manifest.files[name].sha256] + [
+                manifest.files[posixpath.normpath(posixpath.join(posixpath.dirname(name), loc))].sha256
+                for loc in source.external])
+            b = ov_backend.OpenVinoBackend(_SPECS[role], source, precision=precision, cache_key=key,
+                                           cache_dir=cache_dir or None)
+            del source
+            backends[role] = b.activate()
+    except BaseException:
+        for b in backends.values():
+            b.deactivate()
+        raise
+    log.info("loaded %s with OpenVINO (CPU, %s)", manifest.root, precision)
+    return AsymVAE(manifest, backends, backend="openvino-cpu", precision=precision, limits=manifest.limits,
+                   device="cpu", graph_form="portable")
 
 
 def _engine_entries(manifest: Manifest, precision: str | None, wanted: tuple[str, ...]) -> dict[str, str] | None:
@@ -515,6 +557,7 @@ def _load_onnxruntime(manifest: Manifest, backend: str, precision: str, verify: 
                 b = OnnxRuntimeBackend(_SPECS[role], source, device=device, device_id=device_id,
                                        precision=precision, cuda_graph=cuda_graph and device == "cuda",
                                        provider_overrides=provider_options if device == "cuda" else None)
+                del source  # the backend drops the bytes once its session holds the weights
                 backends[role] = b.activate()
         except BackendUnavailableError as e:
             for b in backends.values():

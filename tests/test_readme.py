@@ -40,14 +40,19 @@ def test_the_install_notes_match_the_extras():
         out = set()
         for req in extras[extra]:
             name = re.split(r"[<>=\[ ;#]", req, maxsplit=1)[0]
-            out |= names(req[len("asym-export["):-1]) if req.startswith("asym-export[") else {name}
+            if req.startswith("asym-export["):
+                for inner in req[len("asym-export["):-1].split(","):
+                    out |= names(inner)
+            else:
+                out.add(name)
         return out
 
     export = names("export") - {"torch"}
     assert all(n in text for n in export), export
     assert names("pipeline") - names("export") == {"transformers"} and "`.[pipeline]` adds transformers" in text
-    assert names("test") == names("pipeline") | {"pytest", "pytest-xdist"}
-    assert "`.[test]` is `.[pipeline]` plus pytest and pytest-xdist" in text
+    assert names("openvino") == {"openvino"} and "`.[openvino]` adds OpenVINO" in text
+    assert names("test") == names("pipeline") | names("openvino") | {"pytest", "pytest-xdist"}
+    assert "`.[test]` is `.[pipeline]` and `.[openvino]` plus pytest and pytest-xdist" in text
     assert names("tensorrt") == {"tensorrt", "cuda-python"}
 
 

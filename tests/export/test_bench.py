@@ -22,7 +22,10 @@ def test_bench_end_to_end_on_tiny(tiny_artifact, tmp_path, capsys):
     assert r["reference"] == "diffusers-fp32" and r["settings"]["interleaved"] is True
     assert r["machine"]["measured_peak_tflops"] > 0
     names = [b["name"] for b in r["backends"]]
-    assert names == ["diffusers-fp32", "ort-cpu-fp32", "ort-cpu-fp16"]
+    from asym_runtime.backends.openvino import bf16_reason
+
+    bf16 = ["openvino-cpu-bf16", "diffusers-bf16"] if bf16_reason() is None else []  # CPUs with BF16 units
+    assert sorted(names) == sorted(["diffusers-fp32", "ort-cpu-fp32", "ort-cpu-fp16", "openvino-cpu-fp32"] + bf16)
     assert all(b["load_s"] > 0 for b in r["backends"])
     graphs, shapes = {"encode", "decode", "decode_uncond"}, {"1x64x64", "1x64x96", "2x64x64", "2x64x96"}
     assert {(x["graph"], x["shape"], x["backend"]) for x in r["rows"]} == {

@@ -44,7 +44,7 @@ def test_parity_refuses_a_reference_that_is_not_the_exported_one(tiny_artifact, 
 
 @pytest.mark.parametrize("argv, message", [
     (["{missing}"], "is not a folder"),
-    (["{tiny}", "--backends", "openvino"], "--backends openvino: choose from"),
+    (["{tiny}", "--backends", "openvino-gpu"], "--backends openvino-gpu: choose from"),
     (["{tiny}", "--shapes", "1x60x64"], "multiples of 8"),
     (["{tiny}", "--shapes", "8x64x64"], "no comparison shape lies inside"),
 ])
@@ -71,7 +71,8 @@ def test_parity_offers_the_cuda_form_and_the_portable_graphs_on_cuda(tiny_artifa
     labels = [c.label for c in candidates(read_manifest(tiny_artifact))]
     assert labels == ["onnxruntime-cpu/fp32", "onnxruntime-cpu/fp16",
                       "onnxruntime-cuda/fp32", "onnxruntime-cuda/fp32/portable",
-                      "onnxruntime-cuda/fp16", "onnxruntime-cuda/fp16/portable"]
+                      "onnxruntime-cuda/fp16", "onnxruntime-cuda/fp16/portable",
+                      "openvino/fp32", "openvino/bf16"]
 
 
 def test_parity_shapes_limits_means_min_opt_max(tiny_artifact, monkeypatch, capsys):

@@ -1,0 +1,136 @@
+"""The OpenVINO backend: FP32 on any CPU against diffusers, BF16 only where the CPU has BF16
+units (refused in one sentence elsewhere), compiled models cached per graph digest."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+import asym_runtime
+from asym_export.feeds import make_feed
+from asym_export.onnx_export import reference_outputs
+from asym_export.verify import BF16_TOLERANCE, FP32_MAX_ABS, VerificationReport
+from asym_runtime.errors import BackendUnavailableError
+from asym_runtime.specs import DECODER, DECODER_UNCOND, ENCODER, Shape
+
+ov_backend = pytest.importorskip("asym_runtime.backends.openvino")
+pytestmark = pytest.mark.skipif(ov_backend.unavailable_reason() is not None, reason="openvino is not installed")
+
+UNSEEN = [Shape(1, 64, 64), Shape(2, 72, 88)]  # not the export's verification shapes
+
+
+def _bf16_reason():
+    return ov_backend.bf16_reason()
+
+
+@pytest.fixture(scope="module")
+def ov_fp32(tiny_artifact, tmp_path_factory):
+    rt = asym_runtime.load(tiny_artifact, backend="openvino", cache_dir=tmp_path_factory.mktemp("ovcache"))
+    yield rt
+    rt.close()
+
+
+def _run(rt, graph, feed):
+    if graph is ENCODER:
+        d = rt.encode(feed["image"])
+        return {"latent_mean": d.mean, "latent_logvar": d.logvar}
+    if graph is DECODER:
+        return {"sample": rt.decode(feed["latent"], image=feed["image"], mask=feed["mask"])}
+    return {"sample": rt.decode(feed["latent"])}
+
+
+@pytest.mark.parametrize("shape", UNSEEN, ids=str)
+@pytest.mark.parametrize("graph", [ENCODER, DECODER, DECODER_UNCOND], ids=lambda g: g.name)
+def test_fp32_matches_diffusers_within_the_fp32_tolerance(ov_fp32, tiny_vae, graph, shape):
+    assert (ov_fp32.backend, ov_fp32.precision, ov_fp32.device) == ("openvino-cpu", "fp32", "cpu")
+    feed = make_feed(graph, shape, seed=77, scaling_factor=0.18215)
+    got, want = _run(ov_fp32, graph, feed), reference_outputs(tiny_vae, graph, feed)
+    for name, ref in want.items():
+        assert got[name].shape == ref.shape and got[name].dtype == np.float32
+        assert np.abs(got[name] - ref).max() <= FP32_MAX_ABS, name
+
+
+def test_inputs_are_checked_as_on_every_backend(ov_fp32):
+    with pytest.raises(asym_runtime.AsymInputError, match="multiple of 8"):
+        ov_fp32.decode(np.zeros((1, 4, 8, 8), np.float32), image=np.zeros((1, 3, 60, 64), np.float32),
+                       mask=np.zeros((1, 1, 60, 64), np.float32))
+
+
+def test_threads_give_the_serial_results(ov_fp32):
+    rng = np.random.default_rng(5)
+    latents = [rng.standard_normal((1, 4, 8, 8)).astype(np.float32) for _ in range(4)]
+    serial = [ov_fp32.decode(z) for z in latents]
+    got, start = [None] * 4, threading.Barrier(4)
+
+    def work(i):
+        start.wait()
+        got[i] = ov_fp32.decode(latents[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for a, b in zip(got, serial):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_the_cache_is_keyed_by_the_graph_digest(tiny_artifact, copy_artifact, tmp_path):
+    """A second load reuses the compiled blob; a graph with other weights (another export) gets
+    its own key and computes with its own weights, never the stale blob."""
+    import json
+
+    from asym_runtime.manifest import read_manifest, sha256_file
+
+    cache = tmp_path / "cache"
+    z = np.random.default_rng(6).standard_normal((1, 4, 8, 8)).astype(np.float32)
+
+    def decode(folder):
+        with asym_runtime.load(folder, backend="openvino", graphs="decoder_uncond", cache_dir=cache) as rt:
+            return rt.decode(z)
+
+    first = decode(tiny_artifact)
+    keys = sorted(p.name for p in cache.iterdir())
+    assert len(keys) == 1 and any(cache.rglob("*.blob")), "OpenVINO wrote no compiled model into the cache"
+    np.testing.assert_array_equal(decode(tiny_artifact), first)
+    assert sorted(p.name for p in cache.iterdir()) == keys  # reused
+
+    other = copy_artifact(tiny_artifact)
+    data_file = read_manifest(other).path("decoder_uncond.onnx.data")
+    raw = np.frombuffer(data_file.read_bytes(), dtype=np.float32).copy()
+    raw *= 1.5  # other weights, same graph
+    data_file.write_bytes(raw.tobytes())
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["files"]["decoder_uncond.onnx.data"]["sha256"] = sha256_file(data_file)
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    second = decode(other)
+    assert len(list(cache.iterdir())) == 2
+    assert np.abs(second - first).max() > 1e-2
+
+
+def test_bf16_needs_openvino_and_a_precision_it_runs():
+    with pytest.raises(ValueError, match="precision 'bf16' runs on backend='openvino' only"):
+        asym_runtime.load("unused", backend="onnxruntime-cpu", precision="bf16")
+    with pytest.raises(ValueError, match="precision 'fp16': OpenVINO runs fp32 or bf16"):
+        asym_runtime.load("unused", backend="openvino", precision="fp16")
+
+
+@pytest.mark.skipif(_bf16_reason() is None, reason="this CPU has BF16 units")
+def test_bf16_on_a_cpu_without_bf16_units_is_refused_in_one_sentence(tiny_artifact):
+    with pytest.raises(BackendUnavailableError, match=r"^this CPU has no BF16 units \(OpenVINO reports [A-Z0-9_, ]+; "
+                                                      r"BF16 needs Intel AMX or AVX512-BF16\); use precision='fp32'$"):
+        asym_runtime.load(tiny_artifact, backend="openvino", precision="bf16")
+
+
+@pytest.mark.skipif(_bf16_reason() is not None, reason=str(_bf16_reason()))
+@pytest.mark.parametrize("graph", [ENCODER, DECODER, DECODER_UNCOND], ids=lambda g: g.name)
+def test_bf16_meets_its_floors_at_unseen_shapes(tiny_artifact, tiny_vae, graph):
+    report = VerificationReport("openvino_bf16", BF16_TOLERANCE)
+    with asym_runtime.load(tiny_artifact, backend="openvino", precision="bf16", cache_dir=False) as rt:
+        assert rt.precision == "bf16"
+        for shape in UNSEEN:
+            feed = make_feed(graph, shape, seed=78, scaling_factor=0.18215)
+            report.add(graph, shape, reference_outputs(tiny_vae, graph, feed), _run(rt, graph, feed))
+    assert report, report.failure_lines()
