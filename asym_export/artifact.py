@@ -158,6 +158,17 @@ def current_manifest(out: Path):
         return None
 
 
+def _named_generation(out: Path) -> str | None:
+    """The generation ``manifest.json`` names, read leniently: a manifest this version cannot
+    use (another schema version) still keeps its generation from being taken for debris."""
+    try:
+        data = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    gen = data.get("generation") if isinstance(data, dict) else None
+    return gen if isinstance(gen, str) and gen.startswith(GENERATION_PREFIX) and "/" not in gen else None
+
+
 def _legacy_files(out: Path) -> list[Path]:
     """Files a schema_version 1 manifest (files beside it) lists: replaced by the new generation."""
     try:
@@ -238,7 +249,7 @@ class ArtifactWriter:
         """Remove what killed or replaced exports left: staging folders, generations that the
         current manifest does not name, temporary manifests. Only names this writer makes are
         touched; other files in ``out`` are left alone. Needs the lock."""
-        keep = keep or (self.previous.generation if self.previous else None)
+        keep = keep or (self.previous.generation if self.previous else _named_generation(self.out))
         removed = []
         for p in self.out.iterdir():
             n = p.name

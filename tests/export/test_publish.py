@@ -208,3 +208,16 @@ def test_the_lock_is_per_folder_and_released(tmp_path):
         a.close()
     b.open()  # released by close()
     b.close()
+
+
+def test_a_manifest_of_another_schema_keeps_its_generation(tmp_path):
+    """A folder written by a newer asym-export (schema this version cannot read) is not debris:
+    an export that fails there leaves that generation alone."""
+    out = tmp_path / "newer"
+    (out / "gen-20300101T000000Z-0123abcd").mkdir(parents=True)
+    (out / "gen-20300101T000000Z-0123abcd" / "decoder.onnx").write_bytes(b"graph")
+    (out / "gen-20200101T000000Z-deadbeef").mkdir()  # named by no manifest: debris
+    (out / "manifest.json").write_text(json.dumps({"schema_version": 3, "generation": "gen-20300101T000000Z-0123abcd"}))
+    with ArtifactWriter(out):
+        pass
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "gen-20300101T000000Z-0123abcd", "manifest.json"]
