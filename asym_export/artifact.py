@@ -158,24 +158,28 @@ def current_manifest(out: Path):
         return None
 
 
-def _named_generation(out: Path) -> str | None:
-    """The generation ``manifest.json`` names, read leniently: a manifest this version cannot
-    use (another schema version) still keeps its generation from being taken for debris."""
+def _raw_manifest(out: Path) -> dict:
+    """``manifest.json`` as plain JSON, without the schema ({} if it is missing or not a JSON object):
+    what an export may still learn from a manifest this version cannot use."""
     try:
         data = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
-        return None
-    gen = data.get("generation") if isinstance(data, dict) else None
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _named_generation(out: Path) -> str | None:
+    """The generation ``manifest.json`` names, read leniently: a manifest this version cannot
+    use (another schema version) still keeps its generation from being taken for debris."""
+    data = _raw_manifest(out)
+    gen = data.get("generation")
     return gen if isinstance(gen, str) and gen.startswith(GENERATION_PREFIX) and "/" not in gen else None
 
 
 def _legacy_files(out: Path) -> list[Path]:
     """Files a schema_version 1 manifest (files beside it) lists: replaced by the new generation."""
-    try:
-        data = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return []
-    if not (isinstance(data, dict) and data.get("schema_version") == 1 and isinstance(data.get("files"), dict)):
+    data = _raw_manifest(out)
+    if not (data.get("schema_version") == 1 and isinstance(data.get("files"), dict)):
         return []
     paths = []
     for name in data["files"]:

@@ -582,8 +582,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "--seed 0 into a temporary folder first)")
     p.add_argument("--backends", metavar="LIST",
                    help="comma-separated backends to time against the reference (listed below; default: on a "
-                        "CPU ort-cpu-fp32, ort-cpu-fp16; on a GPU torch-compile-fp16, ort-cuda-fp32, "
-                        "ort-cuda-fp16, ort-cuda-fp16-cudagraph, and tensorrt-engine where it runs)")
+                        "CPU ort-cpu-fp32, ort-cpu-fp16, and where OpenVINO is installed openvino-cpu-fp32 "
+                        "(plus openvino-cpu-bf16 and diffusers-bf16 on CPUs with BF16 units); on a GPU "
+                        "torch-compile-fp16, ort-cuda-fp32, ort-cuda-fp16, ort-cuda-fp16-cudagraph, and "
+                        "tensorrt-engine where it runs)")
     p.add_argument("--reference", default=None, choices=["diffusers-fp32", "diffusers-fp16"],
                    help="the backend ratios are taken against (default: diffusers-fp32 on a CPU, "
                         "diffusers-fp16 on a GPU)")

@@ -10,7 +10,7 @@ from pathlib import Path
 from asym_runtime.errors import AsymInputError
 from asym_runtime.specs import ShapeLimits, parse_shape
 
-from .cliutil import parse, EXIT_FAILED, EXIT_OK, EXIT_USAGE, OneLineParser, add_debug, exit_codes, graph_lines
+from .cliutil import parse, EXIT_FAILED, EXIT_OK, EXIT_USAGE, OneLineParser, add_debug, exit_codes, graph_lines, guarded
 from .variants import PUBLISHED, VARIANTS
 
 DESCRIPTION = f"""\
@@ -173,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s: %(message)s",
     )
+    return guarded("asym-export", args.debug, lambda: _run(args), interrupted=f"interrupted; {UNCHANGED}")
+
+
+def _run(args) -> int:
     # imported here so `--help` and argument errors answer instantly (torch loads slowly)
     from .artifact import OutputDirError
     from .engine_verify import EnginesNotBuiltError
@@ -214,15 +218,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"asym-export: export failed: {e}", file=sys.stderr)
         if args.debug:
             raise
-        return EXIT_FAILED
-    except KeyboardInterrupt:
-        print(f"asym-export: interrupted; {UNCHANGED}", file=sys.stderr)
-        return 130
-    except Exception as e:  # an unexpected failure: one line, the traceback on request
-        if args.debug:
-            raise
-        print(f"asym-export: unexpected error: {type(e).__name__}: {e} (rerun with --debug for "
-              "the traceback)", file=sys.stderr)
         return EXIT_FAILED
     print(_summary(result))
     return EXIT_OK

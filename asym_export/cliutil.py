@@ -48,13 +48,14 @@ def add_debug(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
 
 
-def guarded(prog: str, debug: bool, body: Callable[[], int]) -> int:
+def guarded(prog: str, debug: bool, body: Callable[[], int], interrupted: str = "interrupted") -> int:
     """Run a tool's body under the shared convention: an error the body did not expect is one
-    line on stderr and exit 1 (its traceback with ``--debug``); Ctrl-C is exit 130."""
+    line on stderr and exit 1 (its traceback with ``--debug``); Ctrl-C is exit 130 after
+    ``prog: interrupted`` (the tool may say more)."""
     try:
         return body()
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
+        print(f"{prog}: {interrupted}", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - the convention: one line, never a traceback unasked
         if debug:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import posixpath
 from typing import Any, Iterable
 
 import numpy as np
@@ -407,11 +406,7 @@ def _load_openvino(manifest: Manifest, precision: str, wanted: tuple[str, ...], 
     try:
         for role, name in _onnx_entries(manifest, "fp32", wanted).items():
             source = manifest.graph_source(name)  # the checked bytes, external data included
-            key = ",".join([manifest.files[name].sha256] + [
-                manifest.files[posixpath.normpath(posixpath.join(posixpath.dirname(name), loc))].sha256
-                for loc in source.external])
-            b = ov_backend.OpenVinoBackend(_SPECS[role], source, precision=precision, cache_key=key,
-                                           cache_dir=cache_dir or None)
+            b = ov_backend.OpenVinoBackend(_SPECS[role], source, precision=precision, cache_dir=cache_dir or None)
             del source
             backends[role] = b.activate()
     except BaseException:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
+from typing import Iterator
 
 from .errors import ArtifactError
 from .specs import ShapeLimits
@@ -241,20 +242,48 @@ class GraphSource:
 
     ``external`` maps each location exactly as the graph writes it to that file's bytes;
     ONNX Runtime gets them from memory, so no file is opened again after the check.
+    ``digests``: the recorded sha256 of the graph, then of each data file in that order.
     """
 
     name: str
     model: bytes
     external: dict[str, bytes] = field(default_factory=dict)
+    digests: tuple[str, ...] = ()
 
-    @property
-    def nbytes(self) -> int:
-        return len(self.model) + sum(len(b) for b in self.external.values())
+
+def external_tensors(model) -> Iterator:
+    """Every tensor of an ONNX ``ModelProto`` that may keep its data in an external file:
+    initializers, sparse initializers and tensors in node attributes, in subgraphs and in
+    functions too."""
+
+    def of_nodes(nodes):
+        for node in nodes:
+            for a in node.attribute:
+                if a.HasField("t"):
+                    yield a.t
+                yield from a.tensors
+                for sparse in ([a.sparse_tensor] if a.HasField("sparse_tensor") else []) + list(a.sparse_tensors):
+                    yield sparse.values
+                    yield sparse.indices
+                if a.HasField("g"):
+                    yield from of_graph(a.g)
+                for g in a.graphs:
+                    yield from of_graph(g)
+
+    def of_graph(g):
+        yield from g.initializer
+        for sparse in g.sparse_initializer:
+            yield sparse.values
+            yield sparse.indices
+        yield from of_nodes(g.node)
+
+    yield from of_graph(model.graph)
+    for f in model.functions:
+        yield from of_nodes(f.node)
 
 
 def external_locations(model_bytes: bytes, where: str) -> list[str]:
-    """The external data locations an ONNX model (serialised bytes) reads, in first-use order:
-    initializers, sparse initializers and tensors in node attributes, subgraphs included."""
+    """The external data locations an ONNX model (serialised bytes) reads, in first-use order."""
     import onnx
 
     try:
@@ -262,39 +291,12 @@ def external_locations(model_bytes: bytes, where: str) -> list[str]:
     except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and friends
         raise ArtifactError(f"{where} is not an ONNX model ({e})") from None
     found: dict[str, None] = {}
-
-    def tensor(t) -> None:
+    for t in external_tensors(model):
         if t.data_location == onnx.TensorProto.EXTERNAL:
             loc = next((e.value for e in t.external_data if e.key == "location"), None)
             if not loc:
                 raise ArtifactError(f"{where}: tensor {t.name!r} is external but names no location")
             found.setdefault(loc)
-
-    graphs = [model.graph]
-    while graphs:
-        g = graphs.pop()
-        for t in g.initializer:
-            tensor(t)
-        for s in g.sparse_initializer:
-            tensor(s.values)
-            tensor(s.indices)
-        for node in g.node:
-            for a in node.attribute:
-                if a.HasField("t"):
-                    tensor(a.t)
-                for t in a.tensors:
-                    tensor(t)
-                if a.HasField("sparse_tensor"):
-                    tensor(a.sparse_tensor.values)
-                    tensor(a.sparse_tensor.indices)
-                if a.HasField("g"):
-                    graphs.append(a.g)
-                graphs.extend(a.graphs)
-    for f in model.functions:
-        for node in f.node:
-            for a in node.attribute:
-                if a.HasField("t"):
-                    tensor(a.t)
     return list(found)
 
 
@@ -381,6 +383,7 @@ class Manifest:
         model = self.read_verified(name)
         base = posixpath.dirname(name)
         external: dict[str, bytes] = {}
+        digests = [self.files[name].sha256]
         for loc in external_locations(model, f"{self.root}/{name}"):
             rel = posixpath.normpath(posixpath.join(base, loc))
             if posixpath.isabs(loc) or rel == ".." or rel.startswith("../") or "\\" in loc:
@@ -389,7 +392,8 @@ class Manifest:
                 raise ArtifactError(f"{self.root}: {name} reads external data from {loc!r}, which {MANIFEST_NAME} "
                                     "does not list (size, sha256); the folder cannot be checked")
             external[loc] = self.read_verified(rel)
-        return GraphSource(name, model, external)
+            digests.append(self.files[rel].sha256)
+        return GraphSource(name, model, external, tuple(digests))
 
     def _check(self, name: str, size: int, digest: str) -> None:
         entry = self.files[name]

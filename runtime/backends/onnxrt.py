@@ -204,9 +204,6 @@ class OnnxRuntimeBackend(Backend):
 
     def _session(self, ort, providers):
         so = session_options(self.device)
-        if self._from_bytes and self._source is None:
-            raise BackendUnavailableError(f"{self.path.name}: the checked bytes were released after the first "
-                                          "activation; load the artifact again")
         if self._source is None:
             return ort.InferenceSession(str(self.path), so, providers=providers)
         src = self._source
@@ -227,6 +224,9 @@ class OnnxRuntimeBackend(Backend):
                 "the installed onnxruntime has no CUDA provider; install onnxruntime-gpu "
                 "(and only it) to run ONNX Runtime on a GPU"
             )
+        if self._from_bytes and self._source is None:
+            raise BackendUnavailableError(f"{self.path.name}: the checked bytes were released after the first "
+                                          "activation; load the artifact again")
         self.session = self._make_session(capture=self.cuda_graph)
         if not self.cuda_graph:
             self._source = None  # ONNX Runtime copied what it needs; a capturing backend keeps the

@@ -29,7 +29,7 @@ import numpy as np
 
 from .. import arrays
 from ..errors import ArtifactError, BackendUnavailableError
-from ..manifest import GraphSource
+from ..manifest import GraphSource, external_tensors
 from ..specs import GraphSpec
 from .base import Backend
 
@@ -74,30 +74,18 @@ def embedded_model(source: GraphSource) -> bytes:
     import onnx
 
     model = onnx.ModelProto.FromString(bytes(source.model))
-    graphs = [model.graph]
-    while graphs:
-        g = graphs.pop()
-        tensors = list(g.initializer)
-        for node in g.node:
-            for a in node.attribute:
-                if a.HasField("t"):
-                    tensors.append(a.t)
-                tensors.extend(a.tensors)
-                if a.HasField("g"):
-                    graphs.append(a.g)
-                graphs.extend(a.graphs)
-        for t in tensors:
-            if t.data_location != onnx.TensorProto.EXTERNAL:
-                continue
-            info = {e.key: e.value for e in t.external_data}
-            data = source.external[info["location"]]
-            offset = int(info.get("offset", 0))
-            length = int(info["length"]) if "length" in info else len(data) - offset
-            if offset < 0 or length < 0 or offset + length > len(data):
-                raise ArtifactError(f"{source.name}: tensor {t.name!r} reads past the end of {info['location']}")
-            t.raw_data = bytes(memoryview(data)[offset:offset + length])
-            del t.external_data[:]
-            t.data_location = onnx.TensorProto.DEFAULT
+    for t in external_tensors(model):
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        data = source.external[info["location"]]
+        offset = int(info.get("offset", 0))
+        length = int(info["length"]) if "length" in info else len(data) - offset
+        if offset < 0 or length < 0 or offset + length > len(data):
+            raise ArtifactError(f"{source.name}: tensor {t.name!r} reads past the end of {info['location']}")
+        t.raw_data = bytes(memoryview(data)[offset:offset + length])
+        del t.external_data[:]
+        t.data_location = onnx.TensorProto.DEFAULT
     return model.SerializeToString()
 
 
@@ -107,7 +95,7 @@ class OpenVinoBackend(Backend):
     name = "openvino-cpu"
 
     def __init__(self, graph: GraphSpec, source: GraphSource, *, precision: str = "fp32",
-                 cache_key: str = "", cache_dir: str | os.PathLike | None = None):
+                 cache_dir: str | os.PathLike | None = None):
         super().__init__(graph)
         if precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r}: OpenVINO runs fp32 or bf16")
@@ -115,7 +103,7 @@ class OpenVinoBackend(Backend):
         self.label = source.name
         self.precision = precision
         self.cache_dir = Path(cache_dir) if cache_dir else None
-        self.cache_key = cache_key
+        self.cache_key = ",".join(source.digests)  # the recorded sha256 of the graph and its data
         self.compiled = None
 
     def _activate(self) -> None:
