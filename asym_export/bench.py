@@ -38,15 +38,14 @@ from pathlib import Path
 
 import numpy as np
 
-from asym_runtime.specs import DECODER, DECODER_UNCOND, ENCODER, Shape
+from asym_runtime.specs import Shape
 
 from .artifact import write_json_atomic
 from .cliutil import EXIT_FAILED, EXIT_USAGE, OneLineParser, add_debug, exit_codes, guarded, parse
+from .graphs import BENCH_GRAPHS
 
 log = logging.getLogger(__name__)
 
-#: benchmark graph name -> (contract graph, what it calls)
-GRAPHS = {"encode": ENCODER, "decode": DECODER, "decode_uncond": DECODER_UNCOND}
 #: Dense FP16 tensor-core peaks from NVIDIA datasheets (TFLOP/s, without sparsity), matched
 #: against torch.cuda.get_device_name().
 DATASHEET_FP16_TFLOPS = {
@@ -153,14 +152,13 @@ def graph_tflop(variant: str, graph: str, shape: Shape, exported: bool = True) -
     from torch.utils.flop_counter import FlopCounterMode
 
     from .variants import get_variant
-    from .wrappers import wrapper_for
 
-    spec = GRAPHS[graph]
+    entry = BENCH_GRAPHS[graph]
     with torch.device("meta"):
         model = AsymmetricAutoencoderKL(**get_variant(variant).config).eval()
-        args = [torch.empty(t.shape(shape.batch, shape.height, shape.width)) for t in spec.inputs]
+        args = [torch.empty(t.shape(shape.batch, shape.height, shape.width)) for t in entry.spec.inputs]
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        wrapper_for(model, spec.name, subpixel=exported)(*args)
+        entry.wrapper(model, exported)(*args)
     return counter.get_total_flops() / 1e12
 
 
@@ -207,7 +205,6 @@ def diffusers_backend(manifest, device: str, dtype: str, cache: dict | None = No
     """diffusers eager, built from the manifest's weights source, on ``device`` in ``dtype``."""
     import torch
 
-    from .onnx_export import diffusers_forward
     from .parity import reference_from_manifest
 
     def load():
@@ -222,15 +219,15 @@ def diffusers_backend(manifest, device: str, dtype: str, cache: dict | None = No
         def prep(feed):
             return {k: torch.from_numpy(v).to(device=device, dtype=tdtype) for k, v in feed.items()}
 
-        def run(graph_name):
+        def run(diffusers_call):
             def call(feed):
                 with _no_grad():
-                    out = diffusers_forward(vae, graph_name, prep(feed))
+                    out = diffusers_call(vae, prep(feed))
                 sync()
                 return out
             return call
 
-        return {name: run(graph.name) for name, graph in GRAPHS.items()}, None
+        return {name: run(g.diffusers_call) for name, g in BENCH_GRAPHS.items()}, None
 
     return _timed_load(f"diffusers-{dtype}", device, load)
 
@@ -241,7 +238,6 @@ def torch_compile_backend(manifest, device: str, cache: dict | None = None) -> B
     Compilation happens in the first call at each shape, which the table reports apart."""
     import torch
 
-    from .onnx_export import diffusers_forward
     from .parity import reference_from_manifest
 
     def load():
@@ -251,8 +247,8 @@ def torch_compile_backend(manifest, device: str, cache: dict | None = None) -> B
             return {k: torch.from_numpy(v).to(device=device, dtype=torch.float16).contiguous(
                 memory_format=torch.channels_last) for k, v in feed.items()}
 
-        def run(graph_name):
-            fn = torch.compile(lambda t: diffusers_forward(vae, graph_name, t), dynamic=False)
+        def run(diffusers_call):
+            fn = torch.compile(lambda t: diffusers_call(vae, t), dynamic=False)
 
             def call(feed):
                 with _no_grad():
@@ -262,7 +258,7 @@ def torch_compile_backend(manifest, device: str, cache: dict | None = None) -> B
                 return out
             return call
 
-        return {name: run(graph.name) for name, graph in GRAPHS.items()}, None
+        return {name: run(g.diffusers_call) for name, g in BENCH_GRAPHS.items()}, None
 
     return _timed_load("torch-compile-fp16", device, load)
 
@@ -297,11 +293,7 @@ def runtime_backend(folder: Path, name: str, provider_options: dict | None = Non
 
     def load():
         vae = asym_runtime.load(folder, **spec)
-        calls = {
-            "encode": lambda feed: vae.encode(feed["image"]).mean,
-            "decode": lambda feed: vae.decode(feed["latent"], image=feed["image"], mask=feed["mask"]),
-            "decode_uncond": lambda feed: vae.decode(feed["latent"]),
-        }
+        calls = {name: (lambda feed, call=g.runtime_call: call(vae, feed)) for name, g in BENCH_GRAPHS.items()}
         return calls, vae.close
 
     return _timed_load(name, "cpu" if spec["backend"] == "onnxruntime-cpu" else "cuda", load)
@@ -406,7 +398,7 @@ def run_benchmark(variant: str, folder: Path, *, backends: list[str], graphs: li
                 if not manifest.limits.contains(shape):
                     skipped.append({"graph": graph, "shape": str(shape), "reason": "outside the shape limits"})
                     continue
-                feed = make_feed(GRAPHS[graph], shape, seed, manifest.scaling_factor)
+                feed = make_feed(BENCH_GRAPHS[graph].spec, shape, seed, manifest.scaling_factor)
                 tflop = {True: graph_tflop(variant, graph, shape, exported=True),
                          False: graph_tflop(variant, graph, shape, exported=False)}
                 progress(f"{graph} {shape}: {tflop[True]:.3f} TFLOP per call (diffusers: {tflop[False]:.3f}) ...")
@@ -473,7 +465,7 @@ def plot(result: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
-    graphs = [g for g in GRAPHS if any(r["graph"] == g for r in rows)]
+    graphs = [g for g in BENCH_GRAPHS if any(r["graph"] == g for r in rows)]
     batches = sorted({r["batch"] for r in rows})
     fig, axes = plt.subplots(len(graphs), len(batches), figsize=(5.5 * len(batches), 3.6 * len(graphs)),
                              squeeze=False)
@@ -559,7 +551,7 @@ backends: {", ".join(RUNTIME_BACKENDS)} (asym_runtime);
   ort-cuda-* run the folder's CUDA form, *-portable the standard graphs, *-cudagraph replay a
   CUDA graph; openvino-cpu-* run the FP32 graphs with OpenVINO (bf16: BF16 compute, on CPUs
   with BF16 units); every ort-*, openvino-* and tensorrt-* call is numpy in, numpy out.
-graphs: {", ".join(GRAPHS)}.
+graphs: {", ".join(BENCH_GRAPHS)}.
 
 examples:
   asym-bench --variant x2 --sizes 256                              # CPU: ONNX Runtime vs diffusers FP32
@@ -589,8 +581,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", default=None, choices=["diffusers-fp32", "diffusers-fp16"],
                    help="the backend ratios are taken against (default: diffusers-fp32 on a CPU, "
                         "diffusers-fp16 on a GPU)")
-    p.add_argument("--graphs", default=",".join(GRAPHS), metavar="LIST",
-                   help=f"comma-separated, of {', '.join(GRAPHS)} (default: all)")
+    p.add_argument("--graphs", default=",".join(BENCH_GRAPHS), metavar="LIST",
+                   help=f"comma-separated, of {', '.join(BENCH_GRAPHS)} (default: all)")
     p.add_argument("--sizes", default="256", metavar="LIST",
                    help="resolutions, N or HxW pixels, comma separated (default 256)")
     p.add_argument("--batches", default="1", metavar="LIST", help="batch sizes, comma separated (default 1)")
@@ -617,7 +609,7 @@ def _main(args, argv) -> int:
     try:
         if args.variant not in VARIANTS:
             raise ValueError(f"unknown variant {args.variant!r}; choose one of {', '.join(VARIANTS)}")
-        graphs = _parse_list(args.graphs, "--graphs", list(GRAPHS))
+        graphs = _parse_list(args.graphs, "--graphs", list(BENCH_GRAPHS))
         sizes = [parse_size(s) for s in _parse_list(args.sizes, "--sizes")]
         batches = [int(b) for b in _parse_list(args.batches, "--batches")]
         if any(b < 1 for b in batches) or args.repeats < 1 or args.warmup < 0:

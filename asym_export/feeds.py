@@ -54,18 +54,25 @@ def latent_batch(rng: np.random.Generator, shape: Shape, scaling_factor: float,
     return (z / scaling_factor).astype(np.float32)
 
 
+#: input name -> ``(rng, shape, tensor, scaling_factor, mask kind) -> array``: one generator per
+#: tensor of the contract, shared by every graph that takes it
+FEEDERS = {
+    "image": lambda rng, shape, t, sf, mask: image_batch(rng, shape),
+    "mask": lambda rng, shape, t, sf, mask: mask_batch(rng, shape, mask),
+    "latent": lambda rng, shape, t, sf, mask: latent_batch(rng, shape, sf, t.channels),
+}
+
+
 def make_feed(graph: GraphSpec, shape: Shape, seed: int, scaling_factor: float,
               mask: str = "random") -> dict[str, np.ndarray]:
-    """One input per name of ``graph``, seeded so every backend gets the same arrays."""
+    """One input per name of ``graph``, seeded so every backend gets the same arrays. Inputs are
+    drawn in the graph's input order from one generator, so graphs whose inputs start alike
+    (``decoder`` and ``decoder_uncond``: the latent) get the same arrays for the same seed."""
     rng = np.random.default_rng(seed)
     feed = {}
     for t in graph.inputs:
-        if t.name == "image":
-            feed[t.name] = image_batch(rng, shape)
-        elif t.name == "mask":
-            feed[t.name] = mask_batch(rng, shape, mask)
-        elif t.name == "latent":
-            feed[t.name] = latent_batch(rng, shape, scaling_factor, t.channels)
-        else:  # pragma: no cover - the contract has no other inputs
-            raise ValueError(f"no feed for input {t.name!r}")
+        feeder = FEEDERS.get(t.name)
+        if feeder is None:  # pragma: no cover - every input of the contract has a feeder
+            raise ValueError(f"no feed for input {t.name!r}; add one to asym_export.feeds.FEEDERS")
+        feed[t.name] = feeder(rng, shape, t, scaling_factor, mask)
     return feed

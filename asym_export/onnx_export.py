@@ -22,7 +22,7 @@ from asym_runtime.specs import VAE_SCALE, GraphSpec, Shape
 
 from . import __version__
 from .feeds import make_feed
-from .wrappers import wrapper_for
+from .graphs import export_graph, wrapper_for
 
 log = logging.getLogger(__name__)
 
@@ -177,13 +177,6 @@ def reference_outputs(vae, graph: GraphSpec, feed: dict[str, np.ndarray]) -> dic
 
 def diffusers_forward(vae, graph_name: str, t: dict) -> dict:
     """diffusers' own call that a contract graph stands for, on torch tensors named as the
-    graph's inputs; outputs named as the graph's outputs. The one place that says which
-    diffusers call each graph is (references, benchmarks, the GPU check)."""
-    if graph_name == "encoder":
-        dist = vae.encode(t["image"]).latent_dist
-        return {"latent_mean": dist.mean, "latent_logvar": dist.logvar}
-    if graph_name == "decoder":
-        return {"sample": vae.decode(t["latent"], image=t["image"], mask=t["mask"]).sample}
-    if graph_name == "decoder_uncond":
-        return {"sample": vae.decode(t["latent"]).sample}
-    raise ValueError(f"no diffusers call for graph {graph_name!r}")
+    graph's inputs; outputs named as the graph's outputs. Which call each graph is, is
+    declared once in ``asym_export.graphs``."""
+    return export_graph(graph_name).diffusers_call(vae, t)

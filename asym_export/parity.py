@@ -25,7 +25,7 @@ from pathlib import Path
 from asym_runtime.errors import (ArtifactError, AsymInputError, BackendUnavailableError,
                                  IncompatibleEngineError)
 from asym_runtime.manifest import FORMAT_ONNX, FORMAT_ONNX_CUDA, FORMAT_PLAN, Manifest, read_manifest
-from asym_runtime.specs import DECODER, ENCODER, Shape, parse_shape
+from asym_runtime.specs import Shape, parse_shape
 
 from .cliutil import parse, EXIT_FAILED, EXIT_OK, EXIT_USAGE, OneLineParser, add_debug, exit_codes, guarded
 
@@ -139,10 +139,10 @@ def run_parity(root: str | Path, *, backends: list[str] | None = None, shapes: l
     import numpy as np
 
     import asym_runtime
-    from asym_runtime.api import DECODER_UNCOND
 
     from .export import VERIFY_SEED
     from .feeds import make_feed
+    from .graphs import EXPORT_GRAPHS
     from .onnx_export import reference_outputs
     from .verify import BF16_TOLERANCE, FP16_TOLERANCE, FP32_MAX_ABS, Tolerance, VerificationReport
 
@@ -165,15 +165,12 @@ def run_parity(root: str | Path, *, backends: list[str] | None = None, shapes: l
 
     vae = reference_from_manifest(manifest, reference_cache).to(reference_device)
     sf = manifest.scaling_factor
-    cases = []
+    cases = []  # (shape, graph, feed, reference outputs), every graph at every shape
     with _true_fp32():
         for i, s in usable:
-            enc = make_feed(ENCODER, s, seed + i, sf)
-            dec = make_feed(DECODER, s, seed + i, sf)
-            unc = {"latent": dec["latent"]}
-            refs = (reference_outputs(vae, ENCODER, enc), reference_outputs(vae, DECODER, dec),
-                    reference_outputs(vae, DECODER_UNCOND, unc))
-            cases.append((s, enc, dec, unc, refs))
+            for g in EXPORT_GRAPHS.values():
+                feed = make_feed(g.spec, s, seed + i, sf)
+                cases.append((s, g, feed, reference_outputs(vae, g.spec, feed)))
     del vae
     if reference_device != "cpu":
         import torch
@@ -193,16 +190,11 @@ def run_parity(root: str | Path, *, backends: list[str] | None = None, shapes: l
         report = VerificationReport(cand.label, tol)
         t_total = 0.0
         try:
-            for s, enc, dec, unc, (r_enc, r_dec, r_unc) in cases:
+            for s, g, feed, ref in cases:
                 t0 = time.perf_counter()
-                dist = rt.encode(enc["image"])
-                cond = rt.decode(dec["latent"], image=dec["image"], mask=dec["mask"])
-                plain = rt.decode(unc["latent"])
+                out = g.runtime_call(rt, feed)  # through the public API, as a caller runs it
                 t_total += time.perf_counter() - t0
-                report.add(ENCODER, s, r_enc, {"latent_mean": np.asarray(dist.mean),
-                                               "latent_logvar": np.asarray(dist.logvar)})
-                report.add(DECODER, s, r_dec, {"sample": np.asarray(cond)})
-                report.add(DECODER_UNCOND, s, r_unc, {"sample": np.asarray(plain)})
+                report.add(g.spec, s, ref, {k: np.asarray(v) for k, v in out.items()})
         finally:
             rt.close()
         result.reports.append(report)

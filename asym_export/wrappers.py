@@ -186,13 +186,3 @@ class DecoderWrapper(nn.Module):
         sample = d.conv_act(sample)
         return d.conv_out(sample)
 
-
-def wrapper_for(vae, graph_name: str, subpixel: bool = True) -> nn.Module:
-    """The export wrapper for one graph of the contract (``runtime/specs.py``)."""
-    if graph_name == "encoder":
-        return EncoderWrapper(vae).eval()
-    if graph_name == "decoder":
-        return DecoderWrapper(vae, conditional=True, subpixel=subpixel).eval()
-    if graph_name == "decoder_uncond":
-        return DecoderWrapper(vae, conditional=False, subpixel=subpixel).eval()
-    raise ValueError(f"no export wrapper for graph {graph_name!r}")

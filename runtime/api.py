@@ -28,7 +28,7 @@ from .checks import check_inputs
 from .errors import (ArtifactError, AsymInputError, BackendUnavailableError,
                      IncompatibleEngineError)
 from .manifest import FORMAT_ONNX, FORMAT_ONNX_CUDA, FORMAT_PLAN, MANIFEST_NAME, ArtifactMissing, Manifest, read_manifest
-from .specs import DECODER, DECODER_UNCOND, ENCODER, ShapeLimits
+from .specs import DECODER, DECODER_UNCOND, ENCODER, GRAPHS, ShapeLimits
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,7 @@ GRAPH_FORMS = ("auto", "cuda", "portable")
 #: Folders exported before ``decoder_uncond`` existed have no plain decoder graph; there the
 #: runtime runs the conditional graph with mask = 1 and image = 0, where the blends are
 #: ``sample * 1 + feature * 0``, exactly the plain decoder (tests/runtime/test_api.py proves it
-#: against diffusers).
-_SPECS = {"encoder": ENCODER, "decoder": DECODER, "decoder_uncond": DECODER_UNCOND}
+#: against diffusers). Every graph a folder may hold is declared in ``specs.GRAPHS``.
 _REQUIRED = ("encoder", "decoder")
 
 
@@ -333,10 +332,10 @@ def load(path: str | os.PathLike, backend: str = "auto", precision: str | None =
         raise ValueError(f"graph_form {graph_form!r}: choose one of {', '.join(GRAPH_FORMS)}")
     if isinstance(graphs, str):  # load(dir, graphs="decoder"): one name, not its letters
         graphs = (graphs,)
-    wanted = tuple(_SPECS) if graphs is None else tuple(dict.fromkeys(graphs))
-    unknown = [g for g in wanted if g not in _SPECS]
+    wanted = tuple(GRAPHS) if graphs is None else tuple(dict.fromkeys(graphs))
+    unknown = [g for g in wanted if g not in GRAPHS]
     if unknown or not wanted:
-        raise ValueError(f"graphs {list(graphs or [])!r}: choose from {', '.join(_SPECS)}")
+        raise ValueError(f"graphs {list(graphs or [])!r}: choose from {', '.join(GRAPHS)}")
     for attempt in range(1, _LOAD_ATTEMPTS + 1):
         manifest = None
         try:
@@ -406,7 +405,7 @@ def _load_openvino(manifest: Manifest, precision: str, wanted: tuple[str, ...], 
     try:
         for role, name in _onnx_entries(manifest, "fp32", wanted).items():
             source = manifest.graph_source(name)  # the checked bytes, external data included
-            b = ov_backend.OpenVinoBackend(_SPECS[role], source, precision=precision, cache_dir=cache_dir or None)
+            b = ov_backend.OpenVinoBackend(GRAPHS[role], source, precision=precision, cache_dir=cache_dir or None)
             del source
             backends[role] = b.activate()
     except BaseException:
@@ -508,7 +507,7 @@ def _load_tensorrt(manifest: Manifest, engines: dict[str, str], device_id: int,
     try:
         for role, plan in plans.items():
             b = trt_backend.TensorRTBackend(
-                _SPECS[role], plan, device_id=device_id, cuda_graph=cuda_graph,
+                GRAPHS[role], plan, device_id=device_id, cuda_graph=cuda_graph,
                 version_compatible=bool(meta.get("version_compatible")), label=engines[role],
             )
             backends[role] = b.activate()
@@ -549,7 +548,7 @@ def _load_onnxruntime(manifest: Manifest, backend: str, precision: str, verify: 
                 # verify: the checked bytes of the graph and of every data file it reads go to
                 # ONNX Runtime from memory (nothing is opened again after the check)
                 source = manifest.graph_source(name) if verify else manifest.path(name)
-                b = OnnxRuntimeBackend(_SPECS[role], source, device=device, device_id=device_id,
+                b = OnnxRuntimeBackend(GRAPHS[role], source, device=device, device_id=device_id,
                                        precision=precision, cuda_graph=cuda_graph and device == "cuda",
                                        provider_overrides=provider_options if device == "cuda" else None)
                 del source  # the backend drops the bytes once its session holds the weights
