@@ -22,3 +22,4 @@ from . import images  # noqa: F401
 from .images import batch_to_images, images_to_batch, masks_to_batch  # noqa: F401
 from .manifest import Manifest, generation_folder, read_manifest  # noqa: F401
 from .specs import DECODER, DECODER_UNCOND, ENCODER, GRAPHS, Shape, ShapeLimits  # noqa: F401
+from .serving.client import remote  # noqa: F401  (imports tritonclient only when called)

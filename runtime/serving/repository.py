@@ -1,0 +1,358 @@
+"""``asym-triton-repo DIR --out REPO``: a Triton model repository for the native backends.
+
+For Triton's own container on a GPU machine (``tritonserver --model-repository REPO``), no
+Python in the serving path:
+
+* one ``onnxruntime`` model per graph (``encoder``, ``decoder``, ``decoder_uncond``): the
+  folder's verified graph of the chosen precision (the CUDA form where the folder has one and
+  ``--form`` allows it) as ``1/model.onnx``, its external data beside it under the name the
+  graph itself records; the CUDA provider's convolution search as the runtime measured it
+  (``cudnn_conv_algo_search``), optionally ONNX Runtime's TensorRT accelerator (portable graphs);
+* one ``tensorrt`` model per engine when the folder has engines (``encoder_trt``, ...), with
+  ``max_batch_size`` from the engines' profile;
+* ``config.pbtxt`` from :mod:`.config` (contract dims, dynamic batching, instance groups);
+* ``asym-export.json`` in each model folder: the source folder, generation and the sha256 of
+  every file, which are the manifest's own (the bytes are copied unchanged after the
+  runtime's check); ``--check REPO`` re-hashes them and checks every configuration against
+  Triton's schema, the contract and the ONNX graph's own inputs and outputs.
+
+The repository is written into a staging folder beside ``REPO`` and renamed into place, so a
+Triton pointed at ``REPO`` never sees half of one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..backends.onnxrt import CUDA_PROVIDER_OPTIONS
+from ..errors import ArtifactError
+from ..manifest import FORMAT_ONNX, FORMAT_ONNX_CUDA, FORMAT_PLAN, Manifest, read_manifest
+from ..specs import GRAPHS, ShapeLimits
+from . import config as tconfig
+
+log = logging.getLogger(__name__)
+
+TRAIL_NAME = "asym-export.json"
+TRT_SUFFIX = "_trt"
+FORMS = ("auto", "cuda", "portable")
+#: ONNX Runtime's cudnn_conv_algo_search names -> the integers Triton's onnxruntime backend takes
+#: (it refuses the names: "failed to convert HEURISTIC to integral number").
+CONV_SEARCH = {"EXHAUSTIVE": "0", "HEURISTIC": "1", "DEFAULT": "2"}
+
+
+@dataclass
+class RepoOptions:
+    precision: str = "fp16"
+    form: str = "auto"
+    engines: bool = True
+    instances: int = 1
+    kind: str = "gpu"
+    gpus: list[int] | None = None
+    queue_delay_us: int = tconfig.DEFAULT_QUEUE_DELAY_US
+    tensorrt_accelerator: bool = False
+    force: bool = False
+
+
+@dataclass
+class RepoModel:
+    name: str
+    graph: str
+    backend: str
+    source: str            # the manifest entry it came from
+    files: dict[str, str]  # path inside the model folder -> sha256
+
+
+@dataclass
+class RepoResult:
+    path: Path
+    models: list[RepoModel] = field(default_factory=list)
+
+
+def _write(path: Path, data: bytes) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return hashlib.sha256(data).hexdigest()
+
+
+def _onnx_entry(manifest: Manifest, role: str, opts: RepoOptions):
+    if opts.form == "cuda" or (opts.form == "auto" and opts.kind == "gpu"):  # CUDA-only kernels: GPU instances
+        e = manifest.find(role, FORMAT_ONNX_CUDA, opts.precision)
+        if e is not None:
+            return e, "cuda"
+        if opts.form == "cuda":
+            return None, "cuda"
+    return manifest.find(role, FORMAT_ONNX, opts.precision), "portable"
+
+
+def _trail(manifest: Manifest, model: RepoModel, limits: ShapeLimits, form: str | None) -> bytes:
+    return json.dumps({
+        "artifact": str(Path(manifest.root).resolve()), "generation": manifest.generation,
+        "variant": manifest.variant, "graph": model.graph, "backend": model.backend, "form": form,
+        "source": model.source, "shape_limits": limits.to_dict(), "sha256": model.files,
+    }, indent=2, sort_keys=True).encode() + b"\n"
+
+
+def write_repository(artifact: str | os.PathLike, out: str | os.PathLike, opts: RepoOptions | None = None,
+                     progress=None) -> RepoResult:
+    """Write the model repository of ``artifact`` to ``out`` (see the module docstring)."""
+    opts = opts or RepoOptions()
+    say = progress or (lambda m: None)
+    if opts.precision not in ("fp32", "fp16"):
+        raise ValueError(f"precision {opts.precision!r}: fp32 or fp16")
+    if opts.form not in FORMS:
+        raise ValueError(f"form {opts.form!r}: choose one of {', '.join(FORMS)}")
+    manifest = read_manifest(artifact)
+    out = Path(out)
+    if out.exists() and not opts.force:
+        raise FileExistsError(f"{out} exists; choose another --out or pass --force to replace a repository "
+                              "this tool wrote")
+    if out.exists() and not is_our_repository(out):
+        raise FileExistsError(f"{out} exists and is not a repository asym-triton-repo wrote; not replacing it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+    result = RepoResult(out)
+    try:
+        search = CONV_SEARCH[CUDA_PROVIDER_OPTIONS[opts.precision]["cudnn_conv_algo_search"]]
+        for graph in GRAPHS.values():
+            entry, form = _onnx_entry(manifest, graph.name, opts)
+            if entry is None:
+                if graph.name in ("encoder", "decoder"):
+                    raise ArtifactError(f"{manifest.root} has no {opts.precision} "
+                                        f"{'CUDA-form ' if opts.form == 'cuda' else ''}graph for {graph.name}")
+                continue
+            if form == "cuda" and opts.kind != "gpu":
+                raise ValueError(f"{entry.name} is the CUDA form (fused CUDA-only kernels): it needs --kind gpu, "
+                                 "or --form portable for CPU instances")
+            if form == "cuda" and opts.tensorrt_accelerator:
+                raise ValueError("the TensorRT accelerator runs the portable graphs; pass --form portable with it")
+            say(f"{graph.name}: {entry.name} ({form} form)")
+            source = manifest.graph_source(entry.name)  # the checked bytes, external data included
+            files = {"1/model.onnx": _write(stage / graph.name / "1" / "model.onnx", source.model)}
+            for loc, data in source.external.items():
+                files[f"1/{loc}"] = _write(stage / graph.name / "1" / loc, data)
+            accel = []
+            if opts.tensorrt_accelerator:
+                accel = [("tensorrt", {"precision_mode": opts.precision.upper(),
+                                       "max_workspace_size_bytes": str(4 << 30)})]
+            params = {"cudnn_conv_algo_search": search} if opts.kind == "gpu" else {}
+            cfg = tconfig.build_config(graph, backend="onnxruntime", max_batch=manifest.limits.max_batch,
+                                       queue_delay_us=opts.queue_delay_us, instances=opts.instances, kind=opts.kind,
+                                       gpus=opts.gpus, parameters=params, gpu_accelerators=accel)
+            model = RepoModel(graph.name, graph.name, "onnxruntime", entry.name, files)
+            _write(stage / graph.name / "config.pbtxt", tconfig.config_text(cfg).encode())
+            _write(stage / graph.name / TRAIL_NAME, _trail(manifest, model, manifest.limits, form))
+            result.models.append(model)
+        engines_meta = manifest.data.get("engines") if isinstance(manifest.data.get("engines"), dict) else {}
+        for graph in GRAPHS.values():
+            entry = manifest.find(graph.name, FORMAT_PLAN) if opts.engines else None
+            if entry is None:
+                continue
+            limits = manifest.limits
+            if isinstance(engines_meta.get("profile"), dict):
+                limits = ShapeLimits.from_dict(engines_meta["profile"])
+            name = graph.name + TRT_SUFFIX
+            say(f"{name}: {entry.name} (TensorRT {engines_meta.get('tensorrt_version', '?')}, "
+                f"{engines_meta.get('device_name', '?')})")
+            files = {"1/model.plan": _write(stage / name / "1" / "model.plan", manifest.read_verified(entry.name))}
+            cfg = tconfig.build_config(graph, backend="tensorrt", name=name, max_batch=limits.max_batch,
+                                       queue_delay_us=opts.queue_delay_us, instances=opts.instances, kind="gpu",
+                                       gpus=opts.gpus)
+            model = RepoModel(name, graph.name, "tensorrt", entry.name, files)
+            _write(stage / name / "config.pbtxt", tconfig.config_text(cfg).encode())
+            _write(stage / name / TRAIL_NAME, _trail(manifest, model, limits, None))
+            result.models.append(model)
+        problems = check_repository(stage)
+        if problems:
+            raise AssertionError("the written repository fails its own check: " + "; ".join(problems))
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.rename(out, old)
+        os.rename(stage, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    log.info("wrote %s: %s", out, ", ".join(m.name for m in result.models))
+    return result
+
+
+def is_our_repository(path: Path) -> bool:
+    subdirs = [p for p in Path(path).iterdir() if p.is_dir()]
+    return bool(subdirs) and all((p / TRAIL_NAME).is_file() for p in subdirs)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(8 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_repository(repo: str | os.PathLike, manifest: Manifest | None = None) -> list[str]:
+    """Every problem of a repository this tool wrote (empty: none): each ``config.pbtxt`` parsed
+    with Triton's schema and checked against the contract, the ONNX graph's own inputs and
+    outputs, each file's sha256 against the trail, and (with ``manifest``) the trail's sha256
+    against the manifest's."""
+    import onnx
+
+    repo = Path(repo)
+    problems: list[str] = []
+    models = sorted(p for p in repo.iterdir() if p.is_dir())
+    if not models:
+        return [f"{repo} holds no model folders"]
+    for model_dir in models:
+        where = model_dir.name
+        try:
+            trail = json.loads((model_dir / TRAIL_NAME).read_text())
+            cfg = tconfig.parse_config((model_dir / "config.pbtxt").read_text(), f"{where}/config.pbtxt")
+        except (OSError, ValueError) as e:
+            problems.append(f"{where}: {e}")
+            continue
+        graph = GRAPHS.get(trail.get("graph"))
+        if graph is None:
+            problems.append(f"{where}: {TRAIL_NAME} names no graph of the contract")
+            continue
+        limits = ShapeLimits.from_dict(trail["shape_limits"])
+        backend = trail.get("backend")
+        name = graph.name + (TRT_SUFFIX if backend == "tensorrt" else "")
+        problems += [f"{where}/config.pbtxt: {p}" for p in
+                     tconfig.config_problems(cfg, graph, max_batch=limits.max_batch, name=name, backend=backend)]
+        if cfg.max_batch_size != limits.max_batch:
+            problems.append(f"{where}/config.pbtxt: max_batch_size {cfg.max_batch_size}, the limits say {limits.max_batch}")
+        actual = {}
+        for rel, digest in trail["sha256"].items():
+            path = model_dir / rel
+            if not path.is_file():
+                problems.append(f"{where}: {rel} is missing")
+                continue
+            actual[rel] = _sha256(path)
+            if actual[rel] != digest:
+                problems.append(f"{where}: sha256 of {rel} differs from {TRAIL_NAME}")
+        if manifest is not None:  # the files themselves against the folder's manifest, not the trail
+            src = manifest.files.get(trail.get("source"))
+            known = {e.sha256 for e in manifest.files.values()}
+            main_file = "1/model.plan" if backend == "tensorrt" else "1/model.onnx"
+            if src is None or actual.get(main_file) != src.sha256:
+                problems.append(f"{where}: the model file is not {trail.get('source')} of {manifest.root}")
+            problems += [f"{where}: {rel} is no file of {manifest.root}" for rel, d in actual.items()
+                         if rel != main_file and d not in known]
+        onnx_path = model_dir / "1" / "model.onnx"
+        if backend == "onnxruntime" and onnx_path.is_file():
+            try:
+                m = onnx.load(str(onnx_path), load_external_data=False)
+            except Exception as e:  # noqa: BLE001 - any unreadable graph is a finding, not a crash
+                problems.append(f"{where}/1/model.onnx is not a readable ONNX graph ({type(e).__name__})")
+                continue
+            for kind, want, got in (("input", graph.inputs, m.graph.input), ("output", graph.outputs, m.graph.output)):
+                got = [g for g in got if g.name not in {i.name for i in m.graph.initializer}]
+                if [g.name for g in got] != [t.name for t in want]:
+                    problems.append(f"{where}/1/model.onnx: {kind}s {[g.name for g in got]}, the contract has "
+                                    f"{[t.name for t in want]}")
+                    continue
+                for g, t in zip(got, want):
+                    tt = g.type.tensor_type
+                    if tt.elem_type != onnx.TensorProto.FLOAT:
+                        problems.append(f"{where}/1/model.onnx: {kind} {g.name} is not float32")
+                    if len(tt.shape.dim) != len(t.dims):
+                        problems.append(f"{where}/1/model.onnx: {kind} {g.name} has rank {len(tt.shape.dim)}, "
+                                        f"the contract {len(t.dims)}")
+                    for d, want_d in zip(tt.shape.dim[1:], t.dims[1:]):
+                        if isinstance(want_d, int) and d.HasField("dim_value") and d.dim_value != want_d:
+                            problems.append(f"{where}/1/model.onnx: {kind} {g.name} has {d.dim_value} channels, "
+                                            f"the contract {want_d}")
+    return problems
+
+
+# --------------------------------------------------------------------------- CLI
+
+def build_parser():
+    from asym_export.cliutil import OneLineParser, add_debug, exit_codes
+
+    p = OneLineParser(
+        prog="asym-triton-repo",
+        description=(
+            "Write a Triton model repository from an artifact folder: the verified ONNX graphs as "
+            "onnxruntime models and the TensorRT engines as tensorrt models, with config.pbtxt from the "
+            "graph contract and the folder's shape limits, for tritonserver in NVIDIA's container. "
+            "--check REPO re-checks a written repository."
+        ),
+        epilog=exit_codes("written (or checked) and consistent", "the check found problems",
+                          "bad arguments or an unusable folder"),
+    )
+    p.add_argument("dir", type=Path, nargs="?", help="artifact folder written by asym-export")
+    p.add_argument("--out", type=Path, help="the repository folder to write")
+    p.add_argument("--check", type=Path, metavar="REPO", help="check a repository instead of writing one")
+    p.add_argument("--precision", default="fp16", choices=("fp16", "fp32"), help="graph precision (default fp16)")
+    p.add_argument("--form", default="auto", choices=FORMS,
+                   help="auto: the CUDA form where the folder has one and instances are GPU ones; portable: the standard graphs")
+    p.add_argument("--no-engines", action="store_true", help="leave the folder's TensorRT engines out")
+    p.add_argument("--instances", type=int, default=1, help="instances per model (default 1)")
+    p.add_argument("--kind", default="gpu", choices=tconfig.KINDS, help="instance kind (default gpu)")
+    p.add_argument("--gpus", default=None, help="comma-separated GPU ids for the instances")
+    p.add_argument("--max-queue-delay-us", type=int, default=tconfig.DEFAULT_QUEUE_DELAY_US)
+    p.add_argument("--tensorrt-accelerator", action="store_true",
+                   help="run the ONNX models through ONNX Runtime's TensorRT provider (portable graphs)")
+    p.add_argument("--force", action="store_true", help="replace an existing repository this tool wrote")
+    add_debug(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from asym_export.cliutil import EXIT_FAILED, EXIT_OK, EXIT_USAGE, guarded, parse
+
+    args, code = parse(build_parser(), argv)
+    if args is None:
+        return code
+
+    def body() -> int:
+        if args.check is not None:
+            if args.dir is not None or args.out is not None:
+                print("asym-triton-repo: error: --check REPO takes no artifact folder or --out", file=sys.stderr)
+                return EXIT_USAGE
+            if not args.check.is_dir():
+                print(f"asym-triton-repo: error: {args.check} is not a folder", file=sys.stderr)
+                return EXIT_USAGE
+            problems = check_repository(args.check)
+            for p in problems:
+                print(f"asym-triton-repo: {p}", file=sys.stderr)
+            print(f"asym-triton-repo: {args.check}: " + ("consistent" if not problems else f"{len(problems)} problem(s)"))
+            return EXIT_FAILED if problems else EXIT_OK
+        if args.dir is None or args.out is None:
+            print("asym-triton-repo: error: give an artifact folder and --out REPO (or --check REPO)", file=sys.stderr)
+            return EXIT_USAGE
+        try:
+            gpus = [int(g) for g in args.gpus.split(",") if g.strip()] if args.gpus else None
+            if args.instances < 1 or args.max_queue_delay_us < 0:
+                raise ValueError("--instances must be >= 1 and --max-queue-delay-us >= 0")
+            opts = RepoOptions(precision=args.precision, form=args.form, engines=not args.no_engines,
+                               instances=args.instances, kind=args.kind, gpus=gpus,
+                               queue_delay_us=args.max_queue_delay_us,
+                               tensorrt_accelerator=args.tensorrt_accelerator, force=args.force)
+            result = write_repository(args.dir, args.out, opts,
+                                      progress=lambda m: print(f"asym-triton-repo: {m}", flush=True))
+        except (ValueError, ArtifactError, FileExistsError) as e:
+            print(f"asym-triton-repo: error: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"asym-triton-repo: wrote {result.path}: {', '.join(m.name for m in result.models)} (checked); "
+              f"run it with: tritonserver --model-repository {result.path}")
+        return EXIT_OK
+
+    return guarded("asym-triton-repo", args.debug, body)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

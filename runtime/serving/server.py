@@ -1,0 +1,420 @@
+"""``asym-serve DIR``: an artifact folder served by NVIDIA Triton Inference Server.
+
+The server is Triton itself, the ``tritonserver`` binary and python backend that the
+``nvidia-pytriton`` wheel carries (or, with ``--tritonserver``, an installed one such as
+``/opt/tritonserver/bin/tritonserver`` in NVIDIA's container). ``asym-serve`` writes a model
+repository into a private workspace, one python-backend model per graph of the contract
+(``encoder``, ``decoder``, ``decoder_uncond``; each runs :mod:`.model`, ``asym_runtime``
+loaded on the folder), starts Triton on it, waits until it is ready and stops it on Ctrl-C or
+SIGTERM.
+
+Why not PyTriton's own ``Triton.bind``: its proxy answers a whole batch with one error, so one
+bad request would fail the good requests Triton batched with it; Triton's python backend
+answers each request on its own (``InferenceResponse(error=...)``), which is what a service
+needs. The binary is the same.
+
+Two facts of the wheel's binary (0.7.0, Triton 2.51) this module deals with:
+
+* its shared libraries lie in ``nvidia_pytriton.libs`` beside the package;
+* the backend stub links ``libpython3.X.so``; under an interpreter that is not the system's
+  (pyenv, conda) the loader finds the system's libpython first and the stub fails
+  (``'_thread.RLock' object has no attribute '_recursion_count'``), so the running
+  interpreter's own lib folder goes first on ``LD_LIBRARY_PATH``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import site
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import ArtifactError, BackendUnavailableError
+from ..manifest import MANIFEST_NAME, read_manifest
+from ..specs import GRAPHS
+from . import config as tconfig
+from .model import (PARAM_ARTIFACT, PARAM_BACKEND, PARAM_GRAPH, PARAM_LOADED, PARAM_MANIFEST,
+                    PARAM_PRECISION)
+
+log = logging.getLogger(__name__)
+
+#: The runtime backends a served model may run (``asym_runtime.load``'s names).
+SERVE_BACKENDS = ("auto", "tensorrt", "onnxruntime", "onnxruntime-cuda", "onnxruntime-cpu", "openvino")
+
+_MODEL_PY = '''\
+# Written by asym-serve: Triton's python backend runs asym_runtime's model for this graph.
+# The stub's interpreter gets the launching environment's site folders (and their .pth files,
+# which an editable install needs) before the import.
+import site
+for _d in {site_dirs!r}:
+    site.addsitedir(_d)
+from asym_runtime.serving.model import TritonPythonModel  # noqa: E402,F401
+'''
+
+
+@dataclass
+class ServeOptions:
+    """What ``asym-serve`` serves and how (the CLI's arguments)."""
+
+    artifact: Path
+    backend: str = "auto"
+    precision: str | None = None
+    address: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    instances: int = 1
+    kind: str = "cpu"
+    gpus: list[int] | None = None
+    queue_delay_us: int = tconfig.DEFAULT_QUEUE_DELAY_US
+    graphs: tuple[str, ...] = tuple(GRAPHS)
+    tritonserver: Path | None = None
+    workspace: Path | None = None
+    start_timeout_s: float = 600.0
+    log_verbose: int = 0
+    extra_env: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- Triton's files
+
+@dataclass
+class TritonInstall:
+    """Where the ``tritonserver`` binary, its python backend and libraries are."""
+
+    binary: Path
+    python_backend: Path        # the folder with libtriton_python.so and triton_python_backend_utils.py
+    stub: Path | None           # triton_python_backend_stub for this interpreter (None: the backend's own)
+    lib_dirs: list[Path]
+
+
+def find_triton(tritonserver: str | os.PathLike | None = None) -> TritonInstall:
+    """The Triton to run: ``tritonserver`` if given (an installed Triton, its backends beside it
+    as in NVIDIA's container), else the one in the ``nvidia-pytriton`` wheel."""
+    if tritonserver is not None:
+        binary = Path(tritonserver)
+        if not binary.is_file():
+            raise BackendUnavailableError(f"--tritonserver {binary}: no such file")
+        backend = binary.resolve().parent.parent / "backends" / "python"
+        if not (backend / "libtriton_python.so").is_file():
+            raise BackendUnavailableError(f"{binary}: no python backend at {backend} (libtriton_python.so)")
+        return TritonInstall(binary, backend, None, [])
+    try:
+        import pytriton
+    except ImportError:
+        raise BackendUnavailableError(
+            "asym-serve needs Triton: install the serving extra (pip install -e '.[serve]', which brings "
+            "nvidia-pytriton's tritonserver) or pass --tritonserver /opt/tritonserver/bin/tritonserver"
+        ) from None
+    dist = Path(pytriton.__file__).parent / "tritonserver"
+    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    stub = dist / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        have = sorted(p.name for p in (dist / "python_backend_stubs").iterdir()) if (dist / "python_backend_stubs").is_dir() else []
+        raise BackendUnavailableError(f"nvidia-pytriton has no Triton python-backend stub for Python {version} "
+                                      f"(it has: {', '.join(have) or 'none'})")
+    libs = Path(pytriton.__file__).parent.parent / "nvidia_pytriton.libs"
+    return TritonInstall(dist / "bin" / "tritonserver", dist / "backends" / "python", stub,
+                         [libs] if libs.is_dir() else [])
+
+
+def server_env(install: TritonInstall, extra: dict | None = None) -> dict:
+    env = dict(os.environ)
+    own_lib = sysconfig.get_config_var("LIBDIR")
+    dirs = [str(d) for d in install.lib_dirs] + ([own_lib] if own_lib else [])
+    if env.get("LD_LIBRARY_PATH"):
+        dirs.append(env["LD_LIBRARY_PATH"])
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(dirs)
+    env.update(extra or {})
+    return env
+
+
+# --------------------------------------------------------------------------- the model repository
+
+def _site_dirs() -> list[str]:
+    dirs = list(site.getsitepackages())
+    user = site.getusersitepackages()
+    if site.ENABLE_USER_SITE and user and os.path.isdir(user):
+        dirs.append(user)
+    return [d for d in dirs if os.path.isdir(d)]
+
+
+def write_python_repository(opts: ServeOptions, repo: Path) -> list[str]:
+    """One python-backend model per served graph in ``repo``; returns the model names."""
+    manifest = read_manifest(opts.artifact)
+    manifest_json = json.dumps(manifest.data, sort_keys=True, separators=(",", ":"))
+    site_dirs = _site_dirs()
+    names = []
+    for graph_name in opts.graphs:
+        graph = GRAPHS[graph_name]
+        params = {PARAM_ARTIFACT: str(opts.artifact.resolve()), PARAM_GRAPH: graph.name,
+                  PARAM_BACKEND: opts.backend, PARAM_MANIFEST: manifest_json, PARAM_LOADED: manifest.generation}
+        if opts.precision:
+            params[PARAM_PRECISION] = opts.precision
+        cfg = tconfig.build_config(graph, backend="python", max_batch=manifest.limits.max_batch,
+                                   queue_delay_us=opts.queue_delay_us, instances=opts.instances,
+                                   kind=opts.kind, gpus=opts.gpus, parameters=params)
+        model_dir = repo / graph.name
+        (model_dir / "1").mkdir(parents=True)
+        (model_dir / "config.pbtxt").write_text(tconfig.config_text(cfg))
+        (model_dir / "1" / "model.py").write_text(_MODEL_PY.format(site_dirs=site_dirs))
+        names.append(graph.name)
+    return names
+
+
+def _backend_dir(install: TritonInstall, workspace: Path) -> Path:
+    """A backends folder whose python backend has this interpreter's stub."""
+    backends = workspace / "backends"
+    py = backends / "python"
+    py.mkdir(parents=True)
+    for f in install.python_backend.iterdir():
+        if f.is_file():
+            (py / f.name).symlink_to(f)
+    if install.stub is not None:
+        target = py / "triton_python_backend_stub"
+        if target.exists() or target.is_symlink():
+            target.unlink()
+        shutil.copy2(install.stub, target)
+    return backends
+
+
+# --------------------------------------------------------------------------- the server
+
+class TritonServer:
+    """A running ``tritonserver`` on an artifact folder (``with TritonServer(opts) as s:``)."""
+
+    def __init__(self, opts: ServeOptions):
+        self.opts = opts
+        self.process: subprocess.Popen | None = None
+        self.workspace: Path | None = None
+        self._own_workspace = False
+        self.log_path: Path | None = None
+        self.models: list[str] = []
+
+    @property
+    def http_url(self) -> str:
+        host = "127.0.0.1" if self.opts.address in ("0.0.0.0", "") else self.opts.address
+        return f"http://{host}:{self.opts.http_port}"
+
+    def start(self, progress=None) -> "TritonServer":
+        opts = self.opts
+        install = find_triton(opts.tritonserver)
+        if opts.workspace is None:
+            self.workspace = Path(tempfile.mkdtemp(prefix="asym-serve-"))
+            self._own_workspace = True
+        else:
+            self.workspace = Path(opts.workspace)
+            self.workspace.mkdir(parents=True, exist_ok=False)
+        repo = self.workspace / "models"
+        self.models = write_python_repository(opts, repo)
+        backends = _backend_dir(install, self.workspace)
+        self.log_path = self.workspace / "tritonserver.log"
+        cmd = [str(install.binary), f"--model-repository={repo}", f"--backend-directory={backends}",
+               f"--http-address={opts.address}", f"--http-port={opts.http_port}",
+               f"--grpc-address={opts.address}", f"--grpc-port={opts.grpc_port}",
+               f"--metrics-address={opts.address}", f"--metrics-port={opts.metrics_port}",
+               "--allow-metrics=true", "--disable-auto-complete-config", "--exit-on-error=true",
+               "--strict-readiness=true", f"--log-verbose={opts.log_verbose}"]
+        log.info("starting %s", " ".join(cmd))
+        with open(self.log_path, "wb") as out:
+            self.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                            env=server_env(install, opts.extra_env), start_new_session=True)
+        self._wait_ready(progress)
+        return self
+
+    def _wait_ready(self, progress) -> None:
+        deadline = time.monotonic() + self.opts.start_timeout_s
+        url = f"{self.http_url}/v2/health/ready"
+        last_note = 0.0
+        while True:
+            code = self.process.poll()
+            if code is not None:
+                raise RuntimeError(f"tritonserver exited with code {code} while starting:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            now = time.monotonic()
+            if now > deadline:
+                self.stop()
+                raise RuntimeError(f"tritonserver was not ready within {self.opts.start_timeout_s:.0f} s:\n{self.log_tail()}")
+            if progress and now - last_note > 10:
+                progress(f"loading {', '.join(self.models)} ...")
+                last_note = now
+            time.sleep(0.25)
+
+    def log_tail(self, lines: int = 25) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except (OSError, AttributeError):
+            return "(no server log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def wait(self) -> int:
+        return self.process.wait()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop Triton (SIGTERM: it drains in-flight requests), then remove the workspace."""
+        p = self.process
+        if p is not None and p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("tritonserver did not stop within %.0f s; killing it", timeout_s)
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        if self._own_workspace and self.workspace is not None:
+            shutil.rmtree(self.workspace, ignore_errors=True)
+            self.workspace = None
+
+    def __enter__(self) -> "TritonServer":
+        return self.start() if self.process is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+# --------------------------------------------------------------------------- CLI
+
+def build_parser():
+    from asym_export.cliutil import OneLineParser, add_debug, exit_codes
+
+    p = OneLineParser(
+        prog="asym-serve",
+        description=(
+            "Serve an artifact folder on NVIDIA Triton Inference Server: models encoder, decoder "
+            "(conditional decode) and decoder_uncond (plain decode), each running asym_runtime, with "
+            "dynamic batching up to the folder's max batch, HTTP and gRPC, /v2/health/ready and "
+            "Prometheus metrics. Call it with asym_runtime.remote(URL) or any Triton client."
+        ),
+        epilog=exit_codes("the server stopped on Ctrl-C or SIGTERM", "the server failed to start or died",
+                          "bad arguments or an unusable folder"),
+    )
+    p.add_argument("dir", type=Path, help="artifact folder written by asym-export")
+    p.add_argument("--backend", default="auto", choices=SERVE_BACKENDS,
+                   help="runtime backend inside the server, as asym_runtime.load names it (default auto)")
+    p.add_argument("--precision", default=None, choices=("fp32", "fp16", "bf16"),
+                   help="graph precision, as asym_runtime.load takes it (default: the folder's default)")
+    p.add_argument("--address", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; 0.0.0.0 for a load balancer or container)")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--instances", type=int, default=1,
+                   help="model instances per graph (each loads its graph once; default 1)")
+    p.add_argument("--kind", default="cpu", choices=tconfig.KINDS, help="instance kind (default cpu)")
+    p.add_argument("--gpus", default=None, help="with --kind gpu: comma-separated GPU ids")
+    p.add_argument("--max-queue-delay-us", type=int, default=tconfig.DEFAULT_QUEUE_DELAY_US,
+                   help=f"how long a request may wait for others to batch with (default {tconfig.DEFAULT_QUEUE_DELAY_US})")
+    p.add_argument("--graphs", default=",".join(GRAPHS),
+                   help=f"graphs to serve (default {','.join(GRAPHS)})")
+    p.add_argument("--tritonserver", type=Path, default=None,
+                   help="an installed tritonserver binary to use instead of nvidia-pytriton's")
+    p.add_argument("--start-timeout", type=float, default=600.0, help="seconds to wait for readiness (default 600)")
+    p.add_argument("--log-verbose", type=int, default=0, help="Triton's --log-verbose level")
+    add_debug(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from asym_export.cliutil import EXIT_FAILED, EXIT_OK, EXIT_USAGE, guarded, parse
+
+    args, code = parse(build_parser(), argv)
+    if args is None:
+        return code
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+
+    def body() -> int:
+        try:
+            opts = _options(args)
+            manifest = read_manifest(opts.artifact)
+        except (ValueError, ArtifactError) as e:
+            print(f"asym-serve: error: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        server = TritonServer(opts)
+        stopping = []
+
+        def on_term(signum, frame):  # SIGTERM as Ctrl-C: stop Triton cleanly
+            stopping.append(signum)
+            raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGTERM, on_term)
+        try:
+            print(f"asym-serve: starting Triton on {opts.artifact} ({manifest.variant}, {opts.backend} backend, "
+                  f"{opts.instances} instance(s) per graph) ...", flush=True)
+            try:
+                server.start(progress=lambda m: print(f"asym-serve: {m}", flush=True))
+            except BackendUnavailableError as e:
+                print(f"asym-serve: error: {e}", file=sys.stderr)
+                return EXIT_USAGE
+            except RuntimeError as e:
+                print(f"asym-serve: error: {e}", file=sys.stderr)
+                return EXIT_FAILED
+            print(f"asym-serve: serving {', '.join(server.models)} at {server.http_url} (gRPC port "
+                  f"{opts.grpc_port}, metrics http://{opts.address}:{opts.metrics_port}/metrics); Ctrl-C stops",
+                  flush=True)
+            code = server.wait()
+            print(f"asym-serve: error: tritonserver stopped by itself (exit code {code}):\n{server.log_tail()}",
+                  file=sys.stderr)
+            return EXIT_FAILED
+        except KeyboardInterrupt:
+            print("asym-serve: stopping", flush=True)
+            server.stop()
+            return EXIT_OK
+        finally:
+            server.stop()
+            signal.signal(signal.SIGTERM, previous)
+
+    return guarded("asym-serve", args.debug, body)
+
+
+def _options(args) -> ServeOptions:
+    graphs = tuple(g.strip() for g in args.graphs.split(",") if g.strip())
+    bad = [g for g in graphs if g not in GRAPHS]
+    if bad or not graphs:
+        raise ValueError(f"--graphs {args.graphs!r}: choose from {', '.join(GRAPHS)}")
+    for name in ("http_port", "grpc_port", "metrics_port"):
+        v = getattr(args, name)
+        if not 0 < v < 65536:
+            raise ValueError(f"--{name.replace('_', '-')} {v}: a port is 1..65535")
+    if len({args.http_port, args.grpc_port, args.metrics_port}) != 3:
+        raise ValueError("--http-port, --grpc-port and --metrics-port must differ")
+    if args.instances < 1:
+        raise ValueError(f"--instances {args.instances}: at least 1")
+    if args.max_queue_delay_us < 0:
+        raise ValueError(f"--max-queue-delay-us {args.max_queue_delay_us}: must be >= 0")
+    if args.precision == "bf16" and args.backend != "openvino":
+        raise ValueError("--precision bf16 runs on --backend openvino only")
+    gpus = None
+    if args.gpus:
+        if args.kind != "gpu":
+            raise ValueError("--gpus needs --kind gpu")
+        try:
+            gpus = [int(g) for g in args.gpus.split(",") if g.strip()]
+        except ValueError:
+            raise ValueError(f"--gpus {args.gpus!r}: comma-separated GPU ids, e.g. 0,1") from None
+    artifact = args.dir
+    if not (artifact / MANIFEST_NAME).is_file():
+        raise ValueError(f"{artifact} is not an artifact folder (no {MANIFEST_NAME})")
+    return ServeOptions(artifact=artifact, backend=args.backend, precision=args.precision, address=args.address,
+                        http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
+                        instances=args.instances, kind=args.kind, gpus=gpus, queue_delay_us=args.max_queue_delay_us,
+                        graphs=graphs, tritonserver=args.tritonserver, start_timeout_s=args.start_timeout,
+                        log_verbose=args.log_verbose)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

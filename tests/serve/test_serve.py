@@ -1,0 +1,225 @@
+"""asym-serve on a real Triton server (localhost, tiny artifact) and asym_runtime.remote against it.
+
+Tolerance: results through the server must equal in-process results within 1e-6 (max abs).
+Both run the same FP32 graph with ONNX Runtime on this CPU; the server may run a request
+inside a larger batch, where a convolution may take another kernel path, so bit equality is not
+promised, only agreement far below any FP32 parity bound (1e-4).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import asym_runtime
+from asym_runtime.errors import AsymInputError, BackendError, BackendUnavailableError
+
+from serve_helpers import free_ports, start_server
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+EXACT = 1e-6
+
+
+@pytest.fixture(scope="module")
+def local(tiny_artifact):
+    with asym_runtime.load(tiny_artifact, backend="onnxruntime-cpu") as vae:
+        yield vae
+
+
+def _inputs(seed: int, batch: int = 1, h: int = 64, w: int = 64):
+    rng = np.random.default_rng(seed)
+    image = rng.uniform(-1, 1, (batch, 3, h, w)).astype(np.float32)
+    mask = (rng.uniform(0, 1, (batch, 1, h, w)) > 0.5).astype(np.float32)
+    latent = rng.standard_normal((batch, 4, h // 8, w // 8)).astype(np.float32)
+    return image, mask, latent
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_remote_equals_in_process(served, local, protocol):
+    vae = asym_runtime.remote(served.url if protocol == "http" else served.grpc_url, timeout=60)
+    assert vae.backend == "triton" and vae.variant == local.variant
+    assert vae.limits == local.limits and vae.config.to_dict() == local.config.to_dict()
+    for seed, (b, h, w) in enumerate([(2, 64, 64), (1, 64, 128)]):
+        image, mask, latent = _inputs(seed, b, h, w)
+        got, want = vae.encode(image), local.encode(image)
+        assert np.abs(got.mean - want.mean).max() <= EXACT
+        assert np.abs(got.logvar - want.logvar).max() <= EXACT
+        assert np.abs(vae.decode(latent, image=image, mask=mask) - local.decode(latent, image=image, mask=mask)).max() <= EXACT
+        assert np.abs(vae.decode(latent) - local.decode(latent)).max() <= EXACT
+
+
+def test_remote_checks_on_the_client(served):
+    """The client refuses what the runtime refuses before anything is sent."""
+    vae = asym_runtime.remote(served.url)
+    image, mask, latent = _inputs(0)
+    with pytest.raises(AsymInputError, match="multiple of 8"):
+        vae.encode(image[:, :, :60])
+    with pytest.raises(AsymInputError, match="image and mask"):
+        vae.decode(latent, image=image)
+
+
+def _stats(url: str, model: str) -> dict[int, int]:
+    import tritonclient.http as h
+
+    stats = h.InferenceServerClient(url).get_inference_statistics(model_name=model)
+    return {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in stats["model_stats"][0].get("batch_stats", [])}
+
+
+def test_concurrent_clients_are_batched_and_correct(served, local):
+    vae = asym_runtime.remote(served.url)
+    before = _stats(served.url, "decoder_uncond")
+    n = 16
+    barrier = threading.Barrier(n)
+    results: dict[int, object] = {}
+
+    def client(i: int):
+        _, _, latent = _inputs(100 + i)
+        barrier.wait()
+        try:
+            results[i] = vae.decode(latent)
+        except Exception as e:  # noqa: BLE001 - reported below
+            results[i] = e
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(results) == n
+    for i, out in results.items():
+        assert isinstance(out, np.ndarray), f"client {i}: {out!r}"
+        assert np.abs(out - local.decode(_inputs(100 + i)[2])).max() <= EXACT, f"client {i} got another answer"
+    after = _stats(served.url, "decoder_uncond")
+    formed = {b: after.get(b, 0) - before.get(b, 0) for b in after}
+    assert sum(b * c for b, c in formed.items()) == n, formed  # every request ran exactly once
+    assert any(b > 1 and c > 0 for b, c in formed.items()), f"the server formed no batch > 1: {formed}"
+
+
+def _raw(url: str, model: str, **arrays):
+    import tritonclient.http as h
+
+    inputs = []
+    for name, a in arrays.items():
+        dt = {np.dtype(np.float32): "FP32", np.dtype(np.float64): "FP64"}[a.dtype]
+        i = h.InferInput(name, list(a.shape), dt)
+        i.set_data_from_numpy(a)
+        inputs.append(i)
+    return h.InferenceServerClient(url).infer(model, inputs)
+
+
+def _f(*shape, value=0.0):
+    return np.full(shape, value, np.float32)
+
+
+IMG = np.random.default_rng(0).uniform(-1, 1, (1, 3, 64, 64)).astype(np.float32)
+LAT, MASK = _f(1, 4, 8, 8), _f(1, 1, 64, 64, value=1.0)
+
+#: (what is wrong, model, inputs, what the error must name). Each is sent past the client's checks.
+BAD = [
+    ("float64", "encoder", dict(image=IMG.astype(np.float64)), "FP64"),
+    ("4 channels", "encoder", dict(image=_f(1, 4, 64, 64)), "unexpected shape for input 'image'"),
+    ("rank 3", "encoder", dict(image=_f(3, 64, 64)), "unexpected shape for input 'image'"),
+    ("mask missing", "decoder", dict(latent=LAT, image=IMG), "missing required input(s) ['mask']"),
+    ("unknown input", "decoder_uncond", dict(latent=LAT, extra=LAT), "'extra'"),
+    ("batch over the limit", "encoder", dict(image=_f(5, 3, 64, 64)), "batch-size must be <= 4"),
+    ("height not a multiple of 8", "encoder", dict(image=_f(1, 3, 60, 64)), "not a multiple of 8"),
+    ("height above the limit", "encoder", dict(image=_f(1, 3, 1032, 64)), "above this artifact's max_height"),
+    ("sizes disagree", "decoder", dict(latent=LAT, image=_f(1, 3, 64, 128), mask=_f(1, 1, 64, 128)), "sizes disagree"),
+    ("batches disagree", "decoder", dict(latent=_f(2, 4, 8, 8), image=IMG, mask=MASK), "batch size does not match"),
+    ("NaN", "encoder", dict(image=_f(1, 3, 64, 64, value=np.nan)), "contains NaN"),
+    ("Inf latent", "decoder_uncond", dict(latent=_f(1, 4, 8, 8, value=np.inf)), "contains Inf"),
+    ("mask outside [0, 1]", "decoder", dict(latent=LAT, image=IMG, mask=MASK * 2), "mask values must lie in [0, 1]"),
+    ("image in [0, 255]", "encoder", dict(image=IMG * 255), "image values must lie in [-1, 1]"),
+]
+
+
+@pytest.mark.parametrize("what,model,arrays,names", BAD, ids=[b[0] for b in BAD])
+def test_bad_request_gets_an_error_and_the_server_keeps_serving(served, what, model, arrays, names):
+    from tritonclient.utils import InferenceServerException
+
+    with pytest.raises(InferenceServerException) as e:
+        _raw(served.url, model, **arrays)
+    assert str(e.value.status()) == "400", f"{what}: {e.value}"
+    assert names in e.value.message(), f"{what}: {e.value.message()}"
+    good = _raw(served.url, "decoder", latent=LAT, image=IMG, mask=MASK).as_numpy("sample")
+    assert good.shape == (1, 3, 64, 64) and np.isfinite(good).all()
+
+
+def test_a_bad_request_in_a_batch_fails_alone(served, local):
+    """A NaN request sent together with good requests of the same shape (so Triton may batch
+    them): only it fails; the others get their own correct answers."""
+    from tritonclient.utils import InferenceServerException
+
+    n = 8
+    barrier = threading.Barrier(n)
+    results: dict[int, object] = {}
+
+    def send(i: int):
+        latent = _inputs(200 + i)[2] if i else _f(1, 4, 8, 8, value=np.nan)
+        barrier.wait()
+        try:
+            results[i] = _raw(served.url, "decoder_uncond", latent=latent).as_numpy("sample")
+        except InferenceServerException as e:
+            results[i] = e
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert isinstance(results[0], InferenceServerException) and "NaN" in results[0].message()
+    for i in range(1, n):
+        assert isinstance(results[i], np.ndarray), f"request {i} failed with the bad one: {results[i]}"
+        assert np.abs(results[i] - local.decode(_inputs(200 + i)[2])).max() <= EXACT
+
+
+def test_server_refusal_reaches_remote_as_input_error(served):
+    """A request the client allows but the server refuses (here: the client's limits widened by hand)."""
+    vae = asym_runtime.remote(served.url)
+    from asym_runtime.specs import ShapeLimits
+
+    vae.limits = ShapeLimits(max_height=2048, max_width=2048)
+    with pytest.raises(AsymInputError, match="the server refused the request: encode: height 1032 is above"):
+        vae.encode(_f(1, 3, 1032, 64))
+
+
+def test_no_server_is_one_clear_error():
+    (port,) = free_ports(1)
+    t0 = time.monotonic()
+    with pytest.raises(BackendUnavailableError) as e:
+        asym_runtime.remote(f"127.0.0.1:{port}", timeout=5)
+    assert time.monotonic() - t0 < 6
+    assert "\n" not in str(e.value) and f"127.0.0.1:{port}" in str(e.value) and "asym-serve" in str(e.value)
+
+
+def test_stopped_server_fails_within_the_timeout(tiny_artifact, tmp_path):
+    s = start_server(tiny_artifact, tmp_path, "--graphs", "encoder,decoder", "--backend", "onnxruntime-cpu")
+    try:
+        vae = asym_runtime.remote(s.url, timeout=5)
+        assert "decoder_uncond" not in vae.backends
+        vae.encode(IMG)
+        assert vae.decode(LAT).shape == (1, 3, 64, 64)  # plain decode through the conditional graph
+    finally:
+        assert s.stop() == 0
+    t0 = time.monotonic()
+    with pytest.raises(BackendError) as e:
+        vae.encode(IMG)
+    assert time.monotonic() - t0 < 6
+    assert "\n" not in str(e.value) and "did not answer" in str(e.value)
+
+
+def test_asym_serve_usage_errors(tiny_artifact, tmp_path, capsys):
+    from asym_runtime.serving.server import main
+
+    assert main([str(tmp_path)]) == 2
+    assert "not an artifact folder" in capsys.readouterr().err
+    assert main([str(tiny_artifact), "--http-port", "8000", "--grpc-port", "8000"]) == 2
+    assert "must differ" in capsys.readouterr().err
+    assert main([str(tiny_artifact), "--graphs", "encoder,vae"]) == 2
+    assert "--graphs" in capsys.readouterr().err
+    assert main([str(tiny_artifact), "--gpus", "0"]) == 2
+    assert "--kind gpu" in capsys.readouterr().err

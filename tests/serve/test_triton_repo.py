@@ -1,0 +1,128 @@
+"""asym-triton-repo: the model repository for Triton's native backends, checked with Triton's own
+config schema (the model_config protobuf in tritonclient), the graph contract and the graphs.
+
+Triton's onnxruntime and tensorrt backends are not installable here, so the repository is not
+served in these tests; README "Serving" says what a GPU machine with Triton's container runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("tritonclient", reason="the serve extra is not installed (pip install -e '.[serve]')")
+
+from asym_runtime import read_manifest  # noqa: E402
+from asym_runtime.serving import config as tconfig  # noqa: E402
+from asym_runtime.serving.repository import (RepoOptions, check_repository, main,  # noqa: E402
+                                             write_repository)
+from asym_runtime.specs import GRAPHS  # noqa: E402
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _check_against_contract(repo: Path, manifest, want_form: str):
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    models = sorted(p.name for p in repo.iterdir())
+    assert models == sorted(GRAPHS), models
+    for name in models:
+        cfg = tconfig.parse_config((repo / name / "config.pbtxt").read_text())
+        graph = GRAPHS[name]
+        assert cfg.name == name and cfg.backend == "onnxruntime"
+        assert cfg.max_batch_size == manifest.limits.max_batch
+        assert [i.name for i in cfg.input] == graph.input_names
+        assert [o.name for o in cfg.output] == graph.output_names
+        for t in list(cfg.input) + list(cfg.output):
+            assert t.data_type == mc.TYPE_FP32
+            spec = graph.tensor(t.name)
+            assert list(t.dims) == [d if isinstance(d, int) else -1 for d in spec.dims[1:]]
+        assert cfg.dynamic_batching.max_queue_delay_microseconds == tconfig.DEFAULT_QUEUE_DELAY_US
+        trail = json.loads((repo / name / "asym-export.json").read_text())
+        assert trail["form"] == want_form and trail["generation"] == manifest.generation
+        # the bytes are the manifest's: the model file and each data file
+        src = manifest.files[trail["source"]]
+        assert _sha(repo / name / "1" / "model.onnx") == src.sha256
+        for rel, digest in trail["sha256"].items():
+            assert _sha(repo / name / rel) == digest
+            if rel != "1/model.onnx":
+                assert digest in {e.sha256 for e in manifest.files.values()}
+    assert check_repository(repo, manifest) == []
+
+
+def test_tiny_repository_gpu_uses_the_cuda_form(tiny_artifact, tmp_path):
+    manifest = read_manifest(tiny_artifact)
+    repo = tmp_path / "repo"
+    result = write_repository(tiny_artifact, repo)
+    assert [m.name for m in result.models] == list(GRAPHS)
+    _check_against_contract(repo, manifest, "cuda")
+    cfg = tconfig.parse_config((repo / "decoder" / "config.pbtxt").read_text())
+    assert cfg.parameters["cudnn_conv_algo_search"].string_value == "1"  # HEURISTIC for FP16, as the runtime
+    assert cfg.instance_group[0].kind == cfg.instance_group[0].KIND_GPU
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "staging left behind"
+
+
+def test_tiny_repository_cpu_fp32_portable(tiny_artifact, tmp_path):
+    manifest = read_manifest(tiny_artifact)
+    repo = tmp_path / "repo"
+    write_repository(tiny_artifact, repo, RepoOptions(precision="fp32", kind="cpu", instances=2))
+    _check_against_contract(repo, manifest, "portable")
+    cfg = tconfig.parse_config((repo / "encoder" / "config.pbtxt").read_text())
+    assert cfg.instance_group[0].count == 2 and "cudnn_conv_algo_search" not in cfg.parameters
+
+
+@pytest.mark.slow
+def test_x2_repository_passes_the_schema_check(x2_artifact, tmp_path):
+    manifest = read_manifest(x2_artifact)
+    repo = tmp_path / "repo"
+    write_repository(x2_artifact, repo, RepoOptions(tensorrt_accelerator=True))
+    _check_against_contract(repo, manifest, "portable")  # the x2 fixture has no CUDA form
+    cfg = tconfig.parse_config((repo / "decoder" / "config.pbtxt").read_text())
+    (acc,) = cfg.optimization.execution_accelerators.gpu_execution_accelerator
+    assert acc.name == "tensorrt" and acc.parameters["precision_mode"] == "FP16"
+
+
+def test_check_finds_what_is_wrong(tiny_artifact, tmp_path):
+    repo = tmp_path / "repo"
+    write_repository(tiny_artifact, repo, RepoOptions(precision="fp32", kind="cpu"))
+    manifest = read_manifest(tiny_artifact)
+    assert check_repository(repo, manifest) == []
+    # a changed byte in a graph
+    onnx_file = repo / "encoder" / "1" / "model.onnx"
+    data = bytearray(onnx_file.read_bytes())
+    data[-1] ^= 1
+    onnx_file.write_bytes(bytes(data))
+    # dims that disagree with the contract
+    cfg_file = repo / "decoder" / "config.pbtxt"
+    cfg_file.write_text(cfg_file.read_text().replace("dims: 3", "dims: 4", 1))
+    # a field Triton's schema does not have
+    uncond = repo / "decoder_uncond" / "config.pbtxt"
+    uncond.write_text(uncond.read_text() + "\nmax_batch: 4\n")
+    problems = check_repository(repo, manifest)
+    text = "\n".join(problems)
+    assert "encoder: sha256 of 1/model.onnx differs" in text
+    assert "the model file is not encoder.onnx" in text
+    assert "decoder/config.pbtxt: input image has dims [4, -1, -1], expected [3, -1, -1]" in text
+    assert "decoder_uncond/config.pbtxt is not a valid Triton model configuration" in text
+
+
+def test_refuses_to_replace_a_foreign_folder_and_leaves_no_staging(tiny_artifact, tmp_path, capsys):
+    foreign = tmp_path / "models"
+    (foreign / "something").mkdir(parents=True)
+    assert main([str(tiny_artifact), "--out", str(foreign), "--force"]) == 2
+    assert "not a repository asym-triton-repo wrote" in capsys.readouterr().err
+    assert main([str(tiny_artifact), "--out", str(tmp_path / "r"), "--form", "cuda", "--kind", "cpu"]) == 2
+    assert "--kind gpu" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models"], "a failed write left files behind"
+    assert main([str(tiny_artifact), "--out", str(tmp_path / "r")]) == 0
+    assert main([str(tiny_artifact), "--out", str(tmp_path / "r")]) == 2  # exists, no --force
+    assert main([str(tiny_artifact), "--out", str(tmp_path / "r"), "--force", "--precision", "fp32"]) == 0
+    assert main(["--check", str(tmp_path / "r")]) == 0
+    assert "consistent" in capsys.readouterr().out
+    (tmp_path / "r" / "decoder" / "1" / "model.onnx").write_bytes(b"x")
+    assert main(["--check", str(tmp_path / "r")]) == 1
