@@ -205,7 +205,7 @@ def diffusers_backend(manifest, device: str, dtype: str, cache: dict | None = No
     """diffusers eager, built from the manifest's weights source, on ``device`` in ``dtype``."""
     import torch
 
-    from .parity import reference_from_manifest
+    from .reference import reference_from_manifest
 
     def load():
         vae = reference_from_manifest(manifest, cache).to(device)  # float32, as built or loaded
@@ -238,7 +238,7 @@ def torch_compile_backend(manifest, device: str, cache: dict | None = None) -> B
     Compilation happens in the first call at each shape, which the table reports apart."""
     import torch
 
-    from .parity import reference_from_manifest
+    from .reference import reference_from_manifest
 
     def load():
         vae = reference_from_manifest(manifest, cache).to(device).half().to(memory_format=torch.channels_last).eval()

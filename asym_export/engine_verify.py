@@ -24,19 +24,15 @@ from asym_runtime.manifest import FORMAT_PLAN, FORMAT_TIMING_CACHE, ROLE_TIMING_
 from asym_runtime.specs import GRAPHS, Shape, ShapeLimits
 
 from .engines import EngineOptions, EngineRunner, device_info, engine_from_onnx, tensorrt_unavailable_reason
-from .feeds import make_feed
-from .onnx_export import reference_outputs
+from .feeds import ENGINE_VERIFY_SEED, make_feed
 from .progress import Progress
+from .reference import reference_outputs, true_fp32
 from .trt_readiness import engine_source
 from .verify import FP16_TOLERANCE, FP32_MAX_ABS, Tolerance, VerificationError, VerificationReport
 
 log = logging.getLogger(__name__)
 
 TIMING_CACHE = "engines/timing.cache"
-#: Seed of the engine verification inputs (the ONNX checks use asym_export.export.VERIFY_SEED).
-#: Not CALIBRATION_SEED: the profile's min shape (1x64x64 by default) is also the first
-#: calibration shape, and the engines must be judged on inputs the islands were not chosen from.
-ENGINE_VERIFY_SEED = 8765
 
 
 class EnginesNotBuiltError(BackendUnavailableError):
@@ -61,34 +57,13 @@ def profile_shapes(limits: ShapeLimits) -> list[Shape]:
 # --------------------------------------------------------------------------- reference on the GPU
 
 @contextlib.contextmanager
-def _true_fp32():
-    """PyTorch may run float32 convolutions in TF32 on Ampere+ (cuDNN's default); the reference
-    must not, or it would carry FP16-like error itself."""
-    import torch
-
-    conv = getattr(torch.backends.cudnn, "conv", None)
-    if conv is not None and hasattr(conv, "fp32_precision"):  # torch 2.9+ API; mixing both raises
-        knobs = [(conv, "fp32_precision", "ieee"), (torch.backends.cuda.matmul, "fp32_precision", "ieee")]
-    else:
-        knobs = [(torch.backends.cudnn, "allow_tf32", False), (torch.backends.cuda.matmul, "allow_tf32", False)]
-    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in knobs]
-    try:
-        for obj, name, value in knobs:
-            setattr(obj, name, value)
-        yield
-    finally:
-        for obj, name, value in saved:
-            setattr(obj, name, value)
-
-
-@contextlib.contextmanager
 def _model_on_gpu(vae):
     import torch
 
     device = next(vae.parameters()).device
     vae.to("cuda")
     try:
-        with _true_fp32():
+        with true_fp32():
             yield
     finally:
         vae.to(device)

@@ -21,7 +21,7 @@ from .artifact import ArtifactWriter
 from .cuda_form import CudaFormReport, cuda_ranges, write_cuda_form, write_emulation
 from .engine_verify import EngineStep, EnginesNotBuiltError
 from .engines import EngineOptions
-from .feeds import make_feed
+from .feeds import CALIBRATION, CALIBRATION_SEED, VERIFY_SEED, make_feed
 from .fp16 import (
     DEFAULT_HEADROOM,
     Fp16Plan,
@@ -32,13 +32,14 @@ from .fp16 import (
     write_emulation_twin,
     write_mixed,
 )
-from .onnx_export import EXPORT_SHAPE, OPSET, onnx_from_model, reference_outputs
+from .onnx_export import EXPORT_SHAPE, OPSET, onnx_from_model
 from .progress import Progress
 from .trt_readiness import check_folder
 from .trt_readiness import manifest_section as readiness_section
 from .variants import get_variant
 from .verify import FP16_TOLERANCE, FP32_MAX_ABS, Tolerance, VerificationError, VerificationReport
-from .weights import WeightsSource, load_reference
+from .reference import reference_from_variant, reference_outputs
+from .weights import WeightsSource
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +48,6 @@ log = logging.getLogger(__name__)
 #: can replay them. Small on purpose: the graphs are fully dynamic, so these prove the
 #: dynamic dims at CPU cost (an x2 decode at 512x512 takes about a minute on 2 cores).
 DEFAULT_VERIFY_SHAPES = (EXPORT_SHAPE, Shape(1, 64, 96), Shape(3, 64, 72))
-#: Seed of the verification inputs (recorded in the manifest).
-VERIFY_SEED = 1234
-#: Calibration inputs for the FP16 islands: batch 1 (activation ranges are per sample), three
-#: shapes, and masks that exercise the conditioned path (random), the pure condition
-#: features (zeros) and the plain decoder path (ones). Seeds differ from verification's, so
-#: the islands are judged on inputs they were not chosen from.
-CALIBRATION = ((Shape(1, 64, 64), "random"), (Shape(1, 48, 80), "zeros"), (Shape(1, 80, 48), "ones"))
-CALIBRATION_SEED = 4321
 
 
 @dataclass
@@ -262,7 +255,7 @@ def export_artifact(opts: ExportOptions, progress: Progress | None = None) -> Ex
     with ArtifactWriter(opts.out) as writer:
         with progress.step(f"load {variant.name} reference"):
             t0 = time.perf_counter()
-            vae, source = load_reference(
+            vae, source = reference_from_variant(
                 variant, opts.weights, random_weights=opts.random_weights, seed=opts.seed,
                 allow_pickle=opts.allow_pickle, revision=opts.revision,
             )

@@ -12,6 +12,20 @@ import numpy as np
 
 from asym_runtime.specs import GraphSpec, Shape
 
+#: Seed of the export's verification inputs (recorded in the manifest; asym-parity replays it):
+#: the inputs of the i-th verification shape come from ``VERIFY_SEED + i``.
+VERIFY_SEED = 1234
+#: Calibration inputs for the FP16 islands: batch 1 (activation ranges are per sample), three
+#: shapes, and masks that exercise the conditioned path (random), the pure condition
+#: features (zeros) and the plain decoder path (ones). Seeds differ from verification's, so
+#: the islands are judged on inputs they were not chosen from.
+CALIBRATION = ((Shape(1, 64, 64), "random"), (Shape(1, 48, 80), "zeros"), (Shape(1, 80, 48), "ones"))
+CALIBRATION_SEED = 4321
+#: Seed of the engine verification inputs. Not CALIBRATION_SEED: the profile's min shape
+#: (1x64x64 by default) is also the first calibration shape, and the engines must be judged on
+#: inputs the islands were not chosen from.
+ENGINE_VERIFY_SEED = 8765
+
 
 def image_batch(rng: np.random.Generator, shape: Shape) -> np.ndarray:
     """Smooth random images in [-1, 1]: low-frequency colour fields plus mild noise."""

@@ -14,7 +14,6 @@ import logging
 import warnings
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
 
@@ -22,7 +21,7 @@ from asym_runtime.specs import VAE_SCALE, GraphSpec, Shape
 
 from . import __version__
 from .feeds import make_feed
-from .graphs import export_graph, wrapper_for
+from .graphs import wrapper_for
 
 log = logging.getLogger(__name__)
 
@@ -164,19 +163,3 @@ def onnx_from_model(vae, graph: GraphSpec, path: str | Path, *, variant: str,
              (path.stat().st_size + data.stat().st_size) / 1e6)
     return path
 
-
-def reference_outputs(vae, graph: GraphSpec, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """What diffusers itself computes for ``feed`` (not the wrapper): the verification truth.
-    Runs on the model's device (CPU for the export checks, CUDA for engine verification)."""
-    device = next(vae.parameters()).device
-    t = {k: torch.from_numpy(v).to(device) for k, v in feed.items()}
-    with torch.no_grad():
-        out = diffusers_forward(vae, graph.name, t)
-    return {k: v.float().cpu().numpy() for k, v in out.items()}
-
-
-def diffusers_forward(vae, graph_name: str, t: dict) -> dict:
-    """diffusers' own call that a contract graph stands for, on torch tensors named as the
-    graph's inputs; outputs named as the graph's outputs. Which call each graph is, is
-    declared once in ``asym_export.graphs``."""
-    return export_graph(graph_name).diffusers_call(vae, t)

@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 
 
 class ParityError(ValueError):
-    """The comparison cannot be set up (reference weights differ, no shapes in the limits)."""
+    """The comparison cannot be set up (no shapes in the limits; reference weights that differ
+    are :class:`asym_export.reference.ReferenceWeightsError`)."""
 
 
 @dataclass
@@ -60,45 +61,6 @@ class ParityResult:
 
     def __bool__(self) -> bool:
         return bool(self.reports) and all(self.reports)
-
-
-def reference_from_manifest(manifest: Manifest, cache: dict | None = None):
-    """diffusers' model with the weights the folder was exported from (digest checked), in
-    FP32 on the CPU. ``cache``: a dict kept by the caller; a model built once is copied from
-    it (building and hashing x2 costs seconds each time)."""
-    import copy
-
-    key = str(Path(manifest.root).resolve())
-    if cache is not None and key in cache:
-        return copy.deepcopy(cache[key])
-    vae = _build_reference(manifest)
-    if cache is not None:
-        cache[key] = copy.deepcopy(vae)
-    return vae
-
-
-def _build_reference(manifest: Manifest):
-    from .variants import get_variant
-    from .weights import load_reference, random_model, state_dict_digest
-
-    variant = get_variant(manifest.variant)
-    w = manifest.data["weights"]
-    source = w.get("source")
-    if source == "random":
-        vae = random_model(variant, int(w.get("seed", 0)))
-    elif source in ("local", "hub"):
-        vae, _ = load_reference(variant, w["location"], revision=w.get("revision"))
-    else:
-        raise ParityError(f"manifest weights source {source!r} is unknown")
-    want = w.get("state_dict_sha256")
-    got = state_dict_digest(vae)
-    if want and got != want:
-        raise ParityError(
-            f"the reference weights ({source} {w.get('location') or w.get('seed')}) have state-dict "
-            f"sha256 {got[:16]}..., the manifest records {want[:16]}...: they are not the weights "
-            "this folder was exported from"
-        )
-    return vae
 
 
 def candidates(manifest: Manifest, backends: list[str] | None = None) -> list[Candidate]:
@@ -140,10 +102,9 @@ def run_parity(root: str | Path, *, backends: list[str] | None = None, shapes: l
 
     import asym_runtime
 
-    from .export import VERIFY_SEED
-    from .feeds import make_feed
+    from .feeds import VERIFY_SEED, make_feed
     from .graphs import EXPORT_GRAPHS
-    from .onnx_export import reference_outputs
+    from .reference import reference_from_manifest, reference_outputs, true_fp32
     from .verify import BF16_TOLERANCE, FP16_TOLERANCE, FP32_MAX_ABS, Tolerance, VerificationReport
 
     manifest = read_manifest(root)
@@ -161,12 +122,10 @@ def run_parity(root: str | Path, *, backends: list[str] | None = None, shapes: l
     if not usable:
         raise ParityError("no comparison shape lies inside the folder's shape limits; pass --shapes")
 
-    from .engine_verify import _true_fp32
-
     vae = reference_from_manifest(manifest, reference_cache).to(reference_device)
     sf = manifest.scaling_factor
     cases = []  # (shape, graph, feed, reference outputs), every graph at every shape
-    with _true_fp32():
+    with true_fp32():
         for i, s in usable:
             for g in EXPORT_GRAPHS.values():
                 feed = make_feed(g.spec, s, seed + i, sf)
@@ -251,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args) -> int:
+    from .reference import ReferenceWeightsError
     from .weights import WeightsError
 
     try:
@@ -274,7 +234,7 @@ def _main(args) -> int:
             raise AsymInputError(f"--atol {args.atol} must be positive")
         result = run_parity(args.dir, backends=backends, shapes=shapes, fp32_max_abs=args.atol, seed=args.seed,
                             reference_device=args.reference_device)
-    except (ArtifactError, AsymInputError, ParityError, WeightsError) as e:
+    except (ArtifactError, AsymInputError, ParityError, ReferenceWeightsError, WeightsError) as e:
         print(f"asym-parity: error: {e}", file=sys.stderr)
         return EXIT_USAGE
 

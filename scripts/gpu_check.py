@@ -142,17 +142,15 @@ def reference_decode(artifact: Path, cache: dict, shape) -> tuple[dict, object]:
     """The conditional decode's feed at ``shape`` and diffusers' true-FP32 output, on the GPU."""
     import torch
 
-    from asym_export.engine_verify import _true_fp32
     from asym_export.feeds import make_feed
-    from asym_export.onnx_export import reference_outputs
-    from asym_export.parity import reference_from_manifest
+    from asym_export.reference import reference_from_manifest, reference_outputs, true_fp32
     from asym_runtime import read_manifest
     from asym_runtime.specs import DECODER
 
     m = read_manifest(artifact)
     feed = make_feed(DECODER, shape, 7, m.scaling_factor)
     vae = reference_from_manifest(m, cache).to("cuda")
-    with _true_fp32():
+    with true_fp32():
         ref = reference_outputs(vae, DECODER, feed)["sample"]
     del vae
     torch.cuda.empty_cache()

@@ -71,8 +71,7 @@ def main() -> int:
 
     import asym_runtime
     from asym_export.feeds import make_feed
-    from asym_export.onnx_export import diffusers_forward
-    from asym_export.parity import reference_from_manifest
+    from asym_export.reference import diffusers_forward, reference_from_manifest
     from asym_runtime.specs import GRAPHS, Shape
 
     manifest = asym_runtime.read_manifest(args.artifact)

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from asym_export.cli import main
-from asym_export.engine_verify import _true_fp32, profile_shapes
+from asym_export.engine_verify import profile_shapes
 from asym_export.engines import EngineOptions, engine_from_onnx, require_tensorrt, tensorrt_unavailable_reason
+from asym_export.reference import true_fp32
 from asym_runtime.errors import AsymInputError, BackendUnavailableError
 from asym_runtime.manifest import read_manifest
 from asym_runtime.specs import DECODER, ENCODER, GRAPHS, Shape, ShapeLimits
@@ -35,8 +36,7 @@ def test_profile_is_derived_from_the_shape_limits():
 
 
 def test_engines_are_verified_on_inputs_the_fp16_islands_were_not_chosen_from():
-    from asym_export.engine_verify import ENGINE_VERIFY_SEED
-    from asym_export.export import CALIBRATION, CALIBRATION_SEED, VERIFY_SEED
+    from asym_export.feeds import CALIBRATION, CALIBRATION_SEED, ENGINE_VERIFY_SEED, VERIFY_SEED
 
     n = 8  # seeds are base + index over at most a handful of shapes
     calibration = set(range(CALIBRATION_SEED, CALIBRATION_SEED + len(CALIBRATION)))
@@ -91,7 +91,7 @@ def test_the_gpu_reference_runs_in_true_fp32_and_restores_torch_settings():
 
     conv = torch.backends.cudnn.conv
     before = conv.fp32_precision
-    with _true_fp32():
+    with true_fp32():
         assert conv.fp32_precision == "ieee" and torch.backends.cuda.matmul.fp32_precision == "ieee"
     assert conv.fp32_precision == before
 

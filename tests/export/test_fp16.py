@@ -10,9 +10,10 @@ import torch
 from onnx import TensorProto, helper
 
 from asym_export import fp16
-from asym_export.export import CALIBRATION, CALIBRATION_SEED, ExportOptions, export_artifact
-from asym_export.feeds import make_feed
-from asym_export.onnx_export import onnx_from_model, reference_outputs
+from asym_export.export import ExportOptions, export_artifact
+from asym_export.feeds import CALIBRATION, CALIBRATION_SEED, make_feed
+from asym_export.onnx_export import onnx_from_model
+from asym_export.reference import reference_outputs
 from asym_export.variants import get_variant
 from asym_export.verify import FP16_TOLERANCE, VerificationError, VerificationReport
 from asym_export.weights import load_reference, random_model

@@ -6,7 +6,8 @@ import onnxruntime as ort
 import pytest
 
 from asym_export.feeds import make_feed
-from asym_export.onnx_export import EXPORT_SHAPE, ExportError, onnx_from_model, reference_outputs, rename_dims
+from asym_export.onnx_export import EXPORT_SHAPE, ExportError, onnx_from_model, rename_dims
+from asym_export.reference import reference_outputs
 from asym_runtime.specs import DECODER, ENCODER, GRAPHS, Shape
 from asym_runtime.manifest import generation_folder as gen
 

@@ -10,7 +10,7 @@ import pytest
 
 import asym_runtime
 from asym_export.feeds import make_feed
-from asym_export.onnx_export import reference_outputs
+from asym_export.reference import reference_outputs
 from asym_export.verify import BF16_TOLERANCE, FP32_MAX_ABS, VerificationReport
 from asym_runtime.errors import BackendUnavailableError
 from asym_runtime.specs import DECODER, DECODER_UNCOND, ENCODER, Shape
