@@ -62,6 +62,8 @@ class _Connection:
         self.timeout = float(timeout)
         self.label = f"{protocol}://{address}"
         self._local = threading.local()
+        self._clients: list = []
+        self._lock = threading.Lock()
         try:
             if protocol == "http":
                 import tritonclient.http as tc
@@ -83,7 +85,20 @@ class _Connection:
             else:
                 c = self.tc.InferenceServerClient(self.address)
             self._local.client = c
+            with self._lock:
+                self._clients.append(c)
         return c
+
+    def close(self) -> None:
+        """Close every thread's connection (an idle keep-alive connection holds a stopping server)."""
+        with self._lock:
+            clients, self._clients = self._clients, []
+        for c in clients:
+            try:
+                c.close()
+            except Exception:  # noqa: BLE001 - closing a dead connection
+                pass
+        self._local = threading.local()
 
     def down(self, e: BaseException) -> str:
         text = " ".join(str(e).split()) or type(e).__name__
@@ -125,7 +140,7 @@ class TritonBackend(Backend):
         pass
 
     def _deactivate(self) -> None:
-        pass
+        self.connection.close()  # shared by the graphs; closing twice is harmless
 
     def _infer(self, feed: dict[str, Any]) -> dict[str, Any]:
         ref = next(iter(feed.values()))

@@ -37,6 +37,7 @@ from ..errors import ArtifactError
 from ..manifest import FORMAT_ONNX, FORMAT_ONNX_CUDA, FORMAT_PLAN, Manifest, read_manifest
 from ..specs import GRAPHS, ShapeLimits
 from . import config as tconfig
+from .model import PARAM_BACKEND, PARAM_MANIFEST, PARAM_PRECISION
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,7 @@ def write_repository(artifact: str | os.PathLike, out: str | os.PathLike, opts: 
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
     result = RepoResult(out)
+    manifest_json = json.dumps(manifest.data, sort_keys=True, separators=(",", ":"))
     try:
         search = CONV_SEARCH[CUDA_PROVIDER_OPTIONS[opts.precision]["cudnn_conv_algo_search"]]
         for graph in GRAPHS.values():
@@ -146,6 +148,10 @@ def write_repository(artifact: str | os.PathLike, out: str | os.PathLike, opts: 
                 accel = [("tensorrt", {"precision_mode": opts.precision.upper(),
                                        "max_workspace_size_bytes": str(4 << 30)})]
             params = {"cudnn_conv_algo_search": search} if opts.kind == "gpu" else {}
+            # for asym_runtime.remote(): the folder's manifest, as asym-serve publishes it (backends
+            # look up the parameters they know and ignore the rest)
+            params.update({PARAM_MANIFEST: manifest_json, PARAM_BACKEND: "triton-onnxruntime",
+                           PARAM_PRECISION: opts.precision})
             cfg = tconfig.build_config(graph, backend="onnxruntime", max_batch=manifest.limits.max_batch,
                                        queue_delay_us=opts.queue_delay_us, instances=opts.instances, kind=opts.kind,
                                        gpus=opts.gpus, parameters=params, gpu_accelerators=accel)

@@ -82,6 +82,9 @@ class ServeOptions:
     tritonserver: Path | None = None
     workspace: Path | None = None
     start_timeout_s: float = 600.0
+    #: how long Triton drains on stop: in-flight requests, then open client connections (idle
+    #: keep-alive ones included), then model unloading, all under this one timer
+    exit_timeout_s: int = 10
     log_verbose: int = 0
     extra_env: dict = field(default_factory=dict)
 
@@ -224,7 +227,8 @@ class TritonServer:
                f"--grpc-address={opts.address}", f"--grpc-port={opts.grpc_port}",
                f"--metrics-address={opts.address}", f"--metrics-port={opts.metrics_port}",
                "--allow-metrics=true", "--disable-auto-complete-config", "--exit-on-error=true",
-               "--strict-readiness=true", f"--log-verbose={opts.log_verbose}"]
+               "--strict-readiness=true", f"--exit-timeout-secs={opts.exit_timeout_s}",
+               f"--log-verbose={opts.log_verbose}"]
         log.info("starting %s", " ".join(cmd))
         with open(self.log_path, "wb") as out:
             self.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
@@ -265,8 +269,9 @@ class TritonServer:
     def wait(self) -> int:
         return self.process.wait()
 
-    def stop(self, timeout_s: float = 30.0) -> None:
+    def stop(self, timeout_s: float | None = None) -> None:
         """Stop Triton (SIGTERM: it drains in-flight requests), then remove the workspace."""
+        timeout_s = self.opts.exit_timeout_s + 20 if timeout_s is None else timeout_s
         p = self.process
         if p is not None and p.poll() is None:
             p.send_signal(signal.SIGTERM)
@@ -324,6 +329,8 @@ def build_parser():
     p.add_argument("--tritonserver", type=Path, default=None,
                    help="an installed tritonserver binary to use instead of nvidia-pytriton's")
     p.add_argument("--start-timeout", type=float, default=600.0, help="seconds to wait for readiness (default 600)")
+    p.add_argument("--exit-timeout", type=int, default=10,
+                   help="seconds Triton drains in-flight requests and open connections on stop (default 10)")
     p.add_argument("--log-verbose", type=int, default=0, help="Triton's --log-verbose level")
     add_debug(p)
     return p
@@ -394,6 +401,8 @@ def _options(args) -> ServeOptions:
         raise ValueError("--http-port, --grpc-port and --metrics-port must differ")
     if args.instances < 1:
         raise ValueError(f"--instances {args.instances}: at least 1")
+    if args.exit_timeout < 0:
+        raise ValueError(f"--exit-timeout {args.exit_timeout}: seconds, >= 0")
     if args.max_queue_delay_us < 0:
         raise ValueError(f"--max-queue-delay-us {args.max_queue_delay_us}: must be >= 0")
     if args.precision == "bf16" and args.backend != "openvino":
@@ -413,7 +422,7 @@ def _options(args) -> ServeOptions:
                         http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
                         instances=args.instances, kind=args.kind, gpus=gpus, queue_delay_us=args.max_queue_delay_us,
                         graphs=graphs, tritonserver=args.tritonserver, start_timeout_s=args.start_timeout,
-                        log_verbose=args.log_verbose)
+                        exit_timeout_s=args.exit_timeout, log_verbose=args.log_verbose)
 
 
 if __name__ == "__main__":  # pragma: no cover

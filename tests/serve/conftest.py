@@ -14,7 +14,7 @@ from serve_helpers import start_server  # noqa: E402
 def served(tiny_artifact, tmp_path_factory):
     """asym-serve on the tiny artifact, 50 ms queue delay so concurrent requests meet in batches."""
     s = start_server(tiny_artifact, tmp_path_factory.mktemp("serve"), "--max-queue-delay-us", "50000",
-                     "--backend", "onnxruntime-cpu")
+                     "--backend", "onnxruntime-cpu", "--exit-timeout", "3")
     yield s
     code = s.stop()
     assert code == 0, f"asym-serve did not stop cleanly on SIGTERM (exit {code}):\n{s.output.read_text()[-3000:]}"

@@ -197,7 +197,8 @@ def test_no_server_is_one_clear_error():
 
 
 def test_stopped_server_fails_within_the_timeout(tiny_artifact, tmp_path):
-    s = start_server(tiny_artifact, tmp_path, "--graphs", "encoder,decoder", "--backend", "onnxruntime-cpu")
+    s = start_server(tiny_artifact, tmp_path, "--graphs", "encoder,decoder", "--backend", "onnxruntime-cpu",
+                     "--exit-timeout", "3")
     try:
         vae = asym_runtime.remote(s.url, timeout=5)
         assert "decoder_uncond" not in vae.backends
