@@ -368,7 +368,8 @@ def parity(artifact: Path, backends: list[str], options: dict | None, cache: dic
 
 def bench(artifact: Path, sizes: list[tuple[int, int]], repeats: int, options: dict | None, have: dict,
           cache: dict, report_dir: Path, graphs: list[str], previous: dict | None = None) -> dict:
-    from asym_export.bench import plot, run_benchmark, table
+    from asym_export.bench_measure import run_benchmark
+    from asym_export.bench_report import plot, table
     from asym_export.artifact import write_json_atomic
 
     backends = ["torch-compile-fp16"]

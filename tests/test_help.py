@@ -8,6 +8,7 @@ import re
 import pytest
 
 from asym_export import bench, cli, parity
+from asym_export.bench_contenders import RUNTIME_CONTENDERS, TORCH_CONTENDERS
 from asym_export.graphs import BENCH_GRAPHS
 from asym_export.variants import PUBLISHED, VARIANTS
 from asym_runtime.specs import GRAPHS
@@ -37,7 +38,7 @@ def test_asym_export_help_lists_every_graph_and_variant():
 
 def test_asym_bench_help_lists_every_backend_and_graph_it_accepts():
     text = " ".join(_help(bench).split())
-    for name in list(bench.RUNTIME_BACKENDS) + list(bench.TORCH_BACKENDS):
+    for name in list(RUNTIME_CONTENDERS) + list(TORCH_CONTENDERS):
         assert name in text, name
     for g in BENCH_GRAPHS:
         assert g in text
@@ -46,7 +47,7 @@ def test_asym_bench_help_lists_every_backend_and_graph_it_accepts():
     # and nothing it would refuse: every backend-looking word in the help is accepted
     plain = re.sub(r"\S*\*\S*", " ", text)  # patterns such as ort-cuda-* name families, not backends
     words = set(re.findall(r"\b(?:ort|tensorrt|diffusers|torch-compile)-[a-z0-9-]+\b", plain))
-    accepted = set(bench.RUNTIME_BACKENDS) | set(bench.TORCH_BACKENDS)
+    accepted = set(RUNTIME_CONTENDERS) | set(TORCH_CONTENDERS)
     assert words <= accepted, words - accepted
 
 

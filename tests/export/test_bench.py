@@ -6,7 +6,10 @@ import math
 
 import pytest
 
-from asym_export.bench import graph_tflop, main, measure, Backend
+from asym_export.bench import main
+from asym_export.bench_contenders import Contender
+from asym_export.bench_flops import graph_tflop
+from asym_export.bench_measure import measure
 from asym_runtime.specs import Shape
 
 
@@ -103,7 +106,7 @@ def test_exported_graphs_need_fewer_flops():
 
 def test_rounds_are_interleaved_and_rotated():
     calls = []
-    bs = [Backend(n, "cpu", calls={"g": (lambda feed, n=n: calls.append(n))}) for n in "abc"]
+    bs = [Contender(n, "cpu", calls={"g": (lambda feed, n=n: calls.append(n))}) for n in "abc"]
     res = measure(bs, "g", Shape(1, 8, 8), {}, warmup=1, repeats=3)
     timed = calls[6:]  # first call + 1 warm-up per backend come first
     assert timed == list("abc" "bca" "cab")
