@@ -28,6 +28,7 @@ def free_ports(n: int) -> list[int]:
 class Served:
     url: str
     grpc_url: str
+    metrics_url: str
     process: subprocess.Popen
     output: Path
 
@@ -52,7 +53,8 @@ def start_server(artifact: Path, log_dir: Path, *extra: str, timeout: float = 12
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready", timeout=2) as r:
                 if r.status == 200:
-                    return Served(f"127.0.0.1:{http}", f"grpc://127.0.0.1:{grpc}", p, out)
+                    return Served(f"127.0.0.1:{http}", f"grpc://127.0.0.1:{grpc}",
+                                  f"http://127.0.0.1:{metrics}/metrics", p, out)
         except OSError:
             pass
         time.sleep(0.25)

@@ -97,6 +97,11 @@ def test_concurrent_clients_are_batched_and_correct(served, local):
     formed = {b: after.get(b, 0) - before.get(b, 0) for b in after}
     assert sum(b * c for b, c in formed.items()) == n, formed  # every request ran exactly once
     assert any(b > 1 and c > 0 for b, c in formed.items()), f"the server formed no batch > 1: {formed}"
+    import urllib.request
+
+    with urllib.request.urlopen(served.metrics_url, timeout=10) as r:  # Triton's Prometheus metrics are on
+        metrics = r.read().decode()
+    assert 'nv_inference_request_success{model="decoder_uncond",version="1"}' in metrics
 
 
 def _raw(url: str, model: str, **arrays):
@@ -198,8 +203,12 @@ def test_no_server_is_one_clear_error():
 
 def test_stopped_server_fails_within_the_timeout(tiny_artifact, tmp_path):
     s = start_server(tiny_artifact, tmp_path, "--graphs", "encoder,decoder", "--backend", "onnxruntime-cpu",
-                     "--exit-timeout", "3")
+                     "--exit-timeout", "3", "--instances", "2")
     try:
+        import tritonclient.http as h
+
+        cfg = h.InferenceServerClient(s.url).get_model_config("decoder")
+        assert cfg["instance_group"][0]["count"] == 2 and cfg["instance_group"][0]["kind"] == "KIND_CPU"
         vae = asym_runtime.remote(s.url, timeout=5)
         assert "decoder_uncond" not in vae.backends
         vae.encode(IMG)
