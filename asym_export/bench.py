@@ -35,11 +35,27 @@ import tempfile
 from pathlib import Path
 
 from .artifact import write_json_atomic
-from .bench_contenders import RUNTIME_CONTENDERS, TORCH_CONTENDERS, default_contenders
+from .bench_contenders import GPU_BACKENDS, OLD_NAMES, RUNTIME_CONTENDERS, TORCH_CONTENDERS, default_contenders
 from .bench_measure import run_benchmark
 from .bench_report import plot, table
 from .cliutil import EXIT_FAILED, EXIT_USAGE, OneLineParser, add_debug, exit_codes, guarded, parse
 from .graphs import BENCH_GRAPHS
+
+
+#: What --reference may name.
+REFERENCES = ("diffusers/fp32", "diffusers/fp16")
+
+
+def _contenders(text: str, what: str, allowed) -> list[str]:
+    """Contender names from the command line; an earlier release's name is taken with a note."""
+    out = []
+    for t in _parse_list(text, what):
+        if t in OLD_NAMES:
+            print(f"note: {what} {t} is now written {OLD_NAMES[t]}", file=sys.stderr)
+            t = OLD_NAMES[t]
+        out.append(t)
+    _parse_list(",".join(out), what, allowed)
+    return list(dict.fromkeys(out))
 
 
 def _parse_list(text: str, what: str, allowed=None) -> list[str]:
@@ -64,17 +80,20 @@ datasheet's FP16 peak); host and GPU memory. A table on the terminal, JSON and a
 """
 
 EPILOG = f"""\
-backends: {", ".join(RUNTIME_CONTENDERS)} (asym_runtime);
+backends, written BACKEND/PRECISION[/OPTION] as asym_runtime.load names them:
+  {", ".join(RUNTIME_CONTENDERS)} (asym_runtime);
   {", ".join(TORCH_CONTENDERS)} (PyTorch).
-  ort-cuda-* run the folder's CUDA form, *-portable the standard graphs, *-cudagraph replay a
-  CUDA graph; openvino-cpu-* run the FP32 graphs with OpenVINO (bf16: BF16 compute, on CPUs
-  with BF16 units); every ort-*, openvino-* and tensorrt-* call is numpy in, numpy out.
+  onnxruntime-cuda runs the folder's CUDA form, /portable the standard graphs, /cudagraph
+  replays a CUDA graph; tensorrt alone runs the engines as built; openvino runs the FP32 graphs
+  (bf16: BF16 compute, on CPUs with BF16 units); every asym_runtime call is numpy in, numpy out.
+  The names of earlier releases (ort-cpu-fp32, tensorrt-engine, diffusers-fp32, ...) are
+  accepted with a note that gives the name above.
 graphs: {", ".join(BENCH_GRAPHS)}.
 
 examples:
   asym-bench --variant x2 --sizes 256                              # CPU: ONNX Runtime vs diffusers FP32
   asym-bench --variant x2 --artifact artifacts/x2 --sizes 512,1024 --json b.json --plot b.png
-  asym-bench --variant x2 --artifact artifacts/x2 --backends torch-compile-fp16,ort-cuda-fp16 --sizes 512
+  asym-bench --variant x2 --artifact artifacts/x2 --backends torch-compile/fp16,onnxruntime-cuda/fp16 --sizes 512
 
 {exit_codes("measured", "the implicit export failed or a backend could not run", "bad arguments or an unusable artifact folder")}
 """
@@ -92,13 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "--seed 0 into a temporary folder first)")
     p.add_argument("--backends", metavar="LIST",
                    help="comma-separated backends to time against the reference (listed below; default: on a "
-                        "CPU ort-cpu-fp32, ort-cpu-fp16, and where OpenVINO is installed openvino-cpu-fp32 "
-                        "(plus openvino-cpu-bf16 and diffusers-bf16 on CPUs with BF16 units); on a GPU "
-                        "torch-compile-fp16, ort-cuda-fp32, ort-cuda-fp16, ort-cuda-fp16-cudagraph, and "
-                        "tensorrt-engine where it runs)")
-    p.add_argument("--reference", default=None, choices=["diffusers-fp32", "diffusers-fp16"],
-                   help="the backend ratios are taken against (default: diffusers-fp32 on a CPU, "
-                        "diffusers-fp16 on a GPU)")
+                        "CPU onnxruntime-cpu/fp32, onnxruntime-cpu/fp16, and where OpenVINO is installed "
+                        "openvino/fp32 (plus openvino/bf16 and diffusers/bf16 on CPUs with BF16 units); on a GPU "
+                        "torch-compile/fp16, onnxruntime-cuda/fp32, onnxruntime-cuda/fp16, "
+                        "onnxruntime-cuda/fp16/cudagraph, and tensorrt where it runs)")
+    p.add_argument("--reference", default=None, metavar="{" + ",".join(REFERENCES) + "}",
+                   help="the backend ratios are taken against (default: diffusers/fp32 on a CPU, "
+                        "diffusers/fp16 on a GPU)")
     p.add_argument("--graphs", default=",".join(BENCH_GRAPHS), metavar="LIST",
                    help=f"comma-separated, of {', '.join(BENCH_GRAPHS)} (default: all)")
     p.add_argument("--sizes", default="256", metavar="LIST",
@@ -134,15 +153,16 @@ def _main(args, argv) -> int:
             raise ValueError("--batches and --repeats must be >= 1, --warmup >= 0")
         import torch
 
-        reference = args.reference or ("diffusers-fp16" if torch.cuda.is_available() else "diffusers-fp32")
-        if reference not in ("diffusers-fp32", "diffusers-fp16"):
-            raise ValueError(f"--reference {reference}: use diffusers-fp32 or diffusers-fp16")
-        if reference == "diffusers-fp16" and not torch.cuda.is_available():
-            raise ValueError("--reference diffusers-fp16 needs a GPU (PyTorch FP16 on a CPU is no reference)")
+        if args.reference:
+            reference = _contenders(args.reference, "--reference", REFERENCES)[0]
+        else:
+            reference = "diffusers/fp16" if torch.cuda.is_available() else "diffusers/fp32"
+        if reference == "diffusers/fp16" and not torch.cuda.is_available():
+            raise ValueError("--reference diffusers/fp16 needs a GPU (PyTorch FP16 on a CPU is no reference)")
         allowed = list(RUNTIME_CONTENDERS) + list(TORCH_CONTENDERS)
-        backends = _parse_list(args.backends, "--backends", allowed) if args.backends else default_contenders()
+        backends = _contenders(args.backends, "--backends", allowed) if args.backends else default_contenders()
         if not torch.cuda.is_available():
-            gpu_only = [b for b in backends if b == "torch-compile-fp16" or "cuda" in b or b == "tensorrt-engine"]
+            gpu_only = [b for b in backends if b.split("/")[0] in GPU_BACKENDS or b.endswith("/cudagraph")]
             if gpu_only:
                 raise ValueError(f"--backends {','.join(gpu_only)}: need a GPU")
     except ValueError as e:

@@ -2,8 +2,9 @@
 recorded) and one callable per graph, numpy in; which of them run on this machine by default.
 
 The runtime's contenders are ``asym_runtime.load`` configurations; the PyTorch ones are diffusers
-eager and ``torch.compile``, built from the folder's weights (``asym_export.reference``). Every
-contender calls each graph as ``asym_export.graphs`` declares it.
+eager and ``torch.compile``, built from the folder's weights (``asym_export.reference``). All are
+named ``BACKEND/PRECISION[/OPTION]`` (``asym_runtime.names``), and every contender calls each
+graph as ``asym_export.graphs`` declares it.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from __future__ import annotations
 import contextlib
 import gc
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+from asym_runtime.names import BACKENDS, BackendName, parse_backend_name
 
 from .bench_machine import device_used_gib, rss_gib
 from .graphs import BENCH_GRAPHS
@@ -80,7 +83,7 @@ def diffusers_contender(manifest, device: str, dtype: str, cache: dict | None = 
 
         return {name: run(g.diffusers_call) for name, g in BENCH_GRAPHS.items()}, None
 
-    return _timed_load(f"diffusers-{dtype}", device, load)
+    return _timed_load(str(BackendName("diffusers", dtype)), device, load)
 
 
 def torch_compile_contender(manifest, device: str, cache: dict | None = None) -> Contender:
@@ -111,69 +114,95 @@ def torch_compile_contender(manifest, device: str, cache: dict | None = None) ->
 
         return {name: run(g.diffusers_call) for name, g in BENCH_GRAPHS.items()}, None
 
-    return _timed_load("torch-compile-fp16", device, load)
+    return _timed_load(str(BackendName("torch-compile", "fp16")), device, load)
 
 
-#: asym-bench's names for the runtime configurations it can time -> asym_runtime.load arguments.
-#: ``ort-cuda-*`` run the folder's CUDA form where it has one (as load() does by default);
-#: ``*-portable`` force the standard graphs; ``*-cudagraph`` replay CUDA graphs.
-RUNTIME_CONTENDERS = {
-    "ort-cpu-fp32": {"backend": "onnxruntime-cpu", "precision": "fp32"},
-    "ort-cpu-fp16": {"backend": "onnxruntime-cpu", "precision": "fp16"},
-    "ort-cuda-fp32": {"backend": "onnxruntime-cuda", "precision": "fp32"},
-    "ort-cuda-fp16": {"backend": "onnxruntime-cuda", "precision": "fp16"},
-    "ort-cuda-fp16-cudagraph": {"backend": "onnxruntime-cuda", "precision": "fp16", "cuda_graph": True},
-    "ort-cuda-fp32-portable": {"backend": "onnxruntime-cuda", "precision": "fp32", "graph_form": "portable"},
-    "ort-cuda-fp16-portable": {"backend": "onnxruntime-cuda", "precision": "fp16", "graph_form": "portable"},
-    "tensorrt-engine": {"backend": "tensorrt", "precision": None},
-    "openvino-cpu-fp32": {"backend": "openvino", "precision": "fp32"},
-    "openvino-cpu-bf16": {"backend": "openvino", "precision": "bf16"},
+#: asym-bench's runtime contenders: ``asym_runtime.load`` configurations, written as the runtime
+#: names them (``BACKEND/PRECISION[/OPTION]``, asym_runtime.names). ``onnxruntime-cuda`` runs the
+#: folder's CUDA form where it has one (as load() does by default), ``/portable`` the standard
+#: graphs, ``/cudagraph`` replays CUDA graphs; ``tensorrt`` alone runs the engines as built (its
+#: rows then name the precision they were built in).
+RUNTIME_CONTENDERS = (
+    "onnxruntime-cpu/fp32", "onnxruntime-cpu/fp16",
+    "onnxruntime-cuda/fp32", "onnxruntime-cuda/fp16", "onnxruntime-cuda/fp16/cudagraph",
+    "onnxruntime-cuda/fp32/portable", "onnxruntime-cuda/fp16/portable",
+    "tensorrt", "tensorrt/fp32", "tensorrt/fp16",
+    "openvino/fp32", "openvino/bf16",
+)
+#: The PyTorch contenders in the same scheme: diffusers eager and torch.compile, by precision.
+TORCH_CONTENDERS = ("diffusers/fp32", "diffusers/bf16", "diffusers/fp16", "torch-compile/fp16")
+#: asym-bench's names from before the one scheme -> today's (the CLI accepts them with a note).
+OLD_NAMES = {
+    "ort-cpu-fp32": "onnxruntime-cpu/fp32", "ort-cpu-fp16": "onnxruntime-cpu/fp16",
+    "ort-cuda-fp32": "onnxruntime-cuda/fp32", "ort-cuda-fp16": "onnxruntime-cuda/fp16",
+    "ort-cuda-fp16-cudagraph": "onnxruntime-cuda/fp16/cudagraph",
+    "ort-cuda-fp32-portable": "onnxruntime-cuda/fp32/portable",
+    "ort-cuda-fp16-portable": "onnxruntime-cuda/fp16/portable",
+    "tensorrt-engine": "tensorrt", "openvino-cpu-fp32": "openvino/fp32", "openvino-cpu-bf16": "openvino/bf16",
+    "diffusers-fp32": "diffusers/fp32", "diffusers-bf16": "diffusers/bf16", "diffusers-fp16": "diffusers/fp16",
+    "torch-compile-fp16": "torch-compile/fp16",
 }
-TORCH_CONTENDERS = ("diffusers-fp32", "diffusers-bf16", "diffusers-fp16", "torch-compile-fp16")
+#: Backends of the PyTorch contenders (not asym_runtime's).
+TORCH_BACKENDS = ("diffusers", "torch-compile")
+#: Backends that need a GPU.
+GPU_BACKENDS = ("onnxruntime-cuda", "tensorrt", "torch-compile")
 
 
-def runtime_contender(folder: Path, name: str, provider_options: dict | None = None) -> Contender:
-    """asym_runtime.load with the arguments of ``name`` (:data:`RUNTIME_CONTENDERS`): numpy in,
-    numpy out (what a service sees). ``provider_options``: precision -> ONNX Runtime CUDA
-    options replacing the runtime's defaults."""
+def parse_contender(text: str) -> BackendName:
+    """A contender's written name -> its parts (asym_runtime.names); refuses what asym-bench
+    cannot time."""
+    if text not in RUNTIME_CONTENDERS + TORCH_CONTENDERS:
+        raise ValueError(f"asym-bench cannot time {text!r}; choose from "
+                         f"{', '.join(RUNTIME_CONTENDERS + TORCH_CONTENDERS)}")
+    return parse_backend_name(text, BACKENDS + TORCH_BACKENDS)
+
+
+def runtime_contender(folder: Path, name: BackendName, provider_options: dict | None = None) -> Contender:
+    """asym_runtime.load with the arguments ``name`` stands for: numpy in, numpy out (what a
+    service sees). ``provider_options``: precision -> ONNX Runtime CUDA options replacing the
+    runtime's defaults. The contender is named with the precision that loaded."""
     import asym_runtime
 
-    spec = dict(RUNTIME_CONTENDERS[name])
+    spec = name.load_kwargs()
     if spec["backend"] == "onnxruntime-cuda" and provider_options:
         spec["provider_options"] = provider_options.get(spec["precision"])
+    loaded = []
 
     def load():
         vae = asym_runtime.load(folder, **spec)
-        calls = {name: (lambda feed, call=g.runtime_call: call(vae, feed)) for name, g in BENCH_GRAPHS.items()}
+        loaded.append(vae)
+        calls = {g_name: (lambda feed, call=g.runtime_call: call(vae, feed)) for g_name, g in BENCH_GRAPHS.items()}
         return calls, vae.close
 
-    return _timed_load(name, "cpu" if spec["backend"] == "onnxruntime-cpu" else "cuda", load)
+    c = _timed_load(str(name), "cpu" if spec["backend"] == "onnxruntime-cpu" else "cuda", load)
+    c.name = str(replace(name, precision=loaded[0].precision))
+    return c
 
 
 def default_contenders() -> list[str]:
-    """Runtime backends that can run on this machine."""
+    """The contenders that can run on this machine, by name."""
     import torch
 
-    out = ["ort-cpu-fp32", "ort-cpu-fp16"]
+    out = ["onnxruntime-cpu/fp32", "onnxruntime-cpu/fp16"]
     gpu = torch.cuda.is_available()
     if gpu:  # on a GPU the CPU provider is no contender, and a decode there takes minutes
-        out = ["torch-compile-fp16"]
+        out = ["torch-compile/fp16"]
     try:
         from asym_runtime.backends.onnxrt import cuda_provider_available
 
         if gpu and cuda_provider_available():
-            out += ["ort-cuda-fp32", "ort-cuda-fp16", "ort-cuda-fp16-cudagraph"]
+            out += ["onnxruntime-cuda/fp32", "onnxruntime-cuda/fp16", "onnxruntime-cuda/fp16/cudagraph"]
     except ImportError:  # pragma: no cover
         pass
     from .engines import tensorrt_unavailable_reason
 
     if tensorrt_unavailable_reason() is None:
-        out.append("tensorrt-engine")
+        out.append("tensorrt")
     if not gpu:
         from asym_runtime.backends import openvino as ov
 
         if ov.unavailable_reason() is None:
-            out.append("openvino-cpu-fp32")
+            out.append("openvino/fp32")
             if ov.bf16_reason() is None:  # like with like: torch's BF16 beside OpenVINO's
-                out += ["openvino-cpu-bf16", "diffusers-bf16"]
+                out += ["openvino/bf16", "diffusers/bf16"]
     return out

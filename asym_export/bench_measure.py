@@ -11,7 +11,8 @@ from pathlib import Path
 
 from asym_runtime.specs import Shape
 
-from .bench_contenders import Contender, diffusers_contender, runtime_contender, torch_compile_contender
+from .bench_contenders import (Contender, diffusers_contender, parse_contender, runtime_contender,
+                               torch_compile_contender)
 from .bench_flops import graph_tflop
 from .bench_machine import datasheet_tflops, device_name, measured_peak_tflops, peak_rss_gib
 from .graphs import BENCH_GRAPHS
@@ -37,7 +38,7 @@ class Row:
     tflops: float
     peak_share: float
     ratio_vs_reference: float | None = None  # reference median / this median: > 1 is faster
-    ratio_vs_compile: float | None = None  # torch-compile-fp16 median / this median, when it ran
+    ratio_vs_compile: float | None = None  # torch-compile/fp16 median / this median, when it ran
     datasheet_share: float | None = None  # of the GPU's datasheet dense FP16 peak, when known
 
     def to_dict(self) -> dict:
@@ -73,7 +74,10 @@ def run_benchmark(variant: str, folder: Path, *, backends: list[str], graphs: li
                   sizes: list[tuple[int, int]], batches: list[int], warmup: int, repeats: int,
                   reference: str, seed: int = 0, progress=print, provider_options: dict | None = None,
                   reference_cache: dict | None = None) -> dict:
-    """Load every backend, measure every graph x shape, return the JSON-ready result."""
+    """Load every backend, measure every graph x shape, return the JSON-ready result.
+
+    ``backends`` and ``reference``: contender names, ``BACKEND/PRECISION[/OPTION]``
+    (:data:`~asym_export.bench_contenders.RUNTIME_CONTENDERS`, ``TORCH_CONTENDERS``)."""
     import torch
 
     import asym_runtime
@@ -94,15 +98,21 @@ def run_benchmark(variant: str, folder: Path, *, backends: list[str], graphs: li
     progress(f"device: {name}; measured matmul peak {peak['tflops']:.3f} TFLOP/s ({peak['matmul']})")
 
     loaded: list[Contender] = []
-    for spec in [reference] + [b for b in backends if b != reference]:
-        progress(f"loading {spec} ...")
-        if spec == "torch-compile-fp16":
-            loaded.append(torch_compile_contender(manifest, device, reference_cache))
-        elif spec.startswith("diffusers-"):
-            loaded.append(diffusers_contender(manifest, device, spec.rpartition("-")[2], reference_cache))
+    for text in [reference] + [b for b in backends if b != reference]:
+        name = parse_contender(text)
+        progress(f"loading {name} ...")
+        if name.backend == "torch-compile":
+            b = torch_compile_contender(manifest, device, reference_cache)
+        elif name.backend == "diffusers":
+            b = diffusers_contender(manifest, device, name.precision, reference_cache)
         else:
-            loaded.append(runtime_contender(folder, spec, provider_options))
-        b = loaded[-1]
+            b = runtime_contender(folder, name, provider_options)
+        if any(x.name == b.name for x in loaded):  # e.g. tensorrt and tensorrt/fp16 for fp16 engines
+            progress(f"  {text} loads {b.name} again: timed once")
+            if b.close:
+                b.close()
+            continue
+        loaded.append(b)
         progress(f"  {b.name}: load {b.load_s:.2f} s, +{b.load_rss_gib:.2f} GiB RSS")
 
     rows: list[Row] = []
@@ -120,7 +130,7 @@ def run_benchmark(variant: str, folder: Path, *, backends: list[str], graphs: li
                 progress(f"{graph} {shape}: {tflop[True]:.3f} TFLOP per call (diffusers: {tflop[False]:.3f}) ...")
                 res = measure(loaded, graph, shape, feed, warmup=warmup, repeats=repeats)
                 ref_median = statistics.median(res[loaded[0].name][1])
-                compiled = res.get("torch-compile-fp16")
+                compiled = res.get("torch-compile/fp16")
                 compile_median = statistics.median(compiled[1]) if compiled else None
                 progress("  " + "; ".join(f"{b.name} {1000 * statistics.median(res[b.name][1]):.1f} ms "
                                           f"(first {res[b.name][0]:.2f} s)" for b in loaded))

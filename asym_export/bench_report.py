@@ -27,7 +27,7 @@ def table(result: dict) -> str:
     return "\n".join(lines + ["", loads, f"peak RSS {result['peak_rss_gib']:.2f} GiB; {m['device']}; "
                               f"measured peak {m['measured_peak_tflops']:.3f} TFLOP/s ({m['peak_matmul']}); "
                               f"x ref = {result['reference']} median / backend median"
-                              + ("; x compile = torch-compile-fp16 median / backend median" if compiled else "")])
+                              + ("; x compile = torch-compile/fp16 median / backend median" if compiled else "")])
 
 
 def plot(result: dict, path: Path) -> Path:

@@ -8,6 +8,8 @@ in the folder, TensorRT for its engines) runs ``encode``, the conditional ``deco
 plain ``decode`` through the public ``asym_runtime`` API at the manifest's verification
 shapes, on the same seeded inputs the export verified with. FP32 is held to a max abs
 error (the export's tolerance), FP16 graphs and engines to the PSNR floors of ``verify.py``.
+Each comparison is named ``BACKEND/PRECISION[/portable]`` (``asym_runtime.names``), and
+``--backends`` takes the same names, whole or cut after the backend or the precision.
 
 Exit codes: 0 every backend passed; 1 a comparison failed; 2 bad arguments, an unusable
 folder or reference weights that differ from the manifest's.
@@ -25,6 +27,7 @@ from pathlib import Path
 from asym_runtime.errors import (ArtifactError, AsymInputError, BackendUnavailableError,
                                  IncompatibleEngineError)
 from asym_runtime.manifest import FORMAT_ONNX, FORMAT_ONNX_CUDA, FORMAT_PLAN, Manifest, read_manifest
+from asym_runtime.names import PRECISIONS, BackendName, parse_backend_name
 from asym_runtime.specs import Shape, parse_shape
 
 from .cliutil import parse, EXIT_FAILED, EXIT_OK, EXIT_USAGE, OneLineParser, add_debug, exit_codes, guarded
@@ -47,9 +50,20 @@ class Candidate:
     graph_form: str = "auto"  # asym_runtime.load graph_form: "portable" forces the standard graphs
 
     @property
+    def name(self) -> BackendName:
+        return BackendName(self.backend, self.precision, "portable" if self.graph_form == "portable" else None)
+
+    @property
     def label(self) -> str:
-        form = "/portable" if self.graph_form == "portable" else ""
-        return f"{self.backend}/{self.precision or 'engine'}{form}"
+        """``BACKEND/PRECISION[/portable]``, as asym_runtime.names writes it."""
+        return str(self.name)
+
+    def selected_by(self, name: BackendName) -> bool:
+        """Whether a name the caller gave (``onnxruntime-cuda``, ``onnxruntime-cuda/fp16``, ...)
+        selects this candidate: every part it names matches."""
+        mine = self.name
+        return (name.backend == mine.backend and name.precision in (None, mine.precision)
+                and name.option in (None, mine.option))
 
 
 @dataclass
@@ -63,8 +77,9 @@ class ParityResult:
         return bool(self.reports) and all(self.reports)
 
 
-def candidates(manifest: Manifest, backends: list[str] | None = None) -> list[Candidate]:
-    """Every (backend, precision) the folder offers; the machine decides later which run."""
+def candidates(manifest: Manifest, backends: list | None = None) -> list[Candidate]:
+    """Every (backend, precision) the folder offers; the machine decides later which run.
+    ``backends``: names (``BACKEND[/PRECISION[/OPTION]]``, str or BackendName) that select some."""
     order = {"fp32": 0, "fp16": 1}  # the exact graphs first
     onnx_precisions = sorted({e.precision for e in manifest.files.values()
                               if e.format == FORMAT_ONNX and e.role == "decoder" and e.precision},
@@ -81,7 +96,8 @@ def candidates(manifest: Manifest, backends: list[str] | None = None) -> list[Ca
     if "fp32" in onnx_precisions:  # OpenVINO runs the FP32 graphs, in FP32 or in BF16 compute
         out += [Candidate("openvino", "fp32"), Candidate("openvino", "bf16")]
     if backends:
-        out = [c for c in out if c.backend in backends]
+        names = [b if isinstance(b, BackendName) else parse_backend_name(b, PARITY_BACKENDS) for b in backends]
+        out = [c for c in out if any(c.selected_by(n) for n in names)]
     return out
 
 
@@ -186,7 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_debug(p)
     p.add_argument("dir", type=Path, metavar="DIR", help="artifact folder written by asym-export")
     p.add_argument("--backends", metavar="NAME[,NAME...]",
-                   help=f"only these, of {', '.join(PARITY_BACKENDS)} (default: every one that runs here)")
+                   help=f"only these, of {', '.join(PARITY_BACKENDS)}, each optionally narrowed to a precision "
+                        "and form as the report names them (onnxruntime-cuda/fp16, onnxruntime-cuda/fp16/portable); "
+                        "default: every one that runs here")
     p.add_argument("--shapes", metavar="BxHxW[,BxHxW...]|limits",
                    help="comparison shapes (default: the manifest's verification shapes inside its limits); "
                         "'limits': the shape limits' min, opt and max")
@@ -216,10 +234,16 @@ def _main(args) -> int:
     try:
         backends = None
         if args.backends:
-            backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-            bad = [b for b in backends if b not in PARITY_BACKENDS]
-            if bad:
-                raise AsymInputError(f"--backends {','.join(bad)}: choose from {', '.join(sorted(PARITY_BACKENDS))}")
+            backends = []
+            for b in (b.strip() for b in args.backends.split(",") if b.strip()):
+                try:
+                    name = parse_backend_name(b, PARITY_BACKENDS)
+                except AsymInputError:
+                    name = None
+                if name is None or name.option not in (None, "portable"):
+                    raise AsymInputError(f"--backends {b}: choose from {', '.join(sorted(PARITY_BACKENDS))}, "
+                                         f"optionally narrowed to /{'|'.join(PRECISIONS)}[/portable]")
+                backends.append(name)
         if args.shapes and args.shapes.strip() == "limits":
             lim = read_manifest(args.dir).limits
             shapes = list(dict.fromkeys([lim.min, lim.opt, lim.max]))

@@ -28,16 +28,11 @@ from .checks import check_inputs
 from .errors import (ArtifactError, AsymInputError, BackendUnavailableError,
                      IncompatibleEngineError)
 from .manifest import FORMAT_ONNX, FORMAT_ONNX_CUDA, FORMAT_PLAN, MANIFEST_NAME, ArtifactMissing, Manifest, read_manifest
+# load()'s backend, precision and graph-form names, with their written form BACKEND/PRECISION
+from .names import BACKENDS, GRAPH_FORMS, PRECISIONS  # noqa: F401
 from .specs import DECODER, DECODER_UNCOND, ENCODER, GRAPHS, ShapeLimits
 
 log = logging.getLogger(__name__)
-
-BACKENDS = ("auto", "tensorrt", "onnxruntime", "onnxruntime-cuda", "onnxruntime-cpu", "openvino")
-#: bf16: OpenVINO only (the FP32 graphs computed in BF16 on CPUs with BF16 units)
-PRECISIONS = ("fp32", "fp16", "bf16")
-#: Which ONNX graphs the CUDA provider runs: "auto" (the CUDA form where the folder has one),
-#: "cuda" (the CUDA form, or an error) or "portable" (the standard graphs every provider runs).
-GRAPH_FORMS = ("auto", "cuda", "portable")
 
 #: Folders exported before ``decoder_uncond`` existed have no plain decoder graph; there the
 #: runtime runs the conditional graph with mask = 1 and image = 0, where the blends are

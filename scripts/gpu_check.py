@@ -372,14 +372,14 @@ def bench(artifact: Path, sizes: list[tuple[int, int]], repeats: int, options: d
     from asym_export.bench_report import plot, table
     from asym_export.artifact import write_json_atomic
 
-    backends = ["torch-compile-fp16"]
+    backends = ["torch-compile/fp16"]
     if have.get("onnxruntime_cuda"):
         # FP32 speed is no target (parity is: step 4); its rows would cost a minute at 1024
-        backends += ["ort-cuda-fp16", "ort-cuda-fp16-cudagraph", "ort-cuda-fp16-portable"]
+        backends += ["onnxruntime-cuda/fp16", "onnxruntime-cuda/fp16/cudagraph", "onnxruntime-cuda/fp16/portable"]
     if have.get("tensorrt"):
-        backends.append("tensorrt-engine")
+        backends.append("tensorrt")
     res = run_benchmark("x2", artifact, backends=backends, graphs=graphs,
-                        sizes=sizes, batches=[1], warmup=1, repeats=repeats, reference="diffusers-fp16",
+                        sizes=sizes, batches=[1], warmup=1, repeats=repeats, reference="diffusers/fp16",
                         progress=say, provider_options=options, reference_cache=cache)
     res["command"] = "scripts/gpu_check.py (asym-bench, in process)"
     if previous:  # one table for both parts (the decode first, so its numbers come early)
@@ -396,7 +396,7 @@ def verdicts(res: dict) -> dict:
     rows = res["rows"]
     out = {}
     for graph in ("decode", "decode_uncond", "encode"):
-        for r in [r for r in rows if r["graph"] == graph and r["backend"].startswith("ort-cuda-fp16")
+        for r in [r for r in rows if r["graph"] == graph and r["backend"].startswith("onnxruntime-cuda/fp16")
                   and "portable" not in r["backend"]]:
             key = f"{graph} {r['shape']} {r['backend']}"
             out[key] = {"median_ms": round(1000 * r["median_s"], 2),

@@ -39,7 +39,7 @@ def _broken_folder(tmp_path):
 
 @pytest.mark.parametrize("tool, argv", [
     ("asym-parity", ["{folder}"]),
-    ("asym-bench", ["--artifact", "{folder}", "--sizes", "64", "--backends", "ort-cpu-fp32"]),
+    ("asym-bench", ["--artifact", "{folder}", "--sizes", "64", "--backends", "onnxruntime-cpu/fp32"]),
 ])
 def test_an_unusable_folder_is_one_line_and_exit_2(tool, argv, tmp_path, capsys):
     folder = _broken_folder(tmp_path)
@@ -58,7 +58,7 @@ def test_a_config_json_that_is_not_an_object_is_bad_input(tmp_path, capsys):
 
 @pytest.mark.parametrize("tool, target, argv", [
     ("asym-parity", "run_parity", ["{folder}"]),
-    ("asym-bench", "run_benchmark", ["--artifact", "{folder}", "--sizes", "64", "--backends", "ort-cpu-fp32"]),
+    ("asym-bench", "run_benchmark", ["--artifact", "{folder}", "--sizes", "64", "--backends", "onnxruntime-cpu/fp32"]),
 ])
 def test_an_unexpected_error_is_one_line_exit_1_and_debug_shows_it(tool, target, argv, tmp_path, monkeypatch, capsys):
     def boom(*a, **k):

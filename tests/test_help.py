@@ -8,7 +8,7 @@ import re
 import pytest
 
 from asym_export import bench, cli, parity
-from asym_export.bench_contenders import RUNTIME_CONTENDERS, TORCH_CONTENDERS
+from asym_export.bench_contenders import OLD_NAMES, RUNTIME_CONTENDERS, TORCH_CONTENDERS
 from asym_export.graphs import BENCH_GRAPHS
 from asym_export.variants import PUBLISHED, VARIANTS
 from asym_runtime.specs import GRAPHS
@@ -44,11 +44,14 @@ def test_asym_bench_help_lists_every_backend_and_graph_it_accepts():
         assert g in text
     for v in VARIANTS:
         assert v in text
-    # and nothing it would refuse: every backend-looking word in the help is accepted
-    plain = re.sub(r"\S*\*\S*", " ", text)  # patterns such as ort-cuda-* name families, not backends
-    words = set(re.findall(r"\b(?:ort|tensorrt|diffusers|torch-compile)-[a-z0-9-]+\b", plain))
+    # and nothing it would refuse: every contender-looking name in the help is accepted, in the
+    # one scheme (BACKEND/PRECISION[/OPTION]) or as an earlier release's name it maps
+    words = set(re.findall(r"\b(?:onnxruntime-cuda|onnxruntime-cpu|tensorrt|openvino|diffusers|torch-compile)"
+                           r"(?:/[a-z0-9]+)+", text))
     accepted = set(RUNTIME_CONTENDERS) | set(TORCH_CONTENDERS)
-    assert words <= accepted, words - accepted
+    assert words and words <= accepted, words - accepted
+    old = set(re.findall(r"\b(?:ort|tensorrt|openvino|diffusers|torch-compile)-[a-z0-9-]+\b", text))
+    assert old <= set(OLD_NAMES), old - set(OLD_NAMES)
 
 
 def test_asym_parity_help_lists_the_backends_it_accepts():

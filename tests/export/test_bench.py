@@ -20,15 +20,15 @@ def test_bench_end_to_end_on_tiny(tiny_artifact, tmp_path, capsys):
                  "--plot", str(out_png)])
     assert code == 0
     text = capsys.readouterr().out
-    assert "x ref" in text and "ort-cpu-fp32" in text and "diffusers-fp32" in text
+    assert "x ref" in text and "onnxruntime-cpu/fp32" in text and "diffusers/fp32" in text
     r = json.loads(out_json.read_text())
-    assert r["reference"] == "diffusers-fp32" and r["settings"]["interleaved"] is True
+    assert r["reference"] == "diffusers/fp32" and r["settings"]["interleaved"] is True
     assert r["machine"]["measured_peak_tflops"] > 0
     names = [b["name"] for b in r["backends"]]
     from asym_runtime.backends.openvino import bf16_reason
 
-    bf16 = ["openvino-cpu-bf16", "diffusers-bf16"] if bf16_reason() is None else []  # CPUs with BF16 units
-    assert sorted(names) == sorted(["diffusers-fp32", "ort-cpu-fp32", "ort-cpu-fp16", "openvino-cpu-fp32"] + bf16)
+    bf16 = ["openvino/bf16", "diffusers/bf16"] if bf16_reason() is None else []  # CPUs with BF16 units
+    assert sorted(names) == sorted(["diffusers/fp32", "onnxruntime-cpu/fp32", "onnxruntime-cpu/fp16", "openvino/fp32"] + bf16)
     assert all(b["load_s"] > 0 for b in r["backends"])
     graphs, shapes = {"encode", "decode", "decode_uncond"}, {"1x64x64", "1x64x96", "2x64x64", "2x64x96"}
     assert {(x["graph"], x["shape"], x["backend"]) for x in r["rows"]} == {
@@ -40,14 +40,14 @@ def test_bench_end_to_end_on_tiny(tiny_artifact, tmp_path, capsys):
         assert x["tflop"] > 0 and math.isclose(x["tflops"], x["tflop"] / x["median_s"])
         assert 0 < x["peak_share"]
         ref = next(y for y in r["rows"] if (y["graph"], y["shape"], y["backend"]) ==
-                   (x["graph"], x["shape"], "diffusers-fp32"))
+                   (x["graph"], x["shape"], "diffusers/fp32"))
         assert math.isclose(x["ratio_vs_reference"], ref["median_s"] / x["median_s"])
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_shapes_outside_the_limits_are_skipped_not_run(tiny_artifact, capsys):
     assert main(["--variant", "tiny", "--artifact", str(tiny_artifact), "--sizes", "32", "--graphs", "decode",
-                 "--repeats", "1", "--backends", "ort-cpu-fp32"]) == 0
+                 "--repeats", "1", "--backends", "onnxruntime-cpu/fp32"]) == 0
     assert "skipped decode 1x32x32: outside the shape limits" in capsys.readouterr().out
 
 
@@ -56,7 +56,7 @@ def test_a_failing_implicit_export_is_an_error_not_a_traceback(monkeypatch, caps
 
     orig = w.EncoderWrapper.forward
     monkeypatch.setattr(w.EncoderWrapper, "forward", lambda self, image: tuple(t + 1 for t in orig(self, image)))
-    assert main(["--variant", "tiny", "--sizes", "64", "--repeats", "1", "--backends", "ort-cpu-fp32"]) == 1
+    assert main(["--variant", "tiny", "--sizes", "64", "--repeats", "1", "--backends", "onnxruntime-cpu/fp32"]) == 1
     err = capsys.readouterr().err
     assert "asym-bench: error: onnx_fp32 verification failed" in err and "latent_mean: max abs" in err
 
@@ -65,7 +65,7 @@ def test_results_that_cannot_be_written_are_an_error(tiny_artifact, tmp_path, ca
     (tmp_path / "a-file").write_text("")
     target = tmp_path / "a-file" / "b.json"  # its folder is a file
     assert main(["--variant", "tiny", "--artifact", str(tiny_artifact), "--sizes", "64", "--graphs", "encode",
-                 "--repeats", "1", "--backends", "ort-cpu-fp32", "--json", str(target)]) == 1
+                 "--repeats", "1", "--backends", "onnxruntime-cpu/fp32", "--json", str(target)]) == 1
     assert "asym-bench: error: cannot write the results" in capsys.readouterr().err
     assert (tmp_path / "a-file").read_text() == ""
 
@@ -75,8 +75,11 @@ def test_results_that_cannot_be_written_are_an_error(tiny_artifact, tmp_path, ca
     (["--graphs", "decode,foo"], "unknown foo"),
     (["--sizes", "100"], "multiples of 8"),
     (["--backends", "ort-tpu-fp32"], "unknown ort-tpu-fp32"),
-    (["--reference", "diffusers-fp16"], "needs a GPU"),
-    (["--backends", "ort-cuda-fp16-cudagraph,torch-compile-fp16"], "need a GPU"),
+    (["--backends", "onnxruntime-cpu/bf16"], "unknown onnxruntime-cpu/bf16"),
+    (["--reference", "diffusers/fp16"], "needs a GPU"),
+    (["--reference", "onnxruntime-cpu/fp32"], "unknown onnxruntime-cpu/fp32"),
+    (["--backends", "onnxruntime-cuda/fp16/cudagraph,torch-compile/fp16"], "need a GPU"),
+    (["--backends", "tensorrt"], "need a GPU"),
 ])
 def test_bad_arguments_exit_2(argv, msg, capsys):
     assert main(argv) == 2
@@ -111,3 +114,22 @@ def test_rounds_are_interleaved_and_rotated():
     timed = calls[6:]  # first call + 1 warm-up per backend come first
     assert timed == list("abc" "bca" "cab")
     assert all(len(ts) == 3 for _, ts in res.values())
+
+
+def test_earlier_names_are_accepted_with_a_note_and_printed_in_the_one_scheme(capsys):
+    # an old name maps to today's before anything runs; the refusal then names today's name
+    assert main(["--backends", "ort-cuda-fp16-cudagraph"]) == 2
+    err = capsys.readouterr().err
+    assert "note: --backends ort-cuda-fp16-cudagraph is now written onnxruntime-cuda/fp16/cudagraph" in err
+    assert "asym-bench: error: --backends onnxruntime-cuda/fp16/cudagraph: need a GPU" in err
+
+
+def test_every_contender_name_is_the_runtimes_scheme():
+    from asym_export.bench_contenders import OLD_NAMES, RUNTIME_CONTENDERS, TORCH_CONTENDERS, parse_contender
+    from asym_runtime.names import BACKENDS
+
+    for text in RUNTIME_CONTENDERS + TORCH_CONTENDERS:
+        name = parse_contender(text)
+        assert str(name) == text
+        assert name.backend in BACKENDS or text in TORCH_CONTENDERS
+    assert set(OLD_NAMES.values()) <= set(RUNTIME_CONTENDERS + TORCH_CONTENDERS)

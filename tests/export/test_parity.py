@@ -89,3 +89,19 @@ def test_parity_shapes_limits_means_min_opt_max(tiny_artifact, monkeypatch, caps
     assert main([str(tiny_artifact), "--shapes", "limits"]) == EXIT_USAGE
     assert seen["shapes"] == [Shape(1, 64, 64), Shape(1, 512, 512), Shape(4, 1024, 1024)]
     assert seen["reference_device"] == "cpu"
+
+
+def test_parity_backends_take_the_names_the_report_prints(tiny_artifact):
+    from asym_export.parity import candidates
+    from asym_runtime import read_manifest
+
+    m = read_manifest(tiny_artifact)
+    assert [c.label for c in candidates(m, ["onnxruntime-cuda/fp16"])] == [
+        "onnxruntime-cuda/fp16", "onnxruntime-cuda/fp16/portable"]
+    assert [c.label for c in candidates(m, ["onnxruntime-cuda/fp32/portable", "openvino"])] == [
+        "onnxruntime-cuda/fp32/portable", "openvino/fp32", "openvino/bf16"]
+
+
+def test_parity_refuses_a_bench_only_option(tiny_artifact, capsys):
+    assert main([str(tiny_artifact), "--backends", "onnxruntime-cuda/fp16/cudagraph"]) == EXIT_USAGE
+    assert "--backends onnxruntime-cuda/fp16/cudagraph: choose from" in capsys.readouterr().err
