@@ -1,8 +1,10 @@
 """The engine step of ``asym-export --engines``: build, verify on the GPU, publish, record.
 
 Engines are checked against the FP32 PyTorch reference (run on the same GPU in true FP32: no
-TF32) at the min, opt and max shapes of the optimization profile, with the same report and
-thresholds as the emulated FP16 check (:data:`asym_export.verify.FP16_TOLERANCE`).
+TF32) at the min, opt and max shapes of the optimization profile, run by the runtime's own
+TensorRT backend (what is verified is what ``asym_runtime.load`` runs), with the same report as
+the ONNX checks: FP16 engines against the PSNR floors (:data:`asym_export.verify.FP16_TOLERANCE`),
+FP32 engines against the FP32 max abs error.
 
 Without a GPU and tensorrt the step is known to be impossible before the export starts
 (:meth:`EngineStep.start`); the export then still writes and verifies the ONNX graphs and
@@ -19,11 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+from asym_runtime.backends.tensorrt import TensorRTBackend, device_info
 from asym_runtime.errors import BackendUnavailableError
 from asym_runtime.manifest import FORMAT_PLAN, FORMAT_TIMING_CACHE, ROLE_TIMING_CACHE
 from asym_runtime.specs import GRAPHS, Shape, ShapeLimits
 
-from .engines import EngineOptions, EngineRunner, device_info, engine_from_onnx, tensorrt_unavailable_reason
+from .engines import EngineOptions, engine_from_onnx, tensorrt_unavailable_reason
 from .feeds import ENGINE_VERIFY_SEED, make_feed
 from .progress import Progress
 from .reference import reference_outputs, true_fp32
@@ -82,10 +85,12 @@ def verify_engines(plans: dict[str, Path], vae, limits: ShapeLimits, scaling_fac
     with _model_on_gpu(vae):
         for name, plan in plans.items():
             graph = GRAPHS[name]
-            with EngineRunner(plan, host_code_allowed=host_code_allowed) as runner:
+            # the runtime's own backend: what is verified is what asym_runtime.load() runs
+            with TensorRTBackend(graph, Path(plan).read_bytes(), version_compatible=host_code_allowed,
+                                 label=Path(plan).name) as engine:
                 for i, shape in enumerate(shapes):
                     feed = make_feed(graph, shape, ENGINE_VERIFY_SEED + i, scaling_factor)
-                    report.add(graph, shape, reference_outputs(vae, graph, feed), runner.infer(feed))
+                    report.add(graph, shape, reference_outputs(vae, graph, feed), engine.infer(feed))
     return report
 
 

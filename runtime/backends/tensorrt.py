@@ -126,7 +126,8 @@ def unavailable_reason(device_id: int = 0) -> str | None:
 
 # --------------------------------------------------------------------------- compatibility
 
-def _version_tuple(v: str) -> tuple[int, ...]:
+def version_tuple(v: str) -> tuple[int, ...]:
+    """``"10.12.0.36"`` -> ``(10, 12, 0, 36)``; non-digits inside a part are dropped."""
     out = []
     for part in str(v).split("."):
         digits = "".join(ch for ch in part if ch.isdigit())
@@ -159,7 +160,7 @@ def check_engine_compatibility(meta: dict, *, variant: str, tensorrt_version: st
     if not built:
         problems.append("the manifest does not record the TensorRT version the engines were built with")
     else:
-        b, r = _version_tuple(built), _version_tuple(tensorrt_version)
+        b, r = version_tuple(built), version_tuple(tensorrt_version)
         if b[:3] != r[:3]:
             if not meta.get("version_compatible"):
                 problems.append(
@@ -217,26 +218,51 @@ def _torch_dtype(np_dtype: np.dtype):
 
 
 class _TrtLogger:
-    """Routes TensorRT's log into ``logging`` (built lazily: it subclasses trt.ILogger)."""
+    """The process's one TensorRT logger (building and running): routes TensorRT's log into
+    ``logging`` and keeps its recent errors, which a failed build or load quotes (built
+    lazily: it subclasses trt.ILogger)."""
 
     _instance = None
+    _lock = threading.Lock()
 
     @classmethod
     def get(cls, trt):
-        if cls._instance is None:
-            levels = {trt.ILogger.INTERNAL_ERROR: logging.CRITICAL, trt.ILogger.ERROR: logging.ERROR,
-                      trt.ILogger.WARNING: logging.WARNING, trt.ILogger.INFO: logging.DEBUG,
-                      trt.ILogger.VERBOSE: logging.DEBUG}
+        with cls._lock:
+            if cls._instance is None:
+                levels = {trt.ILogger.INTERNAL_ERROR: logging.CRITICAL, trt.ILogger.ERROR: logging.ERROR,
+                          trt.ILogger.WARNING: logging.WARNING, trt.ILogger.INFO: logging.DEBUG,
+                          trt.ILogger.VERBOSE: logging.DEBUG}
+                errors = {trt.ILogger.INTERNAL_ERROR, trt.ILogger.ERROR}
 
-            class Logger(trt.ILogger):
-                def __init__(self):
-                    trt.ILogger.__init__(self)
+                class Logger(trt.ILogger):
+                    def __init__(self):
+                        trt.ILogger.__init__(self)
+                        #: the last 200 errors TensorRT logged; ``count`` counts them all
+                        self.errors: list[str] = []
+                        self.count = 0
 
-                def log(self, severity, msg):
-                    log.log(levels.get(severity, logging.INFO), "TensorRT: %s", msg)
+                    def log(self, severity, msg):  # must not raise: TensorRT calls it from C++
+                        log.log(levels.get(severity, logging.INFO), "TensorRT: %s", msg)
+                        if severity in errors:
+                            self.errors.append(str(msg))
+                            self.count += 1
+                            del self.errors[:-200]
 
-            cls._instance = Logger()
-        return cls._instance
+                    def mark(self) -> int:
+                        return self.count
+
+                    def errors_since(self, mark: int) -> str:
+                        """The errors logged after ``mark()`` (joined; "" if none)."""
+                        new = min(self.count - mark, len(self.errors))
+                        return "; ".join(self.errors[len(self.errors) - new:]) if new > 0 else ""
+
+                cls._instance = Logger()
+            return cls._instance
+
+
+def trt_logger(trt):
+    """The logger every TensorRT builder, parser and runtime of this process uses."""
+    return _TrtLogger.get(trt)
 
 
 @dataclass
@@ -288,7 +314,9 @@ class TensorRTBackend(Backend):
         trt, cudart = import_tensorrt(), import_cudart()
         self._trt, self._cudart = trt, cudart
         _cuda(cudart.cudaSetDevice(self.device_id))
-        runtime = trt.Runtime(_TrtLogger.get(trt))
+        logger = trt_logger(trt)
+        mark = logger.mark()
+        runtime = trt.Runtime(logger)
         if self.version_compatible:
             # a version-compatible plan carries its own lean runtime (host code); the plan's
             # sha256 was checked against the manifest before we got here
@@ -296,14 +324,14 @@ class TensorRTBackend(Backend):
         engine = runtime.deserialize_cuda_engine(self.plan)
         if engine is None:
             raise IncompatibleEngineError(
-                f"TensorRT {trt.__version__} could not deserialize {self.label} (see the TensorRT "
-                "messages logged above); rebuild the engines on this machine"
+                f"TensorRT {trt.__version__} could not deserialize {self.label} "
+                f"({logger.errors_since(mark) or 'no message'}); rebuild the engines on this machine"
             )
         self._check_io(trt, engine)
         context = engine.create_execution_context()
         if context is None:
             raise BackendError(f"TensorRT could not create an execution context for {self.label} "
-                               "(out of GPU memory?)")
+                               f"({logger.errors_since(mark) or 'out of GPU memory?'})")
         self._runtime, self._engine, self._context = runtime, engine, context
         self._stream = _cuda(cudart.cudaStreamCreate())
         self.limits = self._profile_limits(engine)
@@ -407,6 +435,8 @@ class TensorRTBackend(Backend):
     def _infer(self, feed: dict[str, Any]) -> dict[str, Any]:
         cudart = self._cudart
         shape = request_shape(self.graph, feed)
+        if self.limits is not None:  # the engine's profile: refused here with the limit it breaks
+            self.limits.check(shape.batch, shape.height, shape.width)
         ref = next(iter(feed.values()))
         on_gpu = arrays.is_cuda_tensor(ref)
         if on_gpu and (ref.device.index or 0) != self.device_id:

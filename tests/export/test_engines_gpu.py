@@ -20,7 +20,8 @@ REASON = tensorrt_unavailable_reason()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(REASON is not None, reason=f"needs a GPU: {REASON}")]
 
 from asym_export.engine_verify import profile_shapes, verify_engines
-from asym_export.engines import EngineRunner, engine_from_onnx
+from asym_export.engines import engine_from_onnx
+from asym_runtime.backends.tensorrt import TensorRTBackend
 from asym_export.feeds import make_feed
 from asym_export.verify import FP16_TOLERANCE, FP32_MAX_ABS
 from asym_runtime.errors import ShapeOutOfLimitsError
@@ -80,22 +81,23 @@ def test_engines_match_pytorch_at_min_opt_max(tiny_engines, tiny_vae):
 
 def test_engine_profile_is_the_shape_limits(tiny_engines):
     _, plans, _, _ = tiny_engines
-    with EngineRunner(plans["decoder"]) as r:
-        assert r.profile_shapes("latent") == LIMITS.profile(DECODER)["latent"]
-        assert r.profile_shapes("mask") == LIMITS.profile(DECODER)["mask"]
+    with TensorRTBackend(DECODER, plans["decoder"].read_bytes(), label="decoder.plan") as b:
+        assert b.limits == LIMITS  # the runtime reads the profile back as the limits it was built from
+        assert tuple(tuple(d) for d in b._engine.get_tensor_profile_shape("latent", 0)) == LIMITS.profile(DECODER)["latent"]
+        assert tuple(tuple(d) for d in b._engine.get_tensor_profile_shape("mask", 0)) == LIMITS.profile(DECODER)["mask"]
 
 
 @pytest.mark.parametrize("shape", [Shape(4, 64, 64), Shape(1, 24, 64), Shape(1, 64, 136)], ids=str)
 def test_shapes_outside_the_profile_are_refused(tiny_engines, shape):
     _, plans, _, _ = tiny_engines
     feed = make_feed(DECODER, shape, 0, 0.18215)
-    with EngineRunner(plans["decoder"]) as r:
-        with pytest.raises(ShapeOutOfLimitsError, match="outside the engine's profile"):
-            r.infer(feed)
+    with TensorRTBackend(DECODER, plans["decoder"].read_bytes(), label="decoder.plan") as b:
+        with pytest.raises(ShapeOutOfLimitsError, match="(above|below) this artifact's (max|min)_"):
+            b.infer(feed)
         # and TensorRT itself refuses it too, should a caller skip the check
-        assert not r.context.set_input_shape("image", feed["image"].shape)
+        assert not b._context.set_input_shape("image", feed["image"].shape)
         ok = make_feed(DECODER, LIMITS.opt, 0, 0.18215)
-        out = r.infer(ok)["sample"]  # the runner still works after the refusal
+        out = b.infer(ok)["sample"]  # the backend still works after the refusal
         assert out.shape == ok["image"].shape and np.isfinite(out).all()
 
 
