@@ -2,9 +2,11 @@
 (``asym_runtime.specs.GRAPHS``) the module that exports it, the diffusers call it stands for,
 the public ``asym_runtime`` call that runs it, and its name in ``asym-bench``.
 
-Export, verification, the reference, ``asym-parity`` and ``asym-bench`` loop over
-:data:`EXPORT_GRAPHS`; none of them names a graph. Adding a graph is a ``GraphSpec`` in
-``runtime/specs.py`` and one :class:`ExportGraph` here (docs/architecture.md, "Adding a graph").
+The export and its verification loop over the contract's ``GRAPHS`` and reach each graph's
+wrapper and diffusers call through this registry (``wrapper_for``, ``asym_export.reference``);
+``asym-parity`` and ``asym-bench`` loop over :data:`EXPORT_GRAPHS` itself. None of them names a
+graph. Adding a graph is a ``GraphSpec`` in ``runtime/specs.py`` and one :class:`ExportGraph`
+here (docs/architecture.md, "Adding a graph").
 
 Importing this module imports neither torch nor diffusers (the CLIs build their help from it);
 the wrapper factories import ``wrappers.py`` when they are called.
