@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from asym_runtime.specs import GRAPHS
+
 
 def candidates(device: str = "cpu") -> dict:
     import onnxruntime as ort
@@ -57,7 +59,7 @@ def candidates(device: str = "cpu") -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--artifact", type=Path, required=True)
-    p.add_argument("--graph", default="decoder", choices=["encoder", "decoder", "decoder_uncond"])
+    p.add_argument("--graph", default="decoder", choices=list(GRAPHS))
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
@@ -72,7 +74,7 @@ def main() -> int:
     import asym_runtime
     from asym_export.feeds import make_feed
     from asym_export.reference import diffusers_forward, reference_from_manifest
-    from asym_runtime.specs import GRAPHS, Shape
+    from asym_runtime.specs import Shape
 
     manifest = asym_runtime.read_manifest(args.artifact)
     graph = GRAPHS[args.graph]
