@@ -19,7 +19,7 @@ Thread safety as in process: every thread gets its own tritonclient connection.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import threading
 from pathlib import Path
@@ -200,6 +200,7 @@ def remote(url: str = "localhost:8000", *, protocol: str | None = None, timeout:
         raise BackendUnavailableError(f"the Triton server at {conn.label} is not ready (still loading its models?)")
     backends: dict[str, Backend] = {}
     data = backend = precision = None
+    max_batch = None  # the smallest max_batch_size of the served models (asym-serve --max-batch)
     for graph in GRAPHS.values():
         try:
             if not conn.call("remote", lambda c: c.is_model_ready(graph.name)):
@@ -214,14 +215,20 @@ def remote(url: str = "localhost:8000", *, protocol: str | None = None, timeout:
             data = parse_manifest_bytes(params[PARAM_MANIFEST].encode(), f"{conn.label} {graph.name} config")
             backend, precision = params.get(PARAM_BACKEND, "auto"), params.get(PARAM_PRECISION)
         backends[graph.name] = TritonBackend(graph, conn, graph.name).activate()
+        mb = int(cfg.get("max_batch_size", 0)) if protocol == "http" else int(cfg.config.max_batch_size)
+        max_batch = mb if max_batch is None else min(max_batch, mb)
     if data is None or not {"encoder", "decoder"} <= set(backends):
         raise BackendUnavailableError(
             f"the Triton server at {conn.label} serves no asym-serve encoder and decoder models "
             f"(ready asym-serve models: {', '.join(backends) or 'none'})")
     manifest = RemoteManifest(conn.label, data)
     precision = precision or "fp32"
+    limits = manifest.limits
+    if max_batch and max_batch < limits.max_batch:  # a request the server's batcher cannot take
+        limits = dataclasses.replace(limits, max_batch=max_batch, opt_batch=min(limits.opt_batch, max_batch),
+                                     min_batch=min(limits.min_batch, max_batch))
     log.info("remote %s: %s, models %s", conn.label, manifest.variant, ", ".join(backends))
-    vae = AsymVAE(manifest, backends, backend="triton", precision=precision, limits=manifest.limits,
+    vae = AsymVAE(manifest, backends, backend="triton", precision=precision, limits=limits,
                   device="remote")
     vae.server_backend = backend  # what the server runs (asym_runtime.load's name)
     return vae

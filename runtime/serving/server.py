@@ -42,6 +42,7 @@ from pathlib import Path
 
 from ..errors import ArtifactError, BackendUnavailableError
 from ..manifest import MANIFEST_NAME, read_manifest
+from ..names import BACKENDS, PRECISIONS
 from ..specs import GRAPHS
 from . import config as tconfig
 from .model import (PARAM_ARTIFACT, PARAM_BACKEND, PARAM_GRAPH, PARAM_LOADED, PARAM_MANIFEST,
@@ -49,8 +50,6 @@ from .model import (PARAM_ARTIFACT, PARAM_BACKEND, PARAM_GRAPH, PARAM_LOADED, PA
 
 log = logging.getLogger(__name__)
 
-#: The runtime backends a served model may run (``asym_runtime.load``'s names).
-SERVE_BACKENDS = ("auto", "tensorrt", "onnxruntime", "onnxruntime-cuda", "onnxruntime-cpu", "openvino")
 
 _MODEL_PY = '''\
 # Written by asym-serve: Triton's python backend runs asym_runtime's model for this graph.
@@ -75,6 +74,8 @@ class ServeOptions:
     grpc_port: int = 8001
     metrics_port: int = 8002
     instances: int = 1
+    #: the largest batch Triton may form (None: the folder's max_batch); 1 turns batching off
+    max_batch: int | None = None
     kind: str = "cpu"
     gpus: list[int] | None = None
     queue_delay_us: int = tconfig.DEFAULT_QUEUE_DELAY_US
@@ -164,7 +165,8 @@ def write_python_repository(opts: ServeOptions, repo: Path) -> list[str]:
                   PARAM_BACKEND: opts.backend, PARAM_MANIFEST: manifest_json, PARAM_LOADED: manifest.generation}
         if opts.precision:
             params[PARAM_PRECISION] = opts.precision
-        cfg = tconfig.build_config(graph, backend="python", max_batch=manifest.limits.max_batch,
+        max_batch = min(manifest.limits.max_batch, opts.max_batch or manifest.limits.max_batch)
+        cfg = tconfig.build_config(graph, backend="python", max_batch=max_batch,
                                    queue_delay_us=opts.queue_delay_us, instances=opts.instances,
                                    kind=opts.kind, gpus=opts.gpus, parameters=params)
         model_dir = repo / graph.name
@@ -309,9 +311,9 @@ def build_parser():
                           "bad arguments or an unusable folder"),
     )
     p.add_argument("dir", type=Path, help="artifact folder written by asym-export")
-    p.add_argument("--backend", default="auto", choices=SERVE_BACKENDS,
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="runtime backend inside the server, as asym_runtime.load names it (default auto)")
-    p.add_argument("--precision", default=None, choices=("fp32", "fp16", "bf16"),
+    p.add_argument("--precision", default=None, choices=PRECISIONS,
                    help="graph precision, as asym_runtime.load takes it (default: the folder's default)")
     p.add_argument("--address", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1; 0.0.0.0 for a load balancer or container)")
@@ -320,6 +322,9 @@ def build_parser():
     p.add_argument("--metrics-port", type=int, default=8002)
     p.add_argument("--instances", type=int, default=1,
                    help="model instances per graph (each loads its graph once; default 1)")
+    p.add_argument("--max-batch", type=int, default=None,
+                   help="largest batch Triton may form from queued requests (default: the folder's max "
+                        "batch; 1: no batching, which pays on a CPU where a batch costs its items' sum)")
     p.add_argument("--kind", default="cpu", choices=tconfig.KINDS, help="instance kind (default cpu)")
     p.add_argument("--gpus", default=None, help="with --kind gpu: comma-separated GPU ids")
     p.add_argument("--max-queue-delay-us", type=int, default=tconfig.DEFAULT_QUEUE_DELAY_US,
@@ -401,6 +406,8 @@ def _options(args) -> ServeOptions:
         raise ValueError("--http-port, --grpc-port and --metrics-port must differ")
     if args.instances < 1:
         raise ValueError(f"--instances {args.instances}: at least 1")
+    if args.max_batch is not None and args.max_batch < 1:
+        raise ValueError(f"--max-batch {args.max_batch}: at least 1")
     if args.exit_timeout < 0:
         raise ValueError(f"--exit-timeout {args.exit_timeout}: seconds, >= 0")
     if args.max_queue_delay_us < 0:
@@ -420,7 +427,7 @@ def _options(args) -> ServeOptions:
         raise ValueError(f"{artifact} is not an artifact folder (no {MANIFEST_NAME})")
     return ServeOptions(artifact=artifact, backend=args.backend, precision=args.precision, address=args.address,
                         http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
-                        instances=args.instances, kind=args.kind, gpus=gpus, queue_delay_us=args.max_queue_delay_us,
+                        instances=args.instances, max_batch=args.max_batch, kind=args.kind, gpus=gpus, queue_delay_us=args.max_queue_delay_us,
                         graphs=graphs, tritonserver=args.tritonserver, start_timeout_s=args.start_timeout,
                         exit_timeout_s=args.exit_timeout, log_verbose=args.log_verbose)
 

@@ -203,13 +203,17 @@ def test_no_server_is_one_clear_error():
 
 def test_stopped_server_fails_within_the_timeout(tiny_artifact, tmp_path):
     s = start_server(tiny_artifact, tmp_path, "--graphs", "encoder,decoder", "--backend", "onnxruntime-cpu",
-                     "--exit-timeout", "3", "--instances", "2")
+                     "--exit-timeout", "3", "--instances", "2", "--max-batch", "2")
     try:
         import tritonclient.http as h
 
         cfg = h.InferenceServerClient(s.url).get_model_config("decoder")
         assert cfg["instance_group"][0]["count"] == 2 and cfg["instance_group"][0]["kind"] == "KIND_CPU"
+        assert cfg["max_batch_size"] == 2
         vae = asym_runtime.remote(s.url, timeout=5)
+        assert vae.limits.max_batch == 2  # the client refuses what the server's batcher cannot take
+        with pytest.raises(AsymInputError, match="batch 3 is above"):
+            vae.encode(np.zeros((3, 3, 64, 64), np.float32))
         assert "decoder_uncond" not in vae.backends
         vae.encode(IMG)
         assert vae.decode(LAT).shape == (1, 3, 64, 64)  # plain decode through the conditional graph
