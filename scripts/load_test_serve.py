@@ -3,7 +3,7 @@
 compared with one in-process runtime measured in the same run.
 
     python scripts/load_test_serve.py --artifact artifacts/x2 --graph decoder --size 64x64 \\
-        --clients 16 --requests 64 [--instances 1] [--queue-delay-us 2000] [--backend onnxruntime-cpu]
+        --clients 16 --requests 64 [--instances 1] [--max-batch N] [--queue-delay-us 2000] [--backend onnxruntime-cpu]
 
 1. in process: ``asym_runtime.load`` on the folder, one warm-up call, then ``--requests`` calls
    one after another (batch 1): latency and throughput of a single caller;
@@ -79,6 +79,7 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--requests", type=int, default=64, help="calls per phase (default 64)")
     ap.add_argument("--instances", type=int, default=1)
+    ap.add_argument("--max-batch", type=int, default=None, help="asym-serve --max-batch (default: the folder's)")
     ap.add_argument("--queue-delay-us", type=int, default=2000)
     ap.add_argument("--backend", default="onnxruntime-cpu")
     ap.add_argument("--time-limit", type=float, default=600.0, help="seconds for the served phase (default 600)")
@@ -108,7 +109,8 @@ def main() -> int:
     # 2. served, N clients
     http, grpc, metrics = _free_ports(3)
     opts = ServeOptions(artifact=args.artifact, backend=args.backend, http_port=http, grpc_port=grpc,
-                        metrics_port=metrics, instances=args.instances, queue_delay_us=args.queue_delay_us)
+                        metrics_port=metrics, instances=args.instances, queue_delay_us=args.queue_delay_us,
+                        max_batch=args.max_batch)
     t = time.perf_counter()
     server = TritonServer(opts).start()
     start_s = time.perf_counter() - t
@@ -156,7 +158,7 @@ def main() -> int:
     result = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or platform.platform()}",
         "artifact": str(args.artifact), "graph": args.graph, "size": args.size, "backend": args.backend,
-        "clients": args.clients, "requests": n, "instances": args.instances, "queue_delay_us": args.queue_delay_us,
+        "clients": args.clients, "requests": n, "instances": args.instances, "max_batch": args.max_batch, "queue_delay_us": args.queue_delay_us,
         "server_start_s": round(start_s, 1),
         "in_process": {"throughput_per_s": round(local_tp, 2), "p50_ms": round(_pct(local_lat, 50) * 1e3, 1),
                        "p99_ms": round(_pct(local_lat, 99) * 1e3, 1)},
