@@ -69,16 +69,14 @@ class TritonPythonModel:
     def _check(self, values: dict[str, Any]):
         from asym_runtime.checks import check_inputs
 
-        call = "encode" if self.graph.name == "encoder" else "decode"
-        return check_inputs(call, self.graph.inputs, values, self.vae.limits)
+        return check_inputs(self.graph.name, self.graph.inputs, values, self.vae.limits)
 
     def _run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        name = self.graph.name
-        if name == "encoder":
-            dist = self.vae.encode(feed["image"])
-            return {"latent_mean": dist.mean, "latent_logvar": dist.logvar}
-        if name == "decoder":
-            return {"sample": self.vae.decode(feed["latent"], image=feed["image"], mask=feed["mask"])}
+        """The graph's backend on the checked, concatenated feed: any graph of the contract, by name."""
+        backend = self.vae.backends.get(self.graph.name)
+        if backend is not None:
+            return backend.infer(feed)
+        # decoder_uncond on a folder without that graph: the runtime's plain decode through decoder
         return {"sample": self.vae.decode(feed["latent"])}
 
     def execute(self, requests: list) -> list:

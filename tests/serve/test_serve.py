@@ -188,7 +188,7 @@ def test_server_refusal_reaches_remote_as_input_error(served):
     from asym_runtime.specs import ShapeLimits
 
     vae.limits = ShapeLimits(max_height=2048, max_width=2048)
-    with pytest.raises(AsymInputError, match="the server refused the request: encode: height 1032 is above"):
+    with pytest.raises(AsymInputError, match="the server refused the request: encoder: height 1032 is above"):
         vae.encode(_f(1, 3, 1032, 64))
 
 
