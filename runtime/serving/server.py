@@ -324,7 +324,7 @@ def build_parser():
                    help="model instances per graph (each loads its graph once; default 1)")
     p.add_argument("--max-batch", type=int, default=None,
                    help="largest batch Triton may form from queued requests (default: the folder's max "
-                        "batch; 1: no batching, which pays on a CPU where a batch costs its items' sum)")
+                        "batch; 1: no batching: on a CPU a batch costs about the sum of its items)")
     p.add_argument("--kind", default="cpu", choices=tconfig.KINDS, help="instance kind (default cpu)")
     p.add_argument("--gpus", default=None, help="with --kind gpu: comma-separated GPU ids")
     p.add_argument("--max-queue-delay-us", type=int, default=tconfig.DEFAULT_QUEUE_DELAY_US,
