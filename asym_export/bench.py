@@ -38,7 +38,7 @@ from .artifact import write_json_atomic
 from .bench_contenders import GPU_BACKENDS, OLD_NAMES, RUNTIME_CONTENDERS, TORCH_CONTENDERS, default_contenders
 from .bench_measure import run_benchmark
 from .bench_report import plot, table
-from .cliutil import EXIT_FAILED, EXIT_USAGE, OneLineParser, add_debug, exit_codes, guarded, parse
+from asym_runtime.cliutil import EXIT_FAILED, EXIT_USAGE, OneLineParser, add_debug, exit_codes, guarded, parse
 from .graphs import BENCH_GRAPHS
 
 

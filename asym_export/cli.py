@@ -10,7 +10,7 @@ from pathlib import Path
 from asym_runtime.errors import AsymInputError
 from asym_runtime.specs import ShapeLimits, parse_shape
 
-from .cliutil import parse, EXIT_FAILED, EXIT_OK, EXIT_USAGE, OneLineParser, add_debug, exit_codes, graph_lines, guarded
+from asym_runtime.cliutil import parse, EXIT_FAILED, EXIT_OK, EXIT_USAGE, OneLineParser, add_debug, exit_codes, graph_lines, guarded
 from .variants import PUBLISHED, VARIANTS
 
 DESCRIPTION = f"""\

@@ -5,7 +5,7 @@ the public ``asym_runtime`` call that runs it, and its name in ``asym-bench``.
 The export and its verification loop over the contract's ``GRAPHS`` and reach each graph's
 wrapper and diffusers call through this registry (``wrapper_for``, ``asym_export.reference``);
 ``asym-parity`` and ``asym-bench`` loop over :data:`EXPORT_GRAPHS` itself. None of them names a
-graph. Adding a graph is a ``GraphSpec`` in ``runtime/specs.py`` and one :class:`ExportGraph`
+graph. Adding a graph is a ``GraphSpec`` in ``runtime/asym_runtime/specs.py`` and one :class:`ExportGraph`
 here (docs/architecture.md, "Adding a graph").
 
 Importing this module imports neither torch nor diffusers (the CLIs build their help from it);
@@ -96,7 +96,7 @@ _DECLARED = (
 )
 _missing = [g for g in GRAPHS if g not in {e.name for e in _DECLARED}]
 if _missing:  # pragma: no cover - a declaration error, caught by the first import
-    raise ImportError(f"runtime/specs.py declares graph(s) {', '.join(_missing)} without an entry in "
+    raise ImportError(f"runtime/asym_runtime/specs.py declares graph(s) {', '.join(_missing)} without an entry in "
                       "asym_export/graphs.py (export wrapper, diffusers call, runtime call)")
 
 #: graph name -> its export declaration, in the contract's (export) order
@@ -114,6 +114,6 @@ def export_graph(graph_name: str) -> ExportGraph:
 
 
 def wrapper_for(vae, graph_name: str, subpixel: bool = True):
-    """The export wrapper for one graph of the contract (``runtime/specs.py``)."""
+    """The export wrapper for one graph of the contract (``runtime/asym_runtime/specs.py``)."""
     return export_graph(graph_name).wrapper(vae, subpixel)
 

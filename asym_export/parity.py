@@ -30,7 +30,7 @@ from asym_runtime.manifest import FORMAT_ONNX, FORMAT_ONNX_CUDA, FORMAT_PLAN, Ma
 from asym_runtime.names import PRECISIONS, BackendName, parse_backend_name
 from asym_runtime.specs import Shape, parse_shape
 
-from .cliutil import parse, EXIT_FAILED, EXIT_OK, EXIT_USAGE, OneLineParser, add_debug, exit_codes, guarded
+from asym_runtime.cliutil import parse, EXIT_FAILED, EXIT_OK, EXIT_USAGE, OneLineParser, add_debug, exit_codes, guarded
 
 #: asym_runtime.load backends a comparison can force (its "auto" and "onnxruntime" pick one of these)
 PARITY_BACKENDS = ("onnxruntime-cpu", "onnxruntime-cuda", "tensorrt", "openvino")

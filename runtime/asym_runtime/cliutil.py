@@ -1,6 +1,8 @@
-"""What the three command-line tools (asym-export, asym-parity, asym-bench) share: exit codes,
-one-line usage errors, and help text built from the registries the code itself uses (graphs,
-variants, backends), so help can never list what the code does not accept."""
+"""What every command-line tool shares (asym-export, asym-parity, asym-bench on the export side;
+asym-serve, asym-triton-repo on the runtime side): exit codes, one-line usage errors, the
+unexpected-error and Ctrl-C convention, and help text built from the registries the code itself
+uses (graphs, variants, backends), so help can never list what the code does not accept. It lives
+in the runtime so the runtime's tools need nothing of the export side (and no torch)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import argparse
 import sys
 from typing import Callable
 
-from asym_runtime.specs import GRAPHS
+from .specs import GRAPHS
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 

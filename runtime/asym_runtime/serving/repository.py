@@ -286,7 +286,7 @@ def check_repository(repo: str | os.PathLike, manifest: Manifest | None = None) 
 # --------------------------------------------------------------------------- CLI
 
 def build_parser():
-    from asym_export.cliutil import OneLineParser, add_debug, exit_codes
+    from ..cliutil import OneLineParser, add_debug, exit_codes
 
     p = OneLineParser(
         prog="asym-triton-repo",
@@ -318,7 +318,7 @@ def build_parser():
 
 
 def main(argv: list[str] | None = None) -> int:
-    from asym_export.cliutil import EXIT_FAILED, EXIT_OK, EXIT_USAGE, guarded, parse
+    from ..cliutil import EXIT_FAILED, EXIT_OK, EXIT_USAGE, guarded, parse
 
     args, code = parse(build_parser(), argv)
     if args is None:

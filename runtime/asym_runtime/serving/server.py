@@ -297,7 +297,7 @@ class TritonServer:
 # --------------------------------------------------------------------------- CLI
 
 def build_parser():
-    from asym_export.cliutil import OneLineParser, add_debug, exit_codes
+    from ..cliutil import OneLineParser, add_debug, exit_codes
 
     p = OneLineParser(
         prog="asym-serve",
@@ -342,7 +342,7 @@ def build_parser():
 
 
 def main(argv: list[str] | None = None) -> int:
-    from asym_export.cliutil import EXIT_FAILED, EXIT_OK, EXIT_USAGE, guarded, parse
+    from ..cliutil import EXIT_FAILED, EXIT_OK, EXIT_USAGE, guarded, parse
 
     args, code = parse(build_parser(), argv)
     if args is None:
