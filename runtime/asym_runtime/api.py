@@ -6,31 +6,28 @@
     out = vae.decode(z / vae.config.scaling_factor, image=image, mask=mask)   # conditional
     out = vae.decode(z / vae.config.scaling_factor)                          # plain decode
 
-The calls mirror diffusers' ``AsymmetricAutoencoderKL``: ``encode`` gives the latent
-distribution, ``decode`` the raw decoder output (not clamped; scaling by
-``config.scaling_factor`` is the caller's, as in diffusers). Inputs are checked
-(``checks.py``) before any backend runs.
+This module chooses and loads: which backend runs (TensorRT engines, ONNX Runtime CUDA or CPU,
+OpenVINO), which files of the folder it needs, and each graph's backend session from the checked
+bytes. What the loaded object does is :class:`~asym_runtime.vae.AsymVAE` (``vae.py``); what it
+returns besides arrays, ``results.py``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Iterable
+from typing import Iterable
 
-import numpy as np
-
-from . import arrays
 from .backends import tensorrt as trt_backend
 from .backends.base import Backend
 from .backends.onnxrt import OnnxRuntimeBackend, cuda_provider_available
-from .checks import check_inputs
-from .errors import (ArtifactError, AsymInputError, BackendUnavailableError,
-                     IncompatibleEngineError)
+from .errors import ArtifactError, BackendUnavailableError, IncompatibleEngineError
 from .manifest import FORMAT_ONNX, FORMAT_ONNX_CUDA, FORMAT_PLAN, MANIFEST_NAME, ArtifactMissing, Manifest, read_manifest
 # load()'s backend, precision and graph-form names, with their written form BACKEND/PRECISION
 from .names import BACKENDS, GRAPH_FORMS, PRECISIONS  # noqa: F401
-from .specs import DECODER, DECODER_UNCOND, ENCODER, GRAPHS, ShapeLimits
+from .results import LatentDistribution, VAEConfig  # noqa: F401  (asym_runtime.api's names before the split)
+from .specs import GRAPHS, ShapeLimits
+from .vae import AsymVAE
 
 log = logging.getLogger(__name__)
 
@@ -40,229 +37,6 @@ log = logging.getLogger(__name__)
 #: against diffusers). Every graph a folder may hold is declared in ``specs.GRAPHS``.
 _REQUIRED = ("encoder", "decoder")
 
-
-# --------------------------------------------------------------------------- results
-
-class VAEConfig:
-    """Read-only model config from the manifest: ``config.scaling_factor`` or ``config["..."]``."""
-
-    def __init__(self, data: dict):
-        self._data = dict(data)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self.__dict__["_data"][name]
-        except KeyError:
-            raise AttributeError(f"the model config has no {name!r}") from None
-
-    def __getitem__(self, name: str) -> Any:
-        return self._data[name]
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._data
-
-    def get(self, name: str, default: Any = None) -> Any:
-        return self._data.get(name, default)
-
-    def keys(self):
-        return self._data.keys()
-
-    def to_dict(self) -> dict:
-        return dict(self._data)
-
-    def __repr__(self) -> str:
-        return f"VAEConfig({self._data!r})"
-
-
-class LatentDistribution:
-    """diffusers' ``latent_dist`` (``DiagonalGaussianDistribution``) from the encoder's outputs.
-
-    ``mean`` and ``logvar`` (already clamped to [-30, 20] by the graph) are arrays of the
-    input's kind: numpy, or torch tensors on the input's device.
-    """
-
-    def __init__(self, mean: Any, logvar: Any):
-        self.mean = mean
-        self.logvar = logvar
-
-    @property
-    def std(self) -> Any:
-        return self._exp(0.5 * self.logvar)
-
-    @property
-    def var(self) -> Any:
-        return self._exp(self.logvar)
-
-    def _exp(self, x: Any) -> Any:
-        return np.exp(x) if isinstance(x, np.ndarray) else x.exp()
-
-    def mode(self) -> Any:
-        return self.mean
-
-    def sample(self, generator: Any = None) -> Any:
-        """``mean + std * noise``.
-
-        ``generator``: for numpy results a ``numpy.random.Generator``, an int seed or None; a
-        ``torch.Generator`` (or a list, one per batch item) draws the noise exactly as
-        diffusers' ``randn_tensor`` does, so the sample equals diffusers' for the same
-        generator state.
-        """
-        noise = _noise(tuple(self.mean.shape), generator, self.mean)
-        return self.mean + self.std * noise
-
-
-def _is_torch_generator(g: Any) -> bool:
-    torch = arrays.torch_module()
-    if torch is None:
-        return False
-    if isinstance(g, (list, tuple)):
-        return len(g) > 0 and all(isinstance(x, torch.Generator) for x in g)
-    return isinstance(g, torch.Generator)
-
-
-def _noise(shape: tuple[int, ...], generator: Any, ref: Any) -> Any:
-    if _is_torch_generator(generator) or (arrays.is_torch(ref) and generator is None):
-        torch = arrays.torch_module()
-        device = ref.device if arrays.is_torch(ref) else torch.device("cpu")
-        gens = list(generator) if isinstance(generator, (list, tuple)) else generator
-        if isinstance(gens, list) and len(gens) == 1:
-            gens = gens[0]
-        # diffusers' randn_tensor: CPU generators draw on the CPU, then move
-        if gens is None:
-            rand_device = device
-        else:
-            g0 = gens[0] if isinstance(gens, list) else gens
-            if not arrays.is_torch(ref):  # numpy result: draw where the generator lives
-                rand_device = g0.device
-            else:
-                rand_device = torch.device("cpu") if g0.device.type == "cpu" else device
-        if isinstance(gens, list):
-            if len(gens) != shape[0]:
-                raise AsymInputError(f"sample: {len(gens)} generators for a batch of {shape[0]}")
-            parts = [torch.randn((1,) + shape[1:], generator=g, device=rand_device, dtype=torch.float32)
-                     for g in gens]
-            noise = torch.cat(parts, dim=0)
-        else:
-            noise = torch.randn(shape, generator=gens, device=rand_device, dtype=torch.float32)
-        noise = noise.to(device)
-        return noise if arrays.is_torch(ref) else noise.cpu().numpy()
-    if generator is None or isinstance(generator, (int, np.integer)):
-        generator = np.random.default_rng(generator)
-    if not isinstance(generator, np.random.Generator):
-        raise AsymInputError(
-            f"sample: generator must be a numpy.random.Generator, an int seed, None or a "
-            f"torch.Generator; got {type(generator).__name__}"
-        )
-    noise = generator.standard_normal(shape, dtype=np.float32)
-    return noise if isinstance(ref, np.ndarray) else arrays.like(noise, ref)
-
-
-# --------------------------------------------------------------------------- the loaded VAE
-
-class AsymVAE:
-    """A loaded artifact: ``encode``, ``decode`` and the model config.
-
-    Thread safety: one instance may be used from many threads at once and gives the same
-    results as serial calls. ONNX Runtime sessions are safe for concurrent ``run``; the
-    TensorRT backend keeps one execution context per engine and serialises calls on it with
-    a lock (a context is not thread-safe, and a second context would double the activation
-    memory for little gain on one GPU).
-    """
-
-    def __init__(self, manifest: Manifest, backends: dict[str, Backend], *, backend: str,
-                 precision: str, limits: ShapeLimits, device: str, graph_form: str | None = None):
-        self.manifest = manifest
-        self.backends = backends
-        #: "tensorrt", "onnxruntime-cuda" or "onnxruntime-cpu"
-        self.backend = backend
-        #: precision of the graphs or engines that run: "fp32" or "fp16"
-        self.precision = precision
-        #: the shapes this runtime accepts (manifest limits, narrowed by an engine's profile)
-        self.limits = limits
-        #: "cpu" or "cuda:N": where the backend computes
-        self.device = device
-        #: ONNX Runtime: "cuda" (the fused channels-last CUDA form) or "portable"; None for TensorRT
-        self.graph_form = graph_form
-        cfg = dict(manifest.model_config)
-        cfg["scaling_factor"] = manifest.scaling_factor
-        self.config = VAEConfig(cfg)
-
-    @property
-    def variant(self) -> str:
-        return self.manifest.variant
-
-    def __repr__(self) -> str:
-        form = f" ({self.graph_form} graphs)" if self.graph_form else ""
-        return (f"<AsymVAE {self.variant} {self.backend} {self.precision}{form} on {self.device}, "
-                f"{self.manifest.root}>")
-
-    # ----- calls
-    def encode(self, image: Any) -> LatentDistribution:
-        """image [B, 3, H, W] in [-1, 1] -> the latent distribution (``.mean``, ``.logvar``,
-        ``.std``, ``.sample(generator)``), as diffusers' ``encode(image).latent_dist``."""
-        req = check_inputs("encode", ENCODER.inputs, {"image": image}, self.limits)
-        out = self._run("encoder", req.feed)
-        return LatentDistribution(out["latent_mean"], out["latent_logvar"])
-
-    def decode(self, latent: Any, image: Any = None, mask: Any = None) -> Any:
-        """Decode ``latent`` [B, 4, H/8, W/8] (already divided by ``scaling_factor``).
-
-        With ``image`` [B, 3, H, W] in [-1, 1] (the unmasked image) and ``mask``
-        [B, 1, H, W] in [0, 1] (1 = repaint): the conditional decode, diffusers'
-        ``decode(latent, image=image, mask=mask).sample``. With neither: the plain decode,
-        ``decode(latent).sample``. Returns [B, 3, H, W], float32, not clamped.
-        """
-        if (image is None) != (mask is None):
-            given, missing = ("image", "mask") if mask is None else ("mask", "image")
-            raise AsymInputError(
-                f"decode: got {given} but no {missing}; pass both image and mask for the "
-                "conditional (inpainting) decode, or neither for a plain decode"
-            )
-        if image is None:
-            uncond = "decoder_uncond" in self.backends
-            spec = DECODER_UNCOND if uncond else DECODER
-            req = check_inputs("decode", (spec.tensor("latent"),), {"latent": latent}, self.limits)
-            if uncond:
-                return self._run("decoder_uncond", req.feed)["sample"]
-            lat = req.feed["latent"]
-            b, h, w = req.shape.batch, req.shape.height, req.shape.width
-            feed = {"latent": lat, "image": arrays.full(lat, (b, 3, h, w), 0.0),
-                    "mask": arrays.full(lat, (b, 1, h, w), 1.0)}
-            return self._run("decoder", feed)["sample"]
-        req = check_inputs("decode", DECODER.inputs, {"latent": latent, "image": image, "mask": mask},
-                           self.limits)
-        return self._run("decoder", req.feed)["sample"]
-
-    def _run(self, graph: str, feed: dict[str, Any]) -> dict[str, Any]:
-        backend = self.backends.get(graph)
-        if backend is None:
-            raise RuntimeError(f"this AsymVAE was loaded without the {graph} graph (see load(..., graphs=))")
-        if not backend.active:
-            raise RuntimeError("this AsymVAE is closed")
-        return backend.infer(feed)
-
-    # ----- lifecycle
-    def close(self) -> None:
-        """Free sessions, engines and buffers. The instance cannot run afterwards."""
-        for b in self.backends.values():
-            b.deactivate()
-
-    def __enter__(self) -> "AsymVAE":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.close()
-
-    # ----- diffusers
-    def as_diffusers(self):
-        """An ``AsymmetricAutoencoderKL`` stand-in that runs on this runtime, to assign as
-        ``pipe.vae`` (imports torch and diffusers)."""
-        from .diffusers_adapter import RuntimeAsymmetricAutoencoderKL
-
-        return RuntimeAsymmetricAutoencoderKL(self)
-
-
-# --------------------------------------------------------------------------- loading
 
 def load(path: str | os.PathLike, backend: str = "auto", precision: str | None = None, *,
          verify_onnx: bool = True, device_id: int = 0, cuda_graph: bool = False,

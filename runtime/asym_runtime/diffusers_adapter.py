@@ -18,7 +18,7 @@ from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDis
 from diffusers.models.modeling_outputs import AutoencoderKLOutput
 from diffusers.models.modeling_utils import ModelMixin
 
-from .api import AsymVAE
+from .vae import AsymVAE
 
 
 class RuntimeAsymmetricAutoencoderKL(AsymmetricAutoencoderKL):

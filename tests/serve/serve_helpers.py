@@ -42,7 +42,8 @@ class Served:
 def start_server(artifact: Path, log_dir: Path, *extra: str, timeout: float = 120.0) -> Served:
     http, grpc, metrics = free_ports(3)
     out = log_dir / f"asym-serve-{http}.log"
-    cmd = [sys.executable, "-m", "asym_runtime.serving.server", str(artifact), "--http-port", str(http),
+    cmd = [sys.executable, "-c", "import sys; from asym_runtime.serving.cli import serve_main; sys.exit(serve_main())",
+           str(artifact), "--http-port", str(http),
            "--grpc-port", str(grpc), "--metrics-port", str(metrics), *extra]
     with open(out, "wb") as f:
         p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)

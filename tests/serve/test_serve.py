@@ -227,7 +227,7 @@ def test_stopped_server_fails_within_the_timeout(tiny_artifact, tmp_path):
 
 
 def test_asym_serve_usage_errors(tiny_artifact, tmp_path, capsys):
-    from asym_runtime.serving.server import main
+    from asym_runtime.serving.cli import serve_main as main
 
     assert main([str(tmp_path)]) == 2
     assert "not an artifact folder" in capsys.readouterr().err

@@ -9,9 +9,11 @@ import pytest
 
 pytest.importorskip("tritonclient", reason="the serve extra is not installed (pip install -e '.[serve]')")
 
-from asym_runtime.serving import repository, server  # noqa: E402
+from asym_runtime.serving import cli, repository, server  # noqa: E402
 
-TOOLS = {"asym-serve": server, "asym-triton-repo": repository}
+MAINS = {"asym-serve": cli.serve_main, "asym-triton-repo": cli.repo_main}
+#: where each tool's work lives (what a test replaces to make it fail unexpectedly)
+WORK = {"asym-serve": server, "asym-triton-repo": repository}
 
 
 def _one_line(err: str) -> str:
@@ -21,9 +23,9 @@ def _one_line(err: str) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("tool", TOOLS)
+@pytest.mark.parametrize("tool", MAINS)
 def test_an_unknown_flag_is_one_line_and_exit_2(tool, tmp_path, capsys):
-    assert TOOLS[tool].main([str(tmp_path), "--no-such-flag"]) == 2
+    assert MAINS[tool]([str(tmp_path), "--no-such-flag"]) == 2
     line = _one_line(capsys.readouterr().err)
     assert line.startswith(f"{tool}: error: ") and "--no-such-flag" in line and f"see {tool} --help" in line
 
@@ -33,7 +35,7 @@ def test_an_unusable_folder_is_one_line_and_exit_2(tool, argv, tmp_path, capsys)
     folder = tmp_path / "broken"
     folder.mkdir()
     (folder / "manifest.json").write_text(json.dumps({"schema_version": 2, "files": {"a.onnx": {"sha256": 123}}}))
-    assert TOOLS[tool].main([a.format(folder=folder, out=tmp_path / "r") for a in argv]) == 2
+    assert MAINS[tool]([a.format(folder=folder, out=tmp_path / "r") for a in argv]) == 2
     line = _one_line(capsys.readouterr().err)
     assert line.startswith(f"{tool}: error: ") and "breaks the manifest schema" in line, line
 
@@ -47,10 +49,10 @@ def test_an_unexpected_error_is_one_line_exit_1_and_debug_shows_it(tool, target,
     def boom(*a, **k):
         raise KeyError("surprise")
 
-    monkeypatch.setattr(TOOLS[tool], target, boom)
+    monkeypatch.setattr(WORK[tool], target, boom)
     args = [a.format(folder=tiny_artifact, out=tmp_path / "r") for a in argv]
-    assert TOOLS[tool].main(args) == 1
+    assert MAINS[tool](args) == 1
     line = _one_line(capsys.readouterr().err)
     assert line == f"{tool}: unexpected error: KeyError: 'surprise' (rerun with --debug for the traceback)"
     with pytest.raises(KeyError, match="surprise"):
-        TOOLS[tool].main(args + ["--debug"])
+        MAINS[tool](args + ["--debug"])

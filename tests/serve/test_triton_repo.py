@@ -17,8 +17,8 @@ pytest.importorskip("tritonclient", reason="the serve extra is not installed (pi
 
 from asym_runtime import read_manifest  # noqa: E402
 from asym_runtime.serving import config as tconfig  # noqa: E402
-from asym_runtime.serving.repository import (RepoOptions, check_repository, main,  # noqa: E402
-                                             write_repository)
+from asym_runtime.serving.cli import repo_main as main  # noqa: E402
+from asym_runtime.serving.repository import RepoOptions, check_repository, write_repository  # noqa: E402
 from asym_runtime.specs import GRAPHS  # noqa: E402
 
 

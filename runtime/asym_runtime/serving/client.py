@@ -186,7 +186,7 @@ def remote(url: str = "localhost:8000", *, protocol: str | None = None, timeout:
             models.
         ValueError: a bad ``url``, ``protocol`` or ``timeout``.
     """
-    from ..api import AsymVAE
+    from ..vae import AsymVAE
 
     if not timeout > 0:
         raise ValueError(f"timeout {timeout!r}: seconds, > 0")

@@ -1,4 +1,5 @@
-"""``asym-triton-repo DIR --out REPO``: a Triton model repository for the native backends.
+"""``asym-triton-repo DIR --out REPO``: a Triton model repository for the native backends (the
+command line is in :mod:`.cli`).
 
 For Triton's own container on a GPU machine (``tritonserver --model-repository REPO``), no
 Python in the serving path:
@@ -27,7 +28,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -281,84 +281,3 @@ def check_repository(repo: str | os.PathLike, manifest: Manifest | None = None) 
                             problems.append(f"{where}/1/model.onnx: {kind} {g.name} has {d.dim_value} channels, "
                                             f"the contract {want_d}")
     return problems
-
-
-# --------------------------------------------------------------------------- CLI
-
-def build_parser():
-    from ..cliutil import OneLineParser, add_debug, exit_codes
-
-    p = OneLineParser(
-        prog="asym-triton-repo",
-        description=(
-            "Write a Triton model repository from an artifact folder: the verified ONNX graphs as "
-            "onnxruntime models and the TensorRT engines as tensorrt models, with config.pbtxt from the "
-            "graph contract and the folder's shape limits, for tritonserver in NVIDIA's container. "
-            "--check REPO re-checks a written repository."
-        ),
-        epilog=exit_codes("written (or checked) and consistent", "the check found problems",
-                          "bad arguments or an unusable folder"),
-    )
-    p.add_argument("dir", type=Path, nargs="?", help="artifact folder written by asym-export")
-    p.add_argument("--out", type=Path, help="the repository folder to write")
-    p.add_argument("--check", type=Path, metavar="REPO", help="check a repository instead of writing one")
-    p.add_argument("--precision", default="fp16", choices=("fp16", "fp32"), help="graph precision (default fp16)")
-    p.add_argument("--form", default="auto", choices=FORMS,
-                   help="auto: the CUDA form where the folder has one and instances are GPU ones; portable: the standard graphs")
-    p.add_argument("--no-engines", action="store_true", help="leave the folder's TensorRT engines out")
-    p.add_argument("--instances", type=int, default=1, help="instances per model (default 1)")
-    p.add_argument("--kind", default="gpu", choices=tconfig.KINDS, help="instance kind (default gpu)")
-    p.add_argument("--gpus", default=None, help="comma-separated GPU ids for the instances")
-    p.add_argument("--max-queue-delay-us", type=int, default=tconfig.DEFAULT_QUEUE_DELAY_US)
-    p.add_argument("--tensorrt-accelerator", action="store_true",
-                   help="run the ONNX models through ONNX Runtime's TensorRT provider (portable graphs)")
-    p.add_argument("--force", action="store_true", help="replace an existing repository this tool wrote")
-    add_debug(p)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    from ..cliutil import EXIT_FAILED, EXIT_OK, EXIT_USAGE, guarded, parse
-
-    args, code = parse(build_parser(), argv)
-    if args is None:
-        return code
-
-    def body() -> int:
-        if args.check is not None:
-            if args.dir is not None or args.out is not None:
-                print("asym-triton-repo: error: --check REPO takes no artifact folder or --out", file=sys.stderr)
-                return EXIT_USAGE
-            if not args.check.is_dir():
-                print(f"asym-triton-repo: error: {args.check} is not a folder", file=sys.stderr)
-                return EXIT_USAGE
-            problems = check_repository(args.check)
-            for p in problems:
-                print(f"asym-triton-repo: {p}", file=sys.stderr)
-            print(f"asym-triton-repo: {args.check}: " + ("consistent" if not problems else f"{len(problems)} problem(s)"))
-            return EXIT_FAILED if problems else EXIT_OK
-        if args.dir is None or args.out is None:
-            print("asym-triton-repo: error: give an artifact folder and --out REPO (or --check REPO)", file=sys.stderr)
-            return EXIT_USAGE
-        try:
-            gpus = [int(g) for g in args.gpus.split(",") if g.strip()] if args.gpus else None
-            if args.instances < 1 or args.max_queue_delay_us < 0:
-                raise ValueError("--instances must be >= 1 and --max-queue-delay-us >= 0")
-            opts = RepoOptions(precision=args.precision, form=args.form, engines=not args.no_engines,
-                               instances=args.instances, kind=args.kind, gpus=gpus,
-                               queue_delay_us=args.max_queue_delay_us,
-                               tensorrt_accelerator=args.tensorrt_accelerator, force=args.force)
-            result = write_repository(args.dir, args.out, opts,
-                                      progress=lambda m: print(f"asym-triton-repo: {m}", flush=True))
-        except (ValueError, ArtifactError, FileExistsError) as e:
-            print(f"asym-triton-repo: error: {e}", file=sys.stderr)
-            return EXIT_USAGE
-        print(f"asym-triton-repo: wrote {result.path}: {', '.join(m.name for m in result.models)} (checked); "
-              f"run it with: tritonserver --model-repository {result.path}")
-        return EXIT_OK
-
-    return guarded("asym-triton-repo", args.debug, body)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -1,4 +1,5 @@
-"""``asym-serve DIR``: an artifact folder served by NVIDIA Triton Inference Server.
+"""``asym-serve DIR``: an artifact folder served by NVIDIA Triton Inference Server (the command
+line is in :mod:`.cli`).
 
 The server is Triton itself, the ``tritonserver`` binary and python backend that the
 ``nvidia-pytriton`` wheel carries (or, with ``--tritonserver``, an installed one such as
@@ -40,9 +41,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import ArtifactError, BackendUnavailableError
-from ..manifest import MANIFEST_NAME, read_manifest
-from ..names import BACKENDS, PRECISIONS
+from ..errors import BackendUnavailableError
+from ..manifest import read_manifest
 from ..specs import GRAPHS
 from . import config as tconfig
 from .model import (PARAM_ARTIFACT, PARAM_BACKEND, PARAM_GRAPH, PARAM_LOADED, PARAM_MANIFEST,
@@ -292,145 +292,3 @@ class TritonServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-# --------------------------------------------------------------------------- CLI
-
-def build_parser():
-    from ..cliutil import OneLineParser, add_debug, exit_codes
-
-    p = OneLineParser(
-        prog="asym-serve",
-        description=(
-            "Serve an artifact folder on NVIDIA Triton Inference Server: models encoder, decoder "
-            "(conditional decode) and decoder_uncond (plain decode), each running asym_runtime, with "
-            "dynamic batching up to the folder's max batch, HTTP and gRPC, /v2/health/ready and "
-            "Prometheus metrics. Call it with asym_runtime.remote(URL) or any Triton client."
-        ),
-        epilog=exit_codes("the server stopped on Ctrl-C or SIGTERM", "the server failed to start or died",
-                          "bad arguments or an unusable folder"),
-    )
-    p.add_argument("dir", type=Path, help="artifact folder written by asym-export")
-    p.add_argument("--backend", default="auto", choices=BACKENDS,
-                   help="runtime backend inside the server, as asym_runtime.load names it (default auto)")
-    p.add_argument("--precision", default=None, choices=PRECISIONS,
-                   help="graph precision, as asym_runtime.load takes it (default: the folder's default)")
-    p.add_argument("--address", default="127.0.0.1",
-                   help="address to listen on (default 127.0.0.1; 0.0.0.0 for a load balancer or container)")
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--grpc-port", type=int, default=8001)
-    p.add_argument("--metrics-port", type=int, default=8002)
-    p.add_argument("--instances", type=int, default=1,
-                   help="model instances per graph (each loads its graph once; default 1)")
-    p.add_argument("--max-batch", type=int, default=None,
-                   help="largest batch Triton may form from queued requests (default: the folder's max "
-                        "batch; 1: no batching: on a CPU a batch costs about the sum of its items)")
-    p.add_argument("--kind", default="cpu", choices=tconfig.KINDS, help="instance kind (default cpu)")
-    p.add_argument("--gpus", default=None, help="with --kind gpu: comma-separated GPU ids")
-    p.add_argument("--max-queue-delay-us", type=int, default=tconfig.DEFAULT_QUEUE_DELAY_US,
-                   help=f"how long a request may wait for others to batch with (default {tconfig.DEFAULT_QUEUE_DELAY_US})")
-    p.add_argument("--graphs", default=",".join(GRAPHS),
-                   help=f"graphs to serve (default {','.join(GRAPHS)})")
-    p.add_argument("--tritonserver", type=Path, default=None,
-                   help="an installed tritonserver binary to use instead of nvidia-pytriton's")
-    p.add_argument("--start-timeout", type=float, default=600.0, help="seconds to wait for readiness (default 600)")
-    p.add_argument("--exit-timeout", type=int, default=10,
-                   help="seconds Triton drains in-flight requests and open connections on stop (default 10)")
-    p.add_argument("--log-verbose", type=int, default=0, help="Triton's --log-verbose level")
-    add_debug(p)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    from ..cliutil import EXIT_FAILED, EXIT_OK, EXIT_USAGE, guarded, parse
-
-    args, code = parse(build_parser(), argv)
-    if args is None:
-        return code
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-
-    def body() -> int:
-        try:
-            opts = _options(args)
-            manifest = read_manifest(opts.artifact)
-        except (ValueError, ArtifactError) as e:
-            print(f"asym-serve: error: {e}", file=sys.stderr)
-            return EXIT_USAGE
-        server = TritonServer(opts)
-        stopping = []
-
-        def on_term(signum, frame):  # SIGTERM as Ctrl-C: stop Triton cleanly
-            stopping.append(signum)
-            raise KeyboardInterrupt
-
-        previous = signal.signal(signal.SIGTERM, on_term)
-        try:
-            print(f"asym-serve: starting Triton on {opts.artifact} ({manifest.variant}, {opts.backend} backend, "
-                  f"{opts.instances} instance(s) per graph) ...", flush=True)
-            try:
-                server.start(progress=lambda m: print(f"asym-serve: {m}", flush=True))
-            except BackendUnavailableError as e:
-                print(f"asym-serve: error: {e}", file=sys.stderr)
-                return EXIT_USAGE
-            except RuntimeError as e:
-                print(f"asym-serve: error: {e}", file=sys.stderr)
-                return EXIT_FAILED
-            print(f"asym-serve: serving {', '.join(server.models)} at {server.http_url} (gRPC port "
-                  f"{opts.grpc_port}, metrics http://{opts.address}:{opts.metrics_port}/metrics); Ctrl-C stops",
-                  flush=True)
-            code = server.wait()
-            print(f"asym-serve: error: tritonserver stopped by itself (exit code {code}):\n{server.log_tail()}",
-                  file=sys.stderr)
-            return EXIT_FAILED
-        except KeyboardInterrupt:
-            print("asym-serve: stopping", flush=True)
-            server.stop()
-            return EXIT_OK
-        finally:
-            server.stop()
-            signal.signal(signal.SIGTERM, previous)
-
-    return guarded("asym-serve", args.debug, body)
-
-
-def _options(args) -> ServeOptions:
-    graphs = tuple(g.strip() for g in args.graphs.split(",") if g.strip())
-    bad = [g for g in graphs if g not in GRAPHS]
-    if bad or not graphs:
-        raise ValueError(f"--graphs {args.graphs!r}: choose from {', '.join(GRAPHS)}")
-    for name in ("http_port", "grpc_port", "metrics_port"):
-        v = getattr(args, name)
-        if not 0 < v < 65536:
-            raise ValueError(f"--{name.replace('_', '-')} {v}: a port is 1..65535")
-    if len({args.http_port, args.grpc_port, args.metrics_port}) != 3:
-        raise ValueError("--http-port, --grpc-port and --metrics-port must differ")
-    if args.instances < 1:
-        raise ValueError(f"--instances {args.instances}: at least 1")
-    if args.max_batch is not None and args.max_batch < 1:
-        raise ValueError(f"--max-batch {args.max_batch}: at least 1")
-    if args.exit_timeout < 0:
-        raise ValueError(f"--exit-timeout {args.exit_timeout}: seconds, >= 0")
-    if args.max_queue_delay_us < 0:
-        raise ValueError(f"--max-queue-delay-us {args.max_queue_delay_us}: must be >= 0")
-    if args.precision == "bf16" and args.backend != "openvino":
-        raise ValueError("--precision bf16 runs on --backend openvino only")
-    gpus = None
-    if args.gpus:
-        if args.kind != "gpu":
-            raise ValueError("--gpus needs --kind gpu")
-        try:
-            gpus = [int(g) for g in args.gpus.split(",") if g.strip()]
-        except ValueError:
-            raise ValueError(f"--gpus {args.gpus!r}: comma-separated GPU ids, e.g. 0,1") from None
-    artifact = args.dir
-    if not (artifact / MANIFEST_NAME).is_file():
-        raise ValueError(f"{artifact} is not an artifact folder (no {MANIFEST_NAME})")
-    return ServeOptions(artifact=artifact, backend=args.backend, precision=args.precision, address=args.address,
-                        http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
-                        instances=args.instances, max_batch=args.max_batch, kind=args.kind, gpus=gpus, queue_delay_us=args.max_queue_delay_us,
-                        graphs=graphs, tritonserver=args.tritonserver, start_timeout_s=args.start_timeout,
-                        exit_timeout_s=args.exit_timeout, log_verbose=args.log_verbose)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
