@@ -18,7 +18,8 @@ from asym_runtime.specs import GRAPHS, GraphSpec, Shape, ShapeLimits
 
 from . import __version__
 from .artifact import ArtifactWriter
-from .cuda_form import CudaFormReport, cuda_ranges, write_cuda_form, write_emulation
+from .cuda_emulation import write_emulation
+from .cuda_form import CudaFormReport, cuda_ranges, write_cuda_form
 from .engine_verify import EngineStep, EnginesNotBuiltError
 from .engines import EngineOptions
 from .feeds import CALIBRATION, CALIBRATION_SEED, VERIFY_SEED, make_feed

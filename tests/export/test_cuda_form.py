@@ -13,8 +13,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from asym_export.cuda_form import (FUSED_OPS, MS_DOMAIN, CudaFormError, cuda_form, layout_violations,
-                                   original_tensor, write_emulation)
+from asym_export.cuda_emulation import write_emulation
+from asym_export.cuda_form import cuda_form
+from asym_export.cuda_graph import FUSED_OPS, MS_DOMAIN, CudaFormError, original_tensor
+from asym_export.cuda_layout import layout_violations
 from asym_export.feeds import make_feed
 from asym_export.trt_readiness import engine_source
 from asym_runtime.manifest import FORMAT_ONNX, FORMAT_ONNX_CUDA, read_manifest
@@ -149,7 +151,7 @@ def test_a_graph_without_the_exporters_groupnorm_is_left_alone():
 
 
 def emulated(model):
-    from asym_export.cuda_form import emulate
+    from asym_export.cuda_emulation import emulate
 
     m = onnx.ModelProto()
     m.CopyFrom(model)
