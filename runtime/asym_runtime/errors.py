@@ -34,3 +34,11 @@ class BackendError(RuntimeError):
 
     Never raised for bad input: inputs are checked before any backend runs.
     """
+
+
+class ArtifactMissing(ArtifactError):
+    """A file the manifest lists is not there (another export may have just replaced the folder)."""
+
+    def __init__(self, path):
+        super().__init__(f"{path} is listed in manifest.json but missing")
+        self.path = path

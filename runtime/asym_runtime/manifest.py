@@ -22,13 +22,14 @@ import math
 import os
 import posixpath
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Iterator
 
-from .errors import ArtifactError
+from .errors import ArtifactError, ArtifactMissing  # noqa: F401  (ArtifactMissing: callers import it here too)
+from .files import read_regular, refuse_links, sha256_file  # noqa: F401  (sha256_file: for callers)
+from .onnx_data import GraphSource, external_locations, external_tensors  # noqa: F401
 from .specs import ShapeLimits
 
 log = logging.getLogger(__name__)
@@ -55,80 +56,6 @@ FORMAT_ONNX_DATA = "onnx_external_data"
 FORMAT_PLAN = "tensorrt_plan"
 FORMAT_TIMING_CACHE = "tensorrt_timing_cache"
 GRAPH_FORMATS = (FORMAT_ONNX, FORMAT_ONNX_CUDA)
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-# --------------------------------------------------------------------------- safe reading
-
-def _refuse_links(root: Path, rel: str) -> Path:
-    """``root/rel`` after checking that no part below ``root`` is a symlink (lstat)."""
-    path = root
-    for part in rel.split("/"):
-        path = path / part
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            raise ArtifactMissing(path) from None
-        except OSError as e:
-            raise ArtifactError(f"{path}: cannot be read ({e.strerror})") from None
-        if stat.S_ISLNK(st.st_mode):
-            raise ArtifactError(f"{path} is a symbolic link; an artifact folder holds its own files, "
-                                "links are refused (they can lead outside the folder)")
-    return path
-
-
-def read_regular(path: Path, *, max_size: int | None = None, expect_size: int | None = None) -> bytes:
-    """The bytes of ``path``, which must be a regular file (not a link, FIFO, device or folder).
-
-    Opened with O_NOFOLLOW and O_NONBLOCK (a FIFO must not block the load), checked with
-    fstat on the open descriptor, then read through that same descriptor. A wrong size
-    (``expect_size``) or one above ``max_size`` fails before anything is read.
-    """
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
-    try:
-        fd = os.open(path, flags)
-    except FileNotFoundError:
-        raise ArtifactMissing(path) from None
-    except OSError as e:  # ELOOP: a symlink; EACCES ...
-        raise ArtifactError(f"{path}: cannot be opened as a regular file ({e.strerror})") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ArtifactError(f"{path} is not a regular file; an artifact folder holds regular files only")
-        if expect_size is not None and st.st_size != expect_size:
-            raise ArtifactError(f"{path} is {st.st_size} bytes, the manifest records {expect_size}; "
-                                "the file was changed or truncated after export")
-        if max_size is not None and st.st_size > max_size:
-            raise ArtifactError(f"{path} is {st.st_size} bytes, more than the {max_size} a manifest may have")
-        buf = bytearray(st.st_size)
-        view, got = memoryview(buf), 0
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            while got < len(buf):
-                n = f.readinto(view[got:])
-                if not n:
-                    break
-                got += n
-            grew = bool(f.read(1))
-        if got != len(buf) or grew:
-            raise ArtifactError(f"{path} changed size while it was read; the folder is being rewritten")
-        return bytes(buf) if len(buf) < (1 << 20) else buf  # large files: no second copy
-    finally:
-        os.close(fd)
-
-
-class ArtifactMissing(ArtifactError):
-    """A file the manifest lists is not there (another export may have just replaced the folder)."""
-
-    def __init__(self, path: Path):
-        super().__init__(f"{path} is listed in {MANIFEST_NAME} but missing")
-        self.path = path
 
 
 # --------------------------------------------------------------------------- schema
@@ -236,70 +163,6 @@ class FileEntry:
         return d
 
 
-@dataclass
-class GraphSource:
-    """An ONNX graph and every external data file it reads, as checked bytes.
-
-    ``external`` maps each location exactly as the graph writes it to that file's bytes;
-    ONNX Runtime gets them from memory, so no file is opened again after the check.
-    ``digests``: the recorded sha256 of the graph, then of each data file in that order.
-    """
-
-    name: str
-    model: bytes
-    external: dict[str, bytes] = field(default_factory=dict)
-    digests: tuple[str, ...] = ()
-
-
-def external_tensors(model) -> Iterator:
-    """Every tensor of an ONNX ``ModelProto`` that may keep its data in an external file:
-    initializers, sparse initializers and tensors in node attributes, in subgraphs and in
-    functions too."""
-
-    def of_nodes(nodes):
-        for node in nodes:
-            for a in node.attribute:
-                if a.HasField("t"):
-                    yield a.t
-                yield from a.tensors
-                for sparse in ([a.sparse_tensor] if a.HasField("sparse_tensor") else []) + list(a.sparse_tensors):
-                    yield sparse.values
-                    yield sparse.indices
-                if a.HasField("g"):
-                    yield from of_graph(a.g)
-                for g in a.graphs:
-                    yield from of_graph(g)
-
-    def of_graph(g):
-        yield from g.initializer
-        for sparse in g.sparse_initializer:
-            yield sparse.values
-            yield sparse.indices
-        yield from of_nodes(g.node)
-
-    yield from of_graph(model.graph)
-    for f in model.functions:
-        yield from of_nodes(f.node)
-
-
-def external_locations(model_bytes: bytes, where: str) -> list[str]:
-    """The external data locations an ONNX model (serialised bytes) reads, in first-use order."""
-    import onnx
-
-    try:
-        model = onnx.ModelProto.FromString(model_bytes)
-    except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and friends
-        raise ArtifactError(f"{where} is not an ONNX model ({e})") from None
-    found: dict[str, None] = {}
-    for t in external_tensors(model):
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            loc = next((e.value for e in t.external_data if e.key == "location"), None)
-            if not loc:
-                raise ArtifactError(f"{where}: tensor {t.name!r} is external but names no location")
-            found.setdefault(loc)
-    return list(found)
-
-
 # --------------------------------------------------------------------------- manifest
 
 class Manifest:
@@ -362,7 +225,7 @@ class Manifest:
         regular file, and checked against the recorded size and sha256: what is checked is
         what is used."""
         entry = self._entry(name)
-        path = _refuse_links(self.root, f"{self.generation}/{name}")
+        path = refuse_links(self.root, f"{self.generation}/{name}")
         data = read_regular(path, expect_size=entry.size)
         self._check(name, len(data), hashlib.sha256(data).hexdigest())
         log.debug("verified %s (%d bytes)", name, len(data))
