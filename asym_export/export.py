@@ -27,12 +27,11 @@ from .fp16 import (
     DEFAULT_HEADROOM,
     Fp16Plan,
     activation_ranges,
-    fp16_counts,
     plan_islands,
     weight_ranges,
-    write_emulation_twin,
     write_mixed,
 )
+from .fp16_emulation import fp16_counts, write_emulation_twin
 from .onnx_export import EXPORT_SHAPE, OPSET, onnx_from_model
 from .progress import Progress
 from .trt_readiness import check_folder

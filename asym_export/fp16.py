@@ -21,7 +21,7 @@ casts, computes in FP32 and drops the casts between consecutive upcast nodes, so
 intermediate tensor is ever rounded to FP16 depends on which kernels happen to exist (a
 chain ``x * 1000 * 1000`` returns 1e6 instead of inf; in the VAE decoder some overflows do
 surface). Running the mixed graph on a CPU is therefore no test of FP16 at all.
-:func:`write_emulation_twin` therefore builds an FP32 twin of the mixed graph in which every
+:func:`asym_export.fp16_emulation.write_emulation_twin` therefore builds an FP32 twin of the mixed graph in which every
 tensor that is FP16 in the mixed graph passes through ``Cast(FLOAT16) -> Cast(FLOAT)``,
 which ONNX Runtime keeps and rounds faithfully (1e6 becomes inf), and every FP16 weight is
 stored as its exactly-representable FP16 value. The twin models FP16 *storage* of every
@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, numpy_helper
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +152,11 @@ class Fp16Plan:
 _SHAPE_ONLY = {"Shape", "Size"}  # read only the dims of a tensor, never its values
 
 
+def external_info(t: TensorProto) -> dict[str, str]:
+    """An external tensor's ``external_data`` entries (location, offset, length) as a dict."""
+    return {e.key: e.value for e in t.external_data}
+
+
 def weight_ranges(onnx_path: str | Path) -> dict[str, float]:
     """Largest ``|w|`` of every float initializer, read tensor by tensor (external data is
     memory-mapped, never loaded whole)."""
@@ -162,7 +167,7 @@ def weight_ranges(onnx_path: str | Path) -> dict[str, float]:
         if init.data_type != TensorProto.FLOAT:
             continue
         if init.data_location == TensorProto.EXTERNAL:
-            ext = _external(init)
+            ext = external_info(init)
             arr = np.memmap(onnx_path.parent / ext["location"], dtype=np.float32, mode="r",
                             offset=int(ext.get("offset", 0)), shape=(int(ext["length"]) // 4,))
         else:
@@ -226,10 +231,10 @@ def fold_cast_pairs(model: onnx.ModelProto) -> int:
     drop, rename, folded = set(), {}, 0
     reroute: list[tuple] = []  # (node, input index, new name) for shape-only readers
     for n in g.node:
-        if n.op_type != "Cast" or _cast_to(n) != TensorProto.FLOAT16 or n.output[0] in outputs:
+        if n.op_type != "Cast" or cast_to(n) != TensorProto.FLOAT16 or n.output[0] in outputs:
             continue
         users = consumers.get(n.output[0], [])
-        casts = [u for u in users if u.op_type == "Cast" and _cast_to(u) == TensorProto.FLOAT]
+        casts = [u for u in users if u.op_type == "Cast" and cast_to(u) == TensorProto.FLOAT]
         shape_only = [u for u in users if u.op_type in _SHAPE_ONLY]
         if not casts or len(casts) + len(shape_only) != len(users):
             continue
@@ -274,7 +279,7 @@ def _is_fp32_source(model, name: str) -> bool:
     return True  # the converter's *_cast_to_fp16 outputs are untyped; they are FP32
 
 
-def _cast_to(node) -> int | None:
+def cast_to(node) -> int | None:
     for a in node.attribute:
         if a.name == "to":
             return a.i
@@ -337,93 +342,3 @@ def write_mixed(fp32_path: str | Path, out_path: str | Path, plan: Fp16Plan,
     del model
     onnx.checker.check_model(str(out_path), full_check=True)
     return out_path
-
-
-# --------------------------------------------------------------------------- emulation
-
-def _external(t: TensorProto) -> dict[str, str]:
-    return {e.key: e.value for e in t.external_data}
-
-
-def write_emulation_twin(mixed_path: str | Path, out_path: str | Path) -> Path:
-    """Write an FP32 graph that rounds every tensor that is FP16 in the mixed graph to FP16.
-
-    Weights stored as FP16 become FP32 initializers holding the same (exactly representable)
-    values, streamed from the mixed graph's external data so memory stays at one tensor;
-    every node output typed FP16 in the mixed graph is computed in FP32 and then passed
-    through ``Cast(FLOAT16) -> Cast(FLOAT)``, which ONNX Runtime's CPU provider executes
-    faithfully (overflow to inf included).
-    """
-    mixed_path, out_path = Path(mixed_path), Path(out_path)
-    m = onnx.load(str(mixed_path), load_external_data=False)
-    typed = onnx.shape_inference.infer_shapes(m)  # external tensors keep dims and types
-    types = {v.name: v.type.tensor_type.elem_type for v in
-             list(typed.graph.value_info) + list(typed.graph.output) + list(typed.graph.input)}
-    del typed
-    g = m.graph
-    data_path = out_path.parent / (out_path.name + ".data")
-    with open(data_path, "wb") as dst:
-        for init in g.initializer:
-            if init.data_location == TensorProto.EXTERNAL:
-                ext = _external(init)
-                src = np.memmap(mixed_path.parent / ext["location"], dtype=np.uint8, mode="r",
-                                offset=int(ext.get("offset", 0)), shape=(int(ext["length"]),))
-                arr = np.frombuffer(src, dtype=helper.tensor_dtype_to_np_dtype(init.data_type))
-                if init.data_type == TensorProto.FLOAT16:
-                    arr = arr.astype(np.float32)
-                    init.data_type = TensorProto.FLOAT
-                offset = dst.tell()
-                dst.write(arr.tobytes())
-                del src, arr
-                del init.external_data[:]
-                for k, v in (("location", data_path.name), ("offset", str(offset)),
-                             ("length", str(dst.tell() - offset))):
-                    init.external_data.add(key=k, value=v)
-            elif init.data_type == TensorProto.FLOAT16:
-                init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float32), init.name))
-    new_nodes = []
-    for n in g.node:
-        if n.op_type in ("Constant", "ConstantOfShape"):
-            for a in n.attribute:
-                if a.name == "value" and a.t.data_type == TensorProto.FLOAT16:
-                    a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(np.float32), a.t.name))
-        if n.op_type == "CastLike" or any(a.name == "dtype" and a.i == TensorProto.FLOAT16 for a in n.attribute):
-            raise Fp16Error(f"cannot emulate {n.op_type} node {n.name}: its output type is an attribute")
-        if n.op_type == "Cast" and _cast_to(n) == TensorProto.FLOAT16:
-            # an explicit cast to FP16 is exactly one rounding: Cast(FP16) -> Cast(FP32)
-            out = n.output[0]
-            n.output[0] = out + "__fp16"
-            new_nodes.append(n)
-            new_nodes.append(helper.make_node("Cast", [out + "__fp16"], [out], to=TensorProto.FLOAT,
-                                              name=(n.name or out) + "__up"))
-            continue
-        new_nodes.append(n)
-        for i, out in enumerate(n.output):
-            if out and types.get(out) == TensorProto.FLOAT16:
-                n.output[i] = out + "__fp32"
-                new_nodes.extend(_round_pair(out + "__fp32", out, "r"))
-    del g.node[:]
-    g.node.extend(new_nodes)
-    del g.value_info[:]  # types changed everywhere; ONNX Runtime infers them
-    for v in list(g.input) + list(g.output):
-        if v.type.tensor_type.elem_type != TensorProto.FLOAT:
-            raise Fp16Error(f"graph I/O {v.name} is not float32; the mixed graph must keep I/O types")
-    onnx.save_model(m, str(out_path))
-    return out_path
-
-
-def _round_pair(src: str, dst: str, tag: str) -> list[onnx.NodeProto]:
-    mid = f"{dst}__fp16_{tag}"
-    return [helper.make_node("Cast", [src], [mid], to=TensorProto.FLOAT16, name=f"{mid}_down"),
-            helper.make_node("Cast", [mid], [dst], to=TensorProto.FLOAT, name=f"{mid}_up")]
-
-
-def fp16_counts(model: onnx.ModelProto) -> dict[str, int]:
-    """How many initializers are FP16 vs FP32 (for the report)."""
-    c = {"fp16_weights": 0, "fp32_weights": 0}
-    for init in model.graph.initializer:
-        if init.data_type == TensorProto.FLOAT16:
-            c["fp16_weights"] += 1
-        elif init.data_type == TensorProto.FLOAT:
-            c["fp32_weights"] += 1
-    return c

@@ -9,7 +9,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from asym_export import fp16
+from asym_export import fp16, fp16_emulation
 from asym_export.export import ExportOptions, export_artifact
 from asym_export.feeds import CALIBRATION, CALIBRATION_SEED, make_feed
 from asym_export.onnx_export import onnx_from_model
@@ -52,7 +52,7 @@ def test_onnxruntime_cpu_hides_fp16_overflow_but_the_twin_does_not(tmp_path):
     x = {"x": np.array([1.0, 0.01, -2.0], np.float32)}
     (direct,) = _run(tmp_path / "mul.fp16.onnx", x)
     assert np.isfinite(direct).all()  # the CPU provider upcasts: 1e6 stays 1e6
-    fp16.write_emulation_twin(tmp_path / "mul.fp16.onnx", tmp_path / "mul.emu.onnx")
+    fp16_emulation.write_emulation_twin(tmp_path / "mul.fp16.onnx", tmp_path / "mul.emu.onnx")
     (emu,) = _run(tmp_path / "mul.emu.onnx", x)
     assert np.isinf(emu[0]) and np.isinf(emu[2])  # 1e3 * 1e3 = 1e6 overflows FP16
     assert emu[1] == np.float32(np.float16(np.float16(np.float16(0.01) * np.float16(1000)) * np.float16(1000)))
@@ -61,7 +61,7 @@ def test_onnxruntime_cpu_hides_fp16_overflow_but_the_twin_does_not(tmp_path):
 def test_twin_rounds_every_fp16_tensor_like_numpy(tmp_path):
     src = _mul_graph(tmp_path / "mul.onnx", k=1.1)
     fp16.write_mixed(src, tmp_path / "m.fp16.onnx", fp16.Fp16Plan(), "mul")
-    fp16.write_emulation_twin(tmp_path / "m.fp16.onnx", tmp_path / "m.emu.onnx")
+    fp16_emulation.write_emulation_twin(tmp_path / "m.fp16.onnx", tmp_path / "m.emu.onnx")
     x = np.random.default_rng(0).normal(size=1000).astype(np.float32)
     (emu,) = _run(tmp_path / "m.emu.onnx", {"x": x})
     h, k = np.float16, np.float16(1.1)
@@ -86,7 +86,7 @@ def test_islands_stay_fp32_end_to_end(tmp_path):
     m2 = next(n for n in mixed.graph.node if n.name == "m2")
     assert producer[m2.input[0]] == "m1"
     assert not [n for n in mixed.graph.node if n.op_type == "Cast"]  # all FP32 but the I/O
-    fp16.write_emulation_twin(tmp_path / "mul.fp16.onnx", tmp_path / "mul.emu.onnx")
+    fp16_emulation.write_emulation_twin(tmp_path / "mul.fp16.onnx", tmp_path / "mul.emu.onnx")
     (emu,) = _run(tmp_path / "mul.emu.onnx", x)
     np.testing.assert_array_equal(emu, [2e7, -4e7])
 
@@ -137,7 +137,7 @@ def overflow_decoder(overflow_weights, tmp_path_factory):
 
 
 def _emulated(vae, mixed, tmp_path):
-    twin = fp16.write_emulation_twin(mixed, tmp_path / (mixed.stem + ".emu.onnx"))
+    twin = fp16_emulation.write_emulation_twin(mixed, tmp_path / (mixed.stem + ".emu.onnx"))
     report = VerificationReport("emu", FP16_TOLERANCE)
     for i, shape in enumerate([Shape(1, 64, 64), Shape(2, 48, 80)]):
         feed = make_feed(DECODER, shape, 50 + i, 0.18215)
@@ -158,7 +158,7 @@ def test_plain_fp16_overflows_and_islands_fix_it(overflow_decoder, tmp_path):
     report = _emulated(vae, fixed, tmp_path)
     assert report, report.failure_lines()  # finite, and PSNR above the FP16 floor (50 dB)
     # most of the graph is still FP16: islands are the exception
-    counts = fp16.fp16_counts(onnx.load(str(fixed), load_external_data=False))
+    counts = fp16_emulation.fp16_counts(onnx.load(str(fixed), load_external_data=False))
     assert counts["fp16_weights"] > counts["fp32_weights"]
 
 
@@ -209,7 +209,7 @@ def test_fp16_graphs_keep_the_contract_and_float32_io(tiny_artifact, graph):
         assert v.type.tensor_type.elem_type == TensorProto.FLOAT
         assert [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] == list(graph.tensor(v.name).dims)
     assert {p.key: p.value for p in m.metadata_props}["asym_export.precision"] == "fp16"
-    assert fp16.fp16_counts(m)["fp16_weights"] > 0
+    assert fp16_emulation.fp16_counts(m)["fp16_weights"] > 0
 
 
 def test_manifest_lists_fp16_files_and_their_check(tiny_artifact):
@@ -246,7 +246,7 @@ def test_x2_fp16_graphs_at_unseen_shapes(x2_artifact, x2_vae, tmp_path):
         assert 0.45 < half / fp32 < 0.55  # about half the size of the FP32 twin
     for g in GRAPHS.values():
         feed = make_feed(g, Shape(2, 96, 160), seed=77, scaling_factor=0.18215)
-        twin = fp16.write_emulation_twin(gen(x2_artifact) / g.file_name("fp16"), tmp_path / f"{g.name}.twin.onnx")
+        twin = fp16_emulation.write_emulation_twin(gen(x2_artifact) / g.file_name("fp16"), tmp_path / f"{g.name}.twin.onnx")
         out = dict(zip(g.output_names, _run(twin, feed)))
         ref = reference_outputs(x2_vae, g, feed)
         report = VerificationReport("direct", FP16_TOLERANCE)
