@@ -36,17 +36,6 @@ def original_tensor(name: str) -> str:
     return m.group(1) if m else name
 
 
-def cuda_ranges(model: onnx.ModelProto, ranges: dict[str, float]) -> dict[str, float]:
-    """Activation ranges calibrated on the portable graph, keyed by the CUDA form's tensors."""
-    out = {}
-    for n in model.graph.node:
-        for o in n.output:
-            r = ranges.get(original_tensor(o))
-            if o and r is not None:
-                out[o] = r
-    return out
-
-
 def node_attr(node, name: str, default=None):
     for a in node.attribute:
         if a.name == name:

@@ -69,26 +69,31 @@ def _stats(url: str, model: str) -> dict[int, int]:
     return {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in stats["model_stats"][0].get("batch_stats", [])}
 
 
-def test_concurrent_clients_are_batched_and_correct(served, local):
-    vae = asym_runtime.remote(served.url)
-    before = _stats(served.url, "decoder_uncond")
-    n = 16
+def _together(n: int, call) -> dict[int, object]:
+    """``call(i)`` for i < n in n threads released at once by a barrier; result or exception per i."""
     barrier = threading.Barrier(n)
     results: dict[int, object] = {}
 
-    def client(i: int):
-        _, _, latent = _inputs(100 + i)
+    def run(i: int):
         barrier.wait()
         try:
-            results[i] = vae.decode(latent)
-        except Exception as e:  # noqa: BLE001 - reported below
+            results[i] = call(i)
+        except Exception as e:  # noqa: BLE001 - the caller asserts on it
             results[i] = e
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(120)
+    return results
+
+
+def test_concurrent_clients_are_batched_and_correct(served, local):
+    vae = asym_runtime.remote(served.url)
+    before = _stats(served.url, "decoder_uncond")
+    n = 16
+    results = _together(n, lambda i: vae.decode(_inputs(100 + i)[2]))
     assert len(results) == n
     for i, out in results.items():
         assert isinstance(out, np.ndarray), f"client {i}: {out!r}"
@@ -160,22 +165,8 @@ def test_a_bad_request_in_a_batch_fails_alone(served, local):
     from tritonclient.utils import InferenceServerException
 
     n = 8
-    barrier = threading.Barrier(n)
-    results: dict[int, object] = {}
-
-    def send(i: int):
-        latent = _inputs(200 + i)[2] if i else _f(1, 4, 8, 8, value=np.nan)
-        barrier.wait()
-        try:
-            results[i] = _raw(served.url, "decoder_uncond", latent=latent).as_numpy("sample")
-        except InferenceServerException as e:
-            results[i] = e
-
-    threads = [threading.Thread(target=send, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    results = _together(n, lambda i: _raw(served.url, "decoder_uncond", latent=_inputs(200 + i)[2] if i else
+                                          _f(1, 4, 8, 8, value=np.nan)).as_numpy("sample"))
     assert isinstance(results[0], InferenceServerException) and "NaN" in results[0].message()
     for i in range(1, n):
         assert isinstance(results[i], np.ndarray), f"request {i} failed with the bad one: {results[i]}"
