@@ -118,6 +118,8 @@ def test_refuses_to_replace_a_foreign_folder_and_leaves_no_staging(tiny_artifact
     assert "not a repository asym-triton-repo wrote" in capsys.readouterr().err
     assert main([str(tiny_artifact), "--out", str(tmp_path / "r"), "--form", "cuda", "--kind", "cpu"]) == 2
     assert "--kind gpu" in capsys.readouterr().err
+    assert main([str(tiny_artifact), "--out", str(tmp_path / "r"), "--gpus", "first"]) == 2
+    assert "--gpus 'first': comma-separated GPU ids" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models"], "a failed write left files behind"
     assert main([str(tiny_artifact), "--out", str(tmp_path / "r")]) == 0
     assert main([str(tiny_artifact), "--out", str(tmp_path / "r")]) == 2  # exists, no --force

@@ -20,6 +20,14 @@ from . import server as _server
 from .repository import FORMS, RepoOptions
 from .server import ServeOptions
 
+def _gpu_ids(text: str) -> list[int]:
+    """``--gpus 0,1`` -> [0, 1]; anything else is a ValueError saying what is allowed."""
+    try:
+        return [int(g) for g in text.split(",") if g.strip()]
+    except ValueError:
+        raise ValueError(f"--gpus {text!r}: comma-separated GPU ids, e.g. 0,1") from None
+
+
 # --------------------------------------------------------------------------- asym-serve
 
 
@@ -107,7 +115,6 @@ def serve_main(argv: list[str] | None = None) -> int:
             return EXIT_FAILED
         except KeyboardInterrupt:
             print("asym-serve: stopping", flush=True)
-            server.stop()
             return EXIT_OK
         finally:
             server.stop()
@@ -141,10 +148,7 @@ def _serve_options(args) -> ServeOptions:
     if args.gpus:
         if args.kind != "gpu":
             raise ValueError("--gpus needs --kind gpu")
-        try:
-            gpus = [int(g) for g in args.gpus.split(",") if g.strip()]
-        except ValueError:
-            raise ValueError(f"--gpus {args.gpus!r}: comma-separated GPU ids, e.g. 0,1") from None
+        gpus = _gpu_ids(args.gpus)
     artifact = args.dir
     if not (artifact / MANIFEST_NAME).is_file():
         raise ValueError(f"{artifact} is not an artifact folder (no {MANIFEST_NAME})")
@@ -210,7 +214,7 @@ def repo_main(argv: list[str] | None = None) -> int:
             print("asym-triton-repo: error: give an artifact folder and --out REPO (or --check REPO)", file=sys.stderr)
             return EXIT_USAGE
         try:
-            gpus = [int(g) for g in args.gpus.split(",") if g.strip()] if args.gpus else None
+            gpus = _gpu_ids(args.gpus) if args.gpus else None
             if args.instances < 1 or args.max_queue_delay_us < 0:
                 raise ValueError("--instances must be >= 1 and --max-queue-delay-us >= 0")
             opts = RepoOptions(precision=args.precision, form=args.form, engines=not args.no_engines,
