@@ -137,7 +137,13 @@ def test_a_tiny_supported_graph_passes(tmp_path):
                                                        "graph input image is DOUBLE, which is not a TensorRT"]),
     (_encoder_like("Relu", opset=22), ["opset 22 is outside 9..20"]),
     (_encoder_like("Resize", mode="cubic"), ["mode='cubic' is not supported"]),
-], ids=["custom-domain", "unsupported-op", "unknown-op", "unsupported-dtype", "opset", "resize-mode"])
+    (_encoder_like("DepthToSpace", blocksize=2, mode="XYZ"), ["mode='XYZ' is not supported (TensorRT allows DCR, CRD)"]),
+    (_encoder_like("Reshape", allowzero=2), ["allowzero=2 is not supported"]),
+    (_encoder_like("Conv", auto_pad="SAME_SIDEWAYS"), ["auto_pad='SAME_SIDEWAYS' is not supported"]),
+    (_encoder_like("Relu", alpha=0.1), ["attribute 'alpha' has no rule", "rules exist for no attribute"]),
+    (_encoder_like("Conv", groups=2), ["attribute 'groups' has no rule", "rules exist for auto_pad, dilations"]),
+], ids=["custom-domain", "unsupported-op", "unknown-op", "unsupported-dtype", "opset", "resize-mode",
+        "depth-to-space-mode", "reshape-allowzero", "conv-auto-pad", "attribute-without-rule", "misspelt-attribute"])
 def test_unsupported_graph_fails_with_a_clear_message(tmp_path, model, needles):
     r = check_graph(_save(model, tmp_path), ENCODER, LIMITS)
     assert not r

@@ -1,0 +1,147 @@
+"""The TensorRT support table is rebuilt from its checked-in sources on every run, and it has
+attribute rules for every operator the exported graphs use."""
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+
+from asym_export.trt_readiness import support_table
+from asym_runtime.manifest import generation_folder as gen
+from asym_runtime.specs import GRAPHS
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "scripts" / "make_trt_support.py"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("make_trt_support", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+mts = _script()
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True)
+
+
+def test_the_table_is_what_its_sources_build():
+    r = _run("build", "--check")
+    assert r.returncode == 0, r.stderr
+    assert "matches its sources" in r.stdout
+    built = mts.build(*mts.read_sources())
+    assert built == support_table()
+    assert [t["tensorrt"] for t in built["source"]["tables"]] == ["10.0", "10.15"]
+
+
+def test_a_changed_source_fails_the_check(tmp_path):
+    """Mutation: one data type dropped from one release's source makes the shipped file stale."""
+    src = tmp_path / "src"
+    shutil.copytree(mts.SOURCES, src)
+    old = json.loads((src / "tensorrt-10.0.json").read_text())
+    old["operators"]["Conv"]["types"].remove("FP16")
+    (src / "tensorrt-10.0.json").write_text(json.dumps(old))
+    r = _run("build", "--check", "--sources", src)
+    assert r.returncode == 1
+    assert "differs from what its sources build" in r.stderr and '"Conv"' in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    out = tmp_path / "table.json"
+    assert _run("build", "--sources", src, "--out", out).returncode == 0
+    assert json.loads(out.read_text())["operators"]["Conv"]["types"] == ["FP32", "BF16"]
+
+
+#: A table in onnx-tensorrt's format, written for this test.
+_DOC = """
+TensorRT 10.99 supports operators in the inclusive range of opset 9 to opset 30. More below.
+
+| Operator | Supported  | Supported Types | Restrictions |
+|----------|------------|-----------------|--------------|
+| Alpha    | Y          | FP32, FP16, INF64 |
+| Beta     | N          |
+| Gamma    | Y          | FP32 | `x` must be an initializer |
+| Delta    | Y [EXPERIMENTAL] | FP16, BOOL |                |
+"""
+
+
+def test_extract_reads_a_release_table():
+    src = mts.release_source(_DOC, "10.99", "https://example.invalid/ops.md", "2026-01-02")
+    assert src["opset"] == [9, 30] and src["read_on"] == "2026-01-02"
+    assert src["operators"] == {
+        "Alpha": {"supported": True, "types": ["FP32", "FP16", "INT64"], "restricted": False},
+        "Beta": {"supported": False},
+        "Delta": {"supported": True, "types": ["FP16", "BOOL"], "restricted": False},
+        "Gamma": {"supported": True, "types": ["FP32"], "restricted": True},
+    }
+    with pytest.raises(mts.SourceError, match="describes TensorRT 10.99, not 10.1"):
+        mts.release_source(_DOC, "10.1", "u", "d")
+    with pytest.raises(mts.SourceError, match="no 'TensorRT X supports"):
+        mts.parse("| Alpha | Y | FP32 |")
+
+
+def _release(version, opset, **ops):
+    return {"tensorrt": version, "opset": opset, "url": f"u{version}", "read_on": "2026-01-0" + version[-1],
+            "operators": {k: ({"supported": True, "types": v, "restricted": False} if v else {"supported": False})
+                          for k, v in ops.items()}}
+
+
+def test_build_keeps_only_what_every_release_supports():
+    a = _release("10.1", [9, 20], Alpha=["FP32", "FP16"], Beta=["FP32"], Gamma=None, Only=["FP32"])
+    b = _release("10.2", [11, 24], Alpha=["FP16", "FP32", "BF16"], Beta=None, Gamma=["FP32"], New=["FP32"])
+    t = mts.build([b, a], {"operators": {}})  # order of the sources does not matter
+    assert t["tensorrt_version"] == "10.1..10.2" and t["opset"] == {"min": 11, "max": 20}
+    assert t["source"]["read_on"] == "2026-01-02"
+    assert t["operators"] == {"Alpha": {"supported": True, "types": ["FP16", "FP32"]},
+                              "Beta": {"supported": False}, "Gamma": {"supported": False}}
+
+
+@pytest.mark.parametrize("rules, needle", [
+    ({"Alpha": {"attributes": {"mode": {"allowed": ["a"], "default": "b"}}}}, "default 'b' is not allowed"),
+    ({"Alpha": {"attributes": {"mode": {"allowed": ["a"], "default": "a", "any": True}}}}, "either 'allowed'"),
+    ({"Alpha": {"restrictions": "x must be 1"}}, "does not have"),
+    ({"Beta": {"attributes": {}}}, "rules for Beta, which the table does not list as supported"),
+    ({"Alpha": {"attrs": {}}}, "unknown keys"),
+], ids=["bad-default", "any-and-allowed", "restriction-not-in-table", "unsupported-op", "unknown-key"])
+def test_inconsistent_rules_fail_the_build(rules, needle):
+    a = _release("10.1", [9, 20], Alpha=["FP32"], Beta=None)
+    with pytest.raises(mts.SourceError, match=needle):
+        mts.build([a], {"operators": rules})
+
+
+def test_a_restriction_needs_our_words():
+    a = _release("10.1", [9, 20], Alpha=["FP32"])
+    a["operators"]["Alpha"]["restricted"] = True
+    with pytest.raises(mts.SourceError, match="restricts Alpha; write the restriction"):
+        mts.build([a], {"operators": {}})
+    t = mts.build([a], {"operators": {"Alpha": {"restrictions": "x must be constant"}}})
+    assert t["operators"]["Alpha"]["restrictions"] == "x must be constant"
+
+
+def test_every_operator_the_graphs_use_has_attribute_rules(tiny_artifact):
+    """Each node of every portable graph (FP32 and FP16) is of an operator with attribute rules,
+    and each attribute it carries has one: nothing reaches TensorRT unread."""
+    table = support_table()["operators"]
+    used = {}
+    for g in GRAPHS.values():
+        for precision in ("fp32", "fp16"):
+            model = onnx.load(str(gen(tiny_artifact) / g.file_name(precision)), load_external_data=False)
+            for node in model.graph.node:
+                used.setdefault(node.op_type, set()).update(a.name for a in node.attribute)
+    assert {"Conv", "InstanceNormalization", "Resize", "Transpose", "Reshape", "Cast"} <= set(used)
+    missing = {op: sorted(attrs - set(table[op].get("attributes", {})))
+               for op, attrs in used.items() if "attributes" not in table[op] or attrs - set(table[op]["attributes"])}
+    assert not missing, f"operators/attributes without rules: {missing}"
+
+
+def test_depth_to_space_mode_is_a_rule():
+    """The sub-pixel rewrite is Reshape/Transpose today, but DepthToSpace is the operator a
+    future rewrite would use: its mode is checked, not assumed."""
+    rule = support_table()["operators"]["DepthToSpace"]["attributes"]["mode"]
+    assert rule == {"allowed": ["DCR", "CRD"], "default": "DCR"}
