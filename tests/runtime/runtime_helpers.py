@@ -29,3 +29,53 @@ def diffusers_encode(vae, image):
 
     with torch.no_grad():
         return vae.encode(torch.from_numpy(image)).latent_dist
+
+
+def race(calls, threads: int = 4, rounds: int = 10, timeout: float = 300.0) -> dict[tuple[int, int], object]:
+    """Run ``calls`` (zero-argument functions) from ``threads`` threads for ``rounds`` rounds, all
+    threads released together by a barrier at the start of every round; thread t runs call
+    ``(t + round) % len(calls)``, so every call meets every other in some round, and two threads
+    share a call (the same shape and input) whenever ``threads > len(calls)``. Returns
+    {(round, thread): result}; any exception in a thread, or a thread still running after
+    ``timeout`` seconds, fails the test. Python's thread switch interval is cut to 10 us while it
+    runs, so threads interleave inside the runtime's Python code, not only at blocking calls."""
+    import sys
+    import threading
+
+    barrier = threading.Barrier(threads, timeout=timeout)
+    results, errors = {}, []
+
+    def worker(t):
+        try:
+            for r in range(rounds):
+                barrier.wait()
+                results[(r, t)] = calls[(t + r) % len(calls)]()
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+            barrier.abort()
+
+    ts = [threading.Thread(target=worker, args=(t,), daemon=True) for t in range(threads)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        for th in ts:
+            th.start()
+        for th in ts:
+            th.join(timeout)
+    finally:
+        sys.setswitchinterval(interval)
+    assert not [th for th in ts if th.is_alive()], f"threads still running after {timeout} s"
+    real = [e for e in errors if not isinstance(e, threading.BrokenBarrierError)]
+    assert not errors, real or errors
+    assert len(results) == threads * rounds
+    return results
+
+
+def check_race(results, serial, threads: int, exact: bool = True, atol: float = 0.0) -> None:
+    """Every raced result equals the serial result of its call."""
+    for (r, t), got in results.items():
+        i = (t + r) % len(serial)
+        if exact:
+            np.testing.assert_array_equal(got, serial[i], err_msg=f"round {r}, thread {t}, call {i}")
+        else:
+            np.testing.assert_allclose(got, serial[i], atol=atol, rtol=0, err_msg=f"round {r}, thread {t}, call {i}")
