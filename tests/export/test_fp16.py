@@ -1,6 +1,8 @@
 """FP16 graphs: faithful emulation on the CPU, data-driven FP32 islands, the overflow proof."""
 
+import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -160,6 +162,66 @@ def test_plain_fp16_overflows_and_islands_fix_it(overflow_decoder, tmp_path):
     # most of the graph is still FP16: islands are the exception
     counts = fp16_emulation.fp16_counts(onnx.load(str(fixed), load_external_data=False))
     assert counts["fp16_weights"] > counts["fp32_weights"]
+
+
+def _gpu_runner(kind, tmp_path):
+    """A function running an FP16 decoder graph with real FP16 kernels: ONNX Runtime's CUDA
+    provider with the runtime's FP16 settings, or a TensorRT engine built by the toolkit's
+    builder and run by the runtime's TensorRTBackend. Skips without the GPU stack."""
+    if kind == "onnxruntime-cuda":
+        from asym_runtime.backends.onnxrt import OnnxRuntimeBackend, cuda_provider_available
+
+        if not (cuda_provider_available() and torch.cuda.is_available()):
+            pytest.skip("needs onnxruntime-gpu and a CUDA GPU")
+
+        def run(path, feed):
+            with OnnxRuntimeBackend(DECODER, path, "cuda", precision="fp16") as b:
+                return b.infer(feed)
+        return run
+    pytest.importorskip("tensorrt")
+    from asym_export.engines import engine_from_onnx
+    from asym_runtime.backends.tensorrt import TensorRTBackend, unavailable_reason
+    from asym_runtime.specs import ShapeLimits
+
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    limits = ShapeLimits(min_batch=1, opt_batch=1, max_batch=2, min_height=64, opt_height=64, max_height=96,
+                         min_width=64, opt_width=64, max_width=96)
+
+    def run(path, feed):
+        plan = tmp_path / (Path(path).stem + ".plan")
+        engine_from_onnx(path, plan, DECODER, limits)  # strongly typed: the graph's FP16/FP32 types rule
+        with TensorRTBackend(DECODER, plan.read_bytes()) as b:
+            return b.infer(feed)
+    return run
+
+
+_NO_ORT_GPU = not ("CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available())
+_NO_TRT = importlib.util.find_spec("tensorrt") is None or not torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", [  # skipped before the overflow model is built where they cannot run
+    pytest.param("onnxruntime-cuda", marks=pytest.mark.skipif(_NO_ORT_GPU, reason="needs onnxruntime-gpu and a GPU")),
+    pytest.param("tensorrt", marks=pytest.mark.skipif(_NO_TRT, reason="needs tensorrt and a GPU"))])
+def test_real_fp16_kernels_overflow_without_islands_and_not_with_them(overflow_decoder, tmp_path, kind):
+    """The island mechanism on the GPU runtimes themselves (the CPU provider computes FP16 in
+    FP32 and cannot show it): the plain FP16 graph gives Inf/NaN, the graph with islands is
+    finite and above the FP16 floors at a shape the calibration did not see."""
+    run = _gpu_runner(kind, tmp_path)
+    vae, path, ranges = overflow_decoder
+    plain = fp16.write_mixed(path, tmp_path / "plain.fp16.onnx", fp16.Fp16Plan(), "decoder")
+    plan = fp16.plan_islands(onnx.load(str(path), load_external_data=False), ranges, fp16.weight_ranges(path))
+    fixed = fp16.write_mixed(path, tmp_path / "islands.fp16.onnx", plan, "decoder")
+    shape = Shape(2, 64, 96)
+    feed = make_feed(DECODER, shape, 61, 0.18215)
+    ref = reference_outputs(vae, DECODER, feed)
+    broken = run(plain, feed)
+    assert not all(np.isfinite(v).all() for v in broken.values()), "FP16 without islands stayed finite"
+    report = VerificationReport(kind, FP16_TOLERANCE)
+    report.add(DECODER, shape, ref, run(fixed, feed))
+    assert report, report.failure_lines()
 
 
 def test_export_records_islands_and_reasons(overflow_weights, tmp_path):

@@ -97,3 +97,13 @@ def test_threads_give_serial_results(tiny_artifact, cuda_graph):
         # FP16 steps if a kernel is not bit-reproducible (2e-3), while another call's input or
         # buffer shows up as O(0.1) errors
         check_race(race(calls, threads=4, rounds=25), serial, threads=4, exact=False, atol=2e-3)
+
+
+@pytest.mark.parametrize("precision, tf32", [("fp32", "0"), ("fp16", "1")])
+def test_the_live_session_has_the_precisions_tf32_setting(tiny_artifact, precision, tf32):
+    """What the session actually runs with, read back from ONNX Runtime: FP32 graphs never
+    compute in TF32 (the 1e-3 contract; x2 at 512 breaks it with TF32), FP16 graphs keep tensor
+    cores."""
+    with asym_runtime.load(tiny_artifact, backend="onnxruntime-cuda", precision=precision, graphs=("decoder",)) as rt:
+        opts = rt.backends["decoder"].session.get_provider_options()["CUDAExecutionProvider"]
+    assert opts["use_tf32"] == tf32, opts
