@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from cli_lines import said
 
 from asym_export import bench, cli, parity
 
@@ -14,7 +15,7 @@ TOOLS = {"asym-export": cli, "asym-parity": parity, "asym-bench": bench}
 
 def _one_line(err: str) -> str:
     """The one line the tool says about the error (progress lines before it are not errors)."""
-    lines = [ln for ln in err.splitlines() if ln.startswith("asym-")]
+    lines = said(err)  # all of stderr but progress lines
     assert len(lines) == 1, lines
     assert "Traceback" not in err
     return lines[0]

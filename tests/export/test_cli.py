@@ -4,8 +4,11 @@ import subprocess
 import sys
 
 import pytest
+from cli_lines import said
 
-from asym_export.cli import main
+from asym_export.cli import UNCHANGED, main
+from asym_export.onnx_export import ExportError
+from asym_runtime.manifest import generation_folder as gen
 
 
 def _run(*args, env=None):
@@ -16,8 +19,9 @@ def _run(*args, env=None):
 def _one_line_error(r, code, *needles):
     assert r.returncode == code, r.stderr
     assert "Traceback" not in r.stderr
-    errors = [ln for ln in r.stderr.splitlines() if "error" in ln]
+    errors = said(r.stderr)  # everything on stderr but progress lines: exactly one line
     assert len(errors) == 1, r.stderr
+    assert errors[0].startswith("asym-export: error: "), errors[0]
     for n in needles:
         assert n in errors[0], errors[0]
 
@@ -141,3 +145,60 @@ def test_bad_options_are_one_line_exit_2(tmp_path, monkeypatch, capsys, argv, co
     assert main(argv) == code
     err = _stderr_lines(capsys)
     assert len(err) == 1 and err[0].startswith("asym-export: error: ") and needle in err[0], err
+
+
+def _copy_exported(tiny_artifact):
+    """Stands in for the exporter with the session's real tiny graphs (skips minutes of export)."""
+    import shutil
+
+    def copy(vae, graph, path, **kw):
+        for suffix in ("", ".data"):
+            shutil.copy(gen(tiny_artifact) / (graph.file_name() + suffix), str(path) + suffix)
+        return path
+    return copy
+
+
+def test_a_graph_tensorrt_cannot_take_is_exit_1_with_every_problem_and_nothing_published(
+        tiny_artifact, tmp_path, monkeypatch, capsys):
+    import json as _json
+
+    import onnx
+
+    import asym_export.export as ex
+    from asym_export import trt_readiness as tr
+    from asym_runtime.specs import GRAPHS
+
+    monkeypatch.setattr(ex, "onnx_from_model", _copy_exported(tiny_artifact))
+    table = _json.loads(_json.dumps(tr.support_table()))
+    table["operators"]["InstanceNormalization"] = {"supported": False}  # as if TensorRT dropped it
+    monkeypatch.setattr(tr, "support_table", lambda: table)
+    out = tmp_path / "o"
+    assert main(["--variant", "tiny", "--random-weights", "--verify-shapes", "1x64x64", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    # one problem per InstanceNormalization node of the graphs the check reads (the FP16 ones)
+    nodes = {g.name: sum(n.op_type == "InstanceNormalization" for n in onnx.load(
+        str(gen(tiny_artifact) / g.file_name("fp16")), load_external_data=False).graph.node) for g in GRAPHS.values()}
+    lines = said(err)
+    assert lines[0] == "asym-export: TensorRT readiness check failed:"
+    assert len(lines) == 1 + sum(nodes.values()) + 1, err
+    for name, count in nodes.items():
+        assert sum(ln.startswith(f"  {name}: node ") and "InstanceNormalization is marked unsupported" in ln
+                   for ln in lines) == count
+    assert lines[-1] == UNCHANGED and "Traceback" not in err
+    assert [p.name for p in out.iterdir()] == [".lock"]
+
+
+def test_an_export_error_is_exit_1_one_line_and_debug_shows_it(tmp_path, monkeypatch, capsys):
+    import asym_export.export as ex
+
+    def broken(vae, graph, path, **kw):
+        raise ExportError(f"{graph.name}: exported graph breaks the contract: output 'sample' has rank 3")
+
+    monkeypatch.setattr(ex, "onnx_from_model", broken)
+    argv = ["--variant", "tiny", "--random-weights", "--out", str(tmp_path / "o")]
+    assert main(argv) == 1
+    assert said(capsys.readouterr().err) == [
+        "asym-export: export failed: encoder: exported graph breaks the contract: output 'sample' has rank 3"]
+    with pytest.raises(ExportError, match="rank 3"):
+        main(argv + ["--debug"])
+    assert [p.name for p in (tmp_path / "o").iterdir()] == [".lock"]

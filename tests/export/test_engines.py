@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_lines import said
 
 from asym_export.cli import main
 from asym_export.engine_verify import profile_shapes
@@ -108,12 +109,13 @@ def test_engines_without_a_gpu_still_write_the_verified_onnx_artifact(tmp_path):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 1, r.stderr
     assert "Traceback" not in r.stderr
-    errors = [ln for ln in r.stderr.splitlines() if "error" in ln.lower()]
-    assert len(errors) == 1, r.stderr
-    assert errors[0].startswith("asym-export: error: no TensorRT engines were built because ")
-    assert tensorrt_unavailable_reason() in errors[0] and "complete and verified" in errors[0]
-    warning = r.stderr.splitlines()[0]  # said up front, before minutes of export
+    lines = said(r.stderr)  # besides progress: exactly the warning, up front, and the error, at the end
+    assert len(lines) == 2, r.stderr
+    warning, error = lines
+    assert r.stderr.splitlines()[0] == warning  # said before minutes of export
     assert warning.startswith("asym-export: warning: --engines: no TensorRT engines can be built")
+    assert error.startswith("asym-export: error: no TensorRT engines were built because ")
+    assert tensorrt_unavailable_reason() in error and "complete and verified" in error
     m = read_manifest(out)
     assert not (m.folder / "engines").exists()
     assert sorted(p.name for p in out.iterdir()) == sorted([".lock", "manifest.json", m.generation])  # no staging

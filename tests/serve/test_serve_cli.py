@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from cli_lines import said
 
 pytest.importorskip("tritonclient", reason="the serve extra is not installed (pip install -e '.[serve]')")
 
@@ -17,7 +18,7 @@ WORK = {"asym-serve": server, "asym-triton-repo": repository}
 
 
 def _one_line(err: str) -> str:
-    lines = [ln for ln in err.splitlines() if ln.startswith("asym-")]
+    lines = said(err)  # all of stderr but progress lines
     assert len(lines) == 1, lines
     assert "Traceback" not in err
     return lines[0]
@@ -56,3 +57,30 @@ def test_an_unexpected_error_is_one_line_exit_1_and_debug_shows_it(tool, target,
     assert line == f"{tool}: unexpected error: KeyError: 'surprise' (rerun with --debug for the traceback)"
     with pytest.raises(KeyError, match="surprise"):
         MAINS[tool](args + ["--debug"])
+
+
+def test_a_triton_that_dies_while_starting_is_exit_1_with_its_own_words(tiny_artifact, tmp_path, capsys):
+    """The server process exits before it is ready (here: a tritonserver that cannot bind its
+    port, as when another server holds it): exit 1, one asym-serve line, then Triton's log tail
+    (what the user needs to act), no traceback. --tritonserver runs the given binary, so a
+    two-line one stands in for the failing server; asym-serve's own code is all real."""
+    root = tmp_path / "triton"
+    (root / "backends" / "python").mkdir(parents=True)
+    (root / "backends" / "python" / "libtriton_python.so").write_bytes(b"")
+    (root / "bin").mkdir()
+    exe = root / "bin" / "tritonserver"
+    exe.write_text("#!/bin/sh\necho 'E1127 failed to start HTTP service: address in use' >&2\nexit 3\n")
+    exe.chmod(0o755)
+    assert cli.serve_main([str(tiny_artifact), "--tritonserver", str(exe), "--backend", "onnxruntime-cpu"]) == 1
+    captured = capsys.readouterr()
+    err = [ln for ln in captured.err.splitlines() if ln.strip()]
+    assert err[0] == "asym-serve: error: tritonserver exited with code 3 while starting:", captured.err
+    assert err[1:] == ["E1127 failed to start HTTP service: address in use"], captured.err
+    assert "Traceback" not in captured.err
+    assert "asym-serve: serving" not in captured.out
+
+
+def test_a_missing_tritonserver_is_one_line_and_exit_2(tiny_artifact, tmp_path, capsys):
+    assert cli.serve_main([str(tiny_artifact), "--tritonserver", str(tmp_path / "nowhere")]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert err == [f"asym-serve: error: --tritonserver {tmp_path / 'nowhere'}: no such file"]
