@@ -79,3 +79,29 @@ def check_race(results, serial, threads: int, exact: bool = True, atol: float = 
             np.testing.assert_array_equal(got, serial[i], err_msg=f"round {r}, thread {t}, call {i}")
         else:
             np.testing.assert_allclose(got, serial[i], atol=atol, rtol=0, err_msg=f"round {r}, thread {t}, call {i}")
+
+
+def diffusers_inpaint_pixels(vae, photo, mask, width: int, height: int) -> np.ndarray:
+    """What a diffusers user gets for ``photo``/``mask`` (PIL): VaeImageProcessor's pre- and
+    post-processing around the reference model's encode (mean) and conditional decode, as an
+    8-bit HxWx3 array."""
+    import torch
+    from diffusers.image_processor import VaeImageProcessor
+
+    images = VaeImageProcessor(vae_scale_factor=8)
+    masks = VaeImageProcessor(vae_scale_factor=8, do_normalize=False, do_binarize=True, do_convert_grayscale=True)
+    x = images.preprocess(photo, height=height, width=width)
+    m = masks.preprocess(mask, height=height, width=width)
+    with torch.no_grad():
+        out = vae.decode(vae.encode(x).latent_dist.mean, image=x, mask=m).sample
+    return np.asarray(images.postprocess(out, output_type="pil")[0])
+
+
+def assert_same_pixels(got: np.ndarray, want: np.ndarray) -> None:
+    """8-bit images from the runtime and from the reference: the FP32 contract (max abs 1e-3 on
+    [-1, 1], 0.13 of an 8-bit level) can move a value across a rounding boundary, so a pixel may
+    differ by one level, and only rarely; anything else is a real difference."""
+    assert got.shape == want.shape, (got.shape, want.shape)
+    diff = np.abs(got.astype(np.int16) - want.astype(np.int16))
+    assert diff.max() <= 1, f"max difference {diff.max()} levels"
+    assert (diff > 0).mean() < 0.01, f"{(diff > 0).mean():.2%} of the values differ"

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from runtime_helpers import feed
+from runtime_helpers import diffusers_decode, feed
+
+from asym_export.verify import FP32_MAX_ABS
 
 from asym_runtime.errors import AsymInputError, ShapeOutOfLimitsError
 from asym_runtime.specs import Shape
@@ -117,9 +119,17 @@ def test_nan_in_a_torch_tensor_is_caught_too(spied):
     assert calls == []
 
 
-def test_soft_masks_and_slightly_overshooting_images_are_accepted(tiny_rt):
+def test_soft_masks_and_slightly_overshooting_images_are_accepted(tiny_rt, tiny_vae):
     """[0, 1] masks need not be binary (the graph blends), and resampled images that overshoot
     [-1, 1] a little are normal; neither is refused."""
     f = _good()
-    soft = np.clip(f["mask"] * 0.7 + 0.1, 0, 1)
-    tiny_rt.decode(f["latent"], image=np.clip(f["image"] * 1.2, -1.3, 1.3), mask=soft)
+    ramp = np.linspace(0, 0.4, f["mask"].shape[-1], dtype=np.float32)  # a feathered edge
+    soft = np.clip(f["mask"] * 0.6 + ramp, 0, 1)
+    image = np.clip(f["image"] * 1.2, -1.3, 1.3)
+    assert len(np.unique(soft)) > 2 and np.abs(image).max() > 1
+    got = tiny_rt.decode(f["latent"], image=image, mask=soft)
+    # accepted AND computed as the reference computes it (not clipped or binarised on the way)
+    want = diffusers_decode(tiny_vae, f["latent"], image, soft)
+    np.testing.assert_allclose(got, want, atol=FP32_MAX_ABS, rtol=0)
+    binary = tiny_rt.decode(f["latent"], image=image, mask=(soft >= 0.5).astype(np.float32))
+    assert np.abs(got - binary).max() > 10 * FP32_MAX_ABS  # the soft values reached the graph
