@@ -73,14 +73,19 @@ def _model_on_gpu(vae):
         torch.cuda.empty_cache()
 
 
+def engine_tolerance(stage: str) -> Tolerance:
+    """FP32 engines (``stage`` ending in ``fp32``) are held to the FP32 max abs error, FP16
+    engines to the FP16 PSNR floors."""
+    return Tolerance(max_abs=FP32_MAX_ABS) if stage.endswith("fp32") else FP16_TOLERANCE
+
+
 def verify_engines(plans: dict[str, Path], vae, limits: ShapeLimits, scaling_factor: float, *,
                    stage: str = "engine_fp16", host_code_allowed: bool = False) -> VerificationReport:
     """Run each engine (graph name -> plan file) at the profile's min/opt/max against the FP32
     reference on the GPU; every output of every shape lands in one report. FP16 engines are held
     to the FP16 PSNR floors, FP32 engines (``stage`` ending in ``fp32``) to the FP32 max abs error:
     an FP32 engine that computed in TF32 or FP16 must fail."""
-    tolerance = Tolerance(max_abs=FP32_MAX_ABS) if stage.endswith("fp32") else FP16_TOLERANCE
-    report = VerificationReport(stage, tolerance)
+    report = VerificationReport(stage, engine_tolerance(stage))
     shapes = profile_shapes(limits)
     with _model_on_gpu(vae):
         for name, plan in plans.items():

@@ -149,3 +149,27 @@ def test_gpu_check_says_what_is_missing_and_exits_non_zero(tmp_path):
     else:
         assert tensorrt_unavailable_reason() in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_fp32_engines_are_judged_as_fp32_and_fp16_engines_by_the_floors():
+    """An FP32 engine that computed in TF32 (10-bit mantissa: errors of a few 1e-3 at PSNR near
+    60 dB) passes the FP16 floors, so judging FP32 engines by them would let it through; the
+    FP32 stage's tolerance fails it. Runs without a GPU: the rule, not the engine."""
+    import numpy as np
+
+    from asym_export.engine_verify import engine_tolerance
+    from asym_export.verify import FP16_TOLERANCE, FP32_MAX_ABS, VerificationReport
+
+    assert engine_tolerance("engine_fp16") is FP16_TOLERANCE
+    fp32 = engine_tolerance("engine_fp32")
+    assert fp32.max_abs == FP32_MAX_ABS and fp32.min_psnr_db is None
+    shape = Shape(1, 64, 64)
+    rng = np.random.default_rng(0)
+    ref = {"sample": rng.uniform(-1, 1, (1, 3, 64, 64)).astype(np.float32)}
+    tf32_like = {"sample": ref["sample"] + rng.normal(0, 1.5e-3, ref["sample"].shape).astype(np.float32)}
+    as_fp16 = VerificationReport("engine_fp16", engine_tolerance("engine_fp16"))
+    as_fp16.add(DECODER, shape, ref, tf32_like)
+    as_fp32 = VerificationReport("engine_fp32", fp32)
+    as_fp32.add(DECODER, shape, ref, tf32_like)
+    assert as_fp16 and not as_fp32
+    assert "max abs" in as_fp32.failure_lines()[0]
