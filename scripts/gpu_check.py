@@ -18,7 +18,8 @@ Steps (a failing step is recorded and the check goes on; the exit code is 1 if a
   4. asym-parity on every CUDA backend and precision (CUDA form and portable graphs, TensorRT
      engines) at the shape limits' min, opt and max, reference on the GPU in true FP32, with
      every ONNX Runtime warning counted;
-  5. ``pytest -m gpu`` when tensorrt is installed;
+  5. ``pytest -m gpu`` (TensorRT engines, ONNX Runtime CUDA: FP16 islands on real FP16 kernels,
+     threads raced, TF32 off for FP32) when pytest is installed;
   6. asym-bench at --sizes (default 512,1024), every graph, with diffusers FP16 (reference),
      torch.compile FP16 and every runtime configuration, interleaved.
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import faulthandler
+import importlib.util
 import json
 import math
 import os
@@ -490,8 +492,11 @@ def main() -> int:
     res = step("bench_decode", lambda: bench(artifact, sizes, args.repeats, options, have, cache, report_dir,
                                              ["decode"]))
     summary["parity"] = step("parity", lambda: parity(artifact, backends, options, cache, report_dir))
-    if have["tensorrt"] and "pytest" not in skip:
+    if (have["tensorrt"] or have["onnxruntime_cuda"]) and "pytest" not in skip:
         def tests():
+            if importlib.util.find_spec("pytest") is None:
+                raise RuntimeError("pytest is not installed here (pip install -e '.[test]'); the GPU tests "
+                                   "(tests marked gpu) did not run")
             rc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests"], cwd=ROOT).returncode
             if rc:
                 raise RuntimeError(f"pytest -m gpu exited {rc}")
