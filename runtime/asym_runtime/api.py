@@ -183,7 +183,7 @@ def _load_openvino(manifest: Manifest, precision: str, wanted: tuple[str, ...], 
             b.deactivate()
         raise
     log.info("loaded %s with OpenVINO (CPU, %s)", manifest.root, precision)
-    return AsymVAE(manifest, backends, backend="openvino-cpu", precision=precision, limits=manifest.limits,
+    return AsymVAE(manifest, backends, backend="openvino", precision=precision, limits=manifest.limits,
                    device="cpu", graph_form="portable")
 
 

@@ -24,8 +24,9 @@ class AsymVAE:
     """A loaded artifact: ``encode``, ``decode`` and the model config.
 
     Thread safety: one instance may be used from many threads at once and gives the same
-    results as serial calls. ONNX Runtime sessions are safe for concurrent ``run``; the
-    TensorRT backend keeps one execution context per engine and serialises calls on it with
+    results as serial calls. ONNX Runtime sessions are safe for concurrent ``run`` (CUDA-graph
+    sessions serialise calls at the captured shape on their bound buffers); OpenVINO makes
+    one infer request per call; the TensorRT backend keeps one execution context per engine and serialises calls on it with
     a lock (a context is not thread-safe, and a second context would double the activation
     memory for little gain on one GPU).
     """
@@ -34,9 +35,10 @@ class AsymVAE:
                  precision: str, limits: ShapeLimits, device: str, graph_form: str | None = None):
         self.manifest = manifest
         self.backends = backends
-        #: "tensorrt", "onnxruntime-cuda" or "onnxruntime-cpu"
+        #: "tensorrt", "onnxruntime-cuda", "onnxruntime-cpu", "openvino" or, for remote(), "triton":
+        #: a name load() takes (except "triton"), so load(d, backend=vae.backend) loads it again
         self.backend = backend
-        #: precision of the graphs or engines that run: "fp32" or "fp16"
+        #: precision of the graphs or engines that run: "fp32", "fp16" or (OpenVINO) "bf16"
         self.precision = precision
         #: the shapes this runtime accepts (manifest limits, narrowed by an engine's profile)
         self.limits = limits

@@ -14,6 +14,7 @@ from asym_export.feeds import make_feed
 from asym_export.reference import reference_outputs
 from asym_export.verify import BF16_TOLERANCE, FP32_MAX_ABS, VerificationReport
 from asym_runtime.errors import BackendUnavailableError
+from asym_runtime.names import BACKENDS
 from asym_runtime.specs import DECODER, DECODER_UNCOND, ENCODER, Shape
 
 ov_backend = pytest.importorskip("asym_runtime.backends.openvino")
@@ -45,7 +46,9 @@ def _run(rt, graph, feed):
 @pytest.mark.parametrize("shape", UNSEEN, ids=str)
 @pytest.mark.parametrize("graph", [ENCODER, DECODER, DECODER_UNCOND], ids=lambda g: g.name)
 def test_fp32_matches_diffusers_within_the_fp32_tolerance(ov_fp32, tiny_vae, graph, shape):
-    assert (ov_fp32.backend, ov_fp32.precision, ov_fp32.device) == ("openvino-cpu", "fp32", "cpu")
+    # what it reports is what load() takes: load(d, backend=vae.backend, precision=vae.precision)
+    assert (ov_fp32.backend, ov_fp32.precision, ov_fp32.device) == ("openvino", "fp32", "cpu")
+    assert ov_fp32.backend in BACKENDS
     feed = make_feed(graph, shape, seed=77, scaling_factor=0.18215)
     got, want = _run(ov_fp32, graph, feed), reference_outputs(tiny_vae, graph, feed)
     for name, ref in want.items():

@@ -92,7 +92,7 @@ def embedded_model(source: GraphSource) -> bytes:
 class OpenVinoBackend(Backend):
     """One portable ONNX graph compiled by OpenVINO for the CPU."""
 
-    name = "openvino-cpu"
+    name = "openvino"
 
     def __init__(self, graph: GraphSpec, source: GraphSource, *, precision: str = "fp32",
                  cache_dir: str | os.PathLike | None = None):
