@@ -174,8 +174,9 @@ def runtime_contender(folder: Path, name: BackendName, provider_options: dict | 
         calls = {g_name: (lambda feed, call=g.runtime_call: call(vae, feed)) for g_name, g in BENCH_GRAPHS.items()}
         return calls, vae.close
 
-    c = _timed_load(str(name), "cpu" if spec["backend"] == "onnxruntime-cpu" else "cuda", load)
+    c = _timed_load(str(name), "cpu" if spec["backend"] in ("onnxruntime-cpu", "openvino") else "cuda", load)
     c.name = str(replace(name, precision=loaded[0].precision))
+    c.device = "cpu" if loaded[0].device == "cpu" else "cuda"  # where it computed, as the runtime says
     return c
 
 

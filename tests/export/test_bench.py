@@ -30,6 +30,7 @@ def test_bench_end_to_end_on_tiny(tiny_artifact, tmp_path, capsys):
     bf16 = ["openvino/bf16", "diffusers/bf16"] if bf16_reason() is None else []  # CPUs with BF16 units
     assert sorted(names) == sorted(["diffusers/fp32", "onnxruntime-cpu/fp32", "onnxruntime-cpu/fp16", "openvino/fp32"] + bf16)
     assert all(b["load_s"] > 0 for b in r["backends"])
+    assert {b["device"] for b in r["backends"]} == {"cpu"}  # OpenVINO was reported as "cuda" once
     graphs, shapes = {"encode", "decode", "decode_uncond"}, {"1x64x64", "1x64x96", "2x64x64", "2x64x96"}
     assert {(x["graph"], x["shape"], x["backend"]) for x in r["rows"]} == {
         (g, s, b) for g in graphs for s in shapes for b in names}
