@@ -77,13 +77,16 @@ class RepoResult:
     models: list[RepoModel] = field(default_factory=list)
 
 
-def _write(path: Path, data: bytes) -> str:
+def _write(path: Path, data: bytes, digest: str | None = None) -> str:
+    """Write and fsync ``data``; return its sha256. ``digest``: the sha256 these bytes were
+    already checked against (the manifest's), so they are not hashed a second time; the
+    repository check re-reads what landed on disk either way."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    return hashlib.sha256(data).hexdigest()
+    return digest or hashlib.sha256(data).hexdigest()
 
 
 def _onnx_entry(manifest: Manifest, role: str, opts: RepoOptions):
@@ -140,9 +143,12 @@ def write_repository(artifact: str | os.PathLike, out: str | os.PathLike, opts: 
                 raise ValueError("the TensorRT accelerator runs the portable graphs; pass --form portable with it")
             say(f"{graph.name}: {entry.name} ({form} form)")
             source = manifest.graph_source(entry.name)  # the checked bytes, external data included
-            files = {"1/model.onnx": _write(stage / graph.name / "1" / "model.onnx", source.model)}
-            for loc, data in source.external.items():
-                files[f"1/{loc}"] = _write(stage / graph.name / "1" / loc, data)
+            # the graph's bytes and then its data files', in the order of their recorded digests
+            digests = list(source.digests) if len(source.digests) == 1 + len(source.external) else []
+            digests += [None] * (1 + len(source.external) - len(digests))
+            files = {"1/model.onnx": _write(stage / graph.name / "1" / "model.onnx", source.model, digests[0])}
+            for (loc, data), digest in zip(source.external.items(), digests[1:]):
+                files[f"1/{loc}"] = _write(stage / graph.name / "1" / loc, data, digest)
             accel = []
             if opts.tensorrt_accelerator:
                 accel = [("tensorrt", {"precision_mode": opts.precision.upper(),
