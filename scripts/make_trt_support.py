@@ -92,7 +92,7 @@ def _check_rules(rules: dict, operators: dict) -> None:
         if set(r) - {"restrictions", "attributes"}:
             raise SourceError(f"rules.json: {name} has unknown keys {sorted(set(r) - {'restrictions', 'attributes'})}")
         for attr, rule in r.get("attributes", {}).items():
-            if set(rule) - _RULE_KEYS or ("any" in rule) == ("allowed" in rule):
+            if set(rule) - _RULE_KEYS or ("any" in rule) == ("allowed" in rule) or rule.get("any", True) is not True:
                 raise SourceError(f"rules.json: {name}.{attr} needs either 'allowed' (with 'default') or 'any': true")
             if "allowed" in rule and rule.get("default") not in rule["allowed"]:
                 raise SourceError(f"rules.json: {name}.{attr}'s default {rule.get('default')!r} is not allowed")
@@ -110,14 +110,15 @@ def build(releases: list[dict], rules: dict) -> dict:
             continue
         entry = {"supported": True, "types": [t for t in rows[-1]["types"] if all(t in row["types"] for row in rows)]}
         rule = rules["operators"].get(name, {})
-        if rows[-1]["restricted"]:
+        restricting = [r["tensorrt"] for r, row in zip(releases, rows) if row["restricted"]]
+        if restricting:  # a restriction of any release holds for the range the table claims
             if not rule.get("restrictions"):
-                raise SourceError(f"TensorRT {releases[-1]['tensorrt']} restricts {name}; write the restriction "
+                raise SourceError(f"TensorRT {', '.join(restricting)} restricts {name}; write the restriction "
                                   "in rules.json (in our words) so the table carries it")
             entry["restrictions"] = rule["restrictions"]
         elif rule.get("restrictions"):
-            raise SourceError(f"rules.json gives {name} a restriction that TensorRT {releases[-1]['tensorrt']}'s "
-                              "table does not have; remove it or check the table")
+            raise SourceError(f"rules.json gives {name} a restriction that no release's table has; "
+                              "remove it or check the tables")
         if "attributes" in rule:
             entry["attributes"] = rule["attributes"]
         operators[name] = entry
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                 path, _, url = rest.partition("=")
                 src = release_source(Path(path).read_text(encoding="utf-8"), version, url, dt.date.today().isoformat())
                 out = args.sources / f"tensorrt-{version}.json"
-                out.write_text(json.dumps(src, indent=1) + "\n", encoding="utf-8")
+                out.write_text(dump(src), encoding="utf-8")
                 print(f"wrote {out}: {len(src['operators'])} operators, opset {src['opset'][0]}..{src['opset'][1]}")
             return 0
         text = dump(build(*read_sources(args.sources)))

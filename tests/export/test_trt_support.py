@@ -86,6 +86,17 @@ def test_extract_reads_a_release_table():
         mts.parse("| Alpha | Y | FP32 |")
 
 
+def test_extract_writes_what_build_reads(tmp_path):
+    doc = tmp_path / "ops.md"
+    doc.write_text(_DOC)
+    assert mts.main(["extract", "--doc", f"10.99={doc}=https://example.invalid/ops.md", "--sources", str(tmp_path)]) == 0
+    written = (tmp_path / "tensorrt-10.99.json").read_text()
+    src = json.loads(written)
+    assert src["operators"] == mts.release_source(_DOC, "10.99", "u", "d")["operators"]
+    assert written == mts.dump(src)  # one operator per line, as the checked-in sources
+    assert sum('"Alpha": ' in line for line in written.splitlines()) == 1
+
+
 def _release(version, opset, **ops):
     return {"tensorrt": version, "opset": opset, "url": f"u{version}", "read_on": "2026-01-0" + version[-1],
             "operators": {k: ({"supported": True, "types": v, "restricted": False} if v else {"supported": False})
@@ -105,23 +116,28 @@ def test_build_keeps_only_what_every_release_supports():
 @pytest.mark.parametrize("rules, needle", [
     ({"Alpha": {"attributes": {"mode": {"allowed": ["a"], "default": "b"}}}}, "default 'b' is not allowed"),
     ({"Alpha": {"attributes": {"mode": {"allowed": ["a"], "default": "a", "any": True}}}}, "either 'allowed'"),
-    ({"Alpha": {"restrictions": "x must be 1"}}, "does not have"),
+    ({"Alpha": {"restrictions": "x must be 1"}}, "no release.s table has"),
     ({"Beta": {"attributes": {}}}, "rules for Beta, which the table does not list as supported"),
     ({"Alpha": {"attrs": {}}}, "unknown keys"),
-], ids=["bad-default", "any-and-allowed", "restriction-not-in-table", "unsupported-op", "unknown-key"])
+    ({"Alpha": {"attributes": {"mode": {"any": False}}}}, "either 'allowed'"),
+], ids=["bad-default", "any-and-allowed", "restriction-not-in-table", "unsupported-op", "unknown-key", "any-false"])
 def test_inconsistent_rules_fail_the_build(rules, needle):
     a = _release("10.1", [9, 20], Alpha=["FP32"], Beta=None)
     with pytest.raises(mts.SourceError, match=needle):
         mts.build([a], {"operators": rules})
 
 
-def test_a_restriction_needs_our_words():
-    a = _release("10.1", [9, 20], Alpha=["FP32"])
-    a["operators"]["Alpha"]["restricted"] = True
-    with pytest.raises(mts.SourceError, match="restricts Alpha; write the restriction"):
-        mts.build([a], {"operators": {}})
-    t = mts.build([a], {"operators": {"Alpha": {"restrictions": "x must be constant"}}})
+def test_a_restriction_needs_our_words_whichever_release_has_it():
+    """The table claims every release in its range, so an older release's restriction counts
+    even when the newest lifted it (TensorRT 10.0 restricts Pad and Slice, 10.15 does not)."""
+    old = _release("10.1", [9, 20], Alpha=["FP32"])
+    new = _release("10.2", [9, 20], Alpha=["FP32"])
+    old["operators"]["Alpha"]["restricted"] = True
+    with pytest.raises(mts.SourceError, match="TensorRT 10.1 restricts Alpha; write the restriction"):
+        mts.build([old, new], {"operators": {}})
+    t = mts.build([old, new], {"operators": {"Alpha": {"restrictions": "x must be constant"}}})
     assert t["operators"]["Alpha"]["restrictions"] == "x must be constant"
+    assert "restrictions" in support_table()["operators"]["Slice"]
 
 
 def test_every_operator_the_graphs_use_has_attribute_rules(tiny_artifact):
@@ -138,10 +154,3 @@ def test_every_operator_the_graphs_use_has_attribute_rules(tiny_artifact):
     missing = {op: sorted(attrs - set(table[op].get("attributes", {})))
                for op, attrs in used.items() if "attributes" not in table[op] or attrs - set(table[op]["attributes"])}
     assert not missing, f"operators/attributes without rules: {missing}"
-
-
-def test_depth_to_space_mode_is_a_rule():
-    """The sub-pixel rewrite is Reshape/Transpose today, but DepthToSpace is the operator a
-    future rewrite would use: its mode is checked, not assumed."""
-    rule = support_table()["operators"]["DepthToSpace"]["attributes"]["mode"]
-    assert rule == {"allowed": ["DCR", "CRD"], "default": "DCR"}
