@@ -78,8 +78,8 @@ def emulate(vae, root: str, keep=(), residual_fp32: bool = False):
     return v
 
 
-def macs_by_part(vae, graph, feed, parts) -> tuple[dict[str, float], int]:
-    """Share of the graph's convolution + linear multiply-accumulates done inside each part."""
+def macs_by_module(vae, graph, feed) -> collections.Counter:
+    """The graph's convolution + linear multiply-accumulates, per module name."""
     import torch
 
     from asym_export.reference import reference_outputs
@@ -99,8 +99,12 @@ def macs_by_part(vae, graph, feed, parts) -> tuple[dict[str, float], int]:
     reference_outputs(vae, graph, feed)
     for h in hooks:
         h.remove()
-    total = sum(macs.values())
-    return {p: sum(v for n, v in macs.items() if _within(n, [p])) / total for p in parts}, total
+    return macs
+
+
+def mac_share(macs: collections.Counter, prefixes) -> float:
+    """Share of all MACs done inside the modules under ``prefixes`` (any depth)."""
+    return sum(v for n, v in macs.items() if _within(n, prefixes)) / sum(macs.values())
 
 
 def parts_of(vae, root: str) -> list[str]:
@@ -153,7 +157,8 @@ def main(argv=None) -> int:
     print(f"{args.variant} {args.graph} 1x{args.size}x{args.size}: FP32 reference {time.perf_counter() - t0:.1f} s",
           flush=True)
     parts = parts_of(vae, root)
-    share, total = macs_by_part(vae, graph, feed, parts)
+    macs = macs_by_module(vae, graph, feed)
+    share = {p: mac_share(macs, [p]) for p in parts}
 
     rows = [("all bf16", (), False), ("residual fp32", (), True)]
     if not args.no_parts:
@@ -169,7 +174,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         out = reference_outputs(emulate(vae, root, keep, residual), graph, feed_bf16)
         stats = {s.name: output_stats(s.name, ref[s.name], out[s.name], s.value_range) for s in graph.outputs}
-        kept = sum(share.get(k, 0.0) for k in keep)
+        kept = mac_share(macs, keep)
         images = {s.name for s in graph.outputs if s.value_range == (-1.0, 1.0)}  # 8-bit levels mean something
         results.append({"row": label, "keep": list(keep), "residual_fp32": residual, "fp32_mac_share": kept,
                         "outputs": {n: {"psnr_db": s.psnr_db, "max_abs": s.max_abs,
@@ -181,7 +186,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"variant": args.variant, "graph": args.graph, "size": args.size, "seed": args.seed,
-                       "weights": args.weights or "random seed 0", "macs": total, "rows": results}, f, indent=1)
+                       "weights": args.weights or "random seed 0", "macs": sum(macs.values()), "rows": results}, f, indent=1)
     return 0
 
 

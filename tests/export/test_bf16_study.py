@@ -47,3 +47,50 @@ def test_the_emulation_loses_what_bf16_loses_and_keeping_parts_fp32_wins_it_back
     assert abs(rows[full]["fp32_mac_share"] - 1.0) < 1e-9
     assert 0 < rows["residual fp32 + up_blocks.0 fp32"]["fp32_mac_share"] < 1
     assert "levels)" in capsys.readouterr().out
+
+
+class _Res(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        return x + self.conv(x)
+
+
+class _Toy(torch.nn.Module):
+    """A conv, then a residual block: the shapes the emulation has to treat differently."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.post_quant_conv = torch.nn.Conv2d(2, 2, 1)
+        self.decoder = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 1), _Res())
+
+
+def test_the_emulation_rounds_weights_outputs_and_block_sums_as_documented():
+    """Against a hand-written BF16 computation, exactly: every weight rounded, every module's
+    output rounded; with residual_fp32 the block's sum is not rounded (its conv's output is)."""
+    study = _study()
+    toy = _Toy()
+    x = torch.randn(1, 2, 4, 4)
+    r = lambda t: t.to(torch.bfloat16).to(torch.float32)  # noqa: E731
+    conv1, conv2 = toy.decoder[0], toy.decoder[1].conv
+
+    def conv(m, t):
+        return torch.nn.functional.conv2d(t, r(m.weight), r(m.bias))
+
+    with torch.no_grad():
+        y = r(conv(conv1, x))  # decoder.0
+        h = r(conv(conv2, y))  # decoder.1.conv
+        want_all = r(r(y + h))  # decoder.1 (the block), then decoder (the Sequential)
+        want_resid = y + h
+        got_all = study.emulate(toy, "decoder").decoder(x)
+        got_resid = study.emulate(toy, "decoder", residual_fp32=True).decoder(x)
+        got_keep = study.emulate(toy, "decoder", keep=("decoder.1",), residual_fp32=True).decoder(x)
+        want_keep = y + conv2(y)  # the kept block computes in FP32 with its FP32 weights
+    assert torch.equal(got_all, want_all)
+    assert torch.equal(got_resid, want_resid)
+    assert torch.equal(got_keep, want_keep)
+    assert not torch.equal(want_all, toy.decoder(x))  # the rounding is visible at all
+    assert study.mac_share({"decoder.0": 1, "decoder.1.conv": 3}, ["decoder.1"]) == 0.75
