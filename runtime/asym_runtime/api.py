@@ -65,8 +65,8 @@ def load(path: str | os.PathLike, backend: str = "auto", precision: str | None =
             TensorRT: the second consecutive call at a shape captures a CUDA graph and later
             calls at that shape replay it; a call at another shape drops it. ONNX Runtime
             CUDA: the first call's shape gets buffers bound once and a graph captured within
-            that call, kept while the VAE is loaded (calls at that shape are serialised); other
-            shapes run on a second, ordinary session made on first need.
+            that call, kept while the VAE is loaded; other shapes run on a second, ordinary
+            session made on first need. Calls are serialised (one at a time per graph).
         graphs: which graphs to load, of ``encoder``, ``decoder``, ``decoder_uncond``
             (default: all the folder has). A decode-only service saves the encoder's memory
             with ``graphs=("decoder", "decoder_uncond")``; without ``decoder_uncond`` plain

@@ -24,8 +24,8 @@ class AsymVAE:
     """A loaded artifact: ``encode``, ``decode`` and the model config.
 
     Thread safety: one instance may be used from many threads at once and gives the same
-    results as serial calls. ONNX Runtime sessions are safe for concurrent ``run`` (CUDA-graph
-    sessions serialise calls at the captured shape on their bound buffers); OpenVINO makes
+    results as serial calls. ONNX Runtime sessions are safe for concurrent ``run`` (with
+    ``cuda_graph=True`` calls are serialised: the captured graph's buffers are shared); OpenVINO makes
     one infer request per call; the TensorRT backend keeps one execution context per engine and serialises calls on it with
     a lock (a context is not thread-safe, and a second context would double the activation
     memory for little gain on one GPU).

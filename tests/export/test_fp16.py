@@ -179,11 +179,11 @@ def _gpu_runner(kind, tmp_path):
                 return b.infer(feed)
         return run
     pytest.importorskip("tensorrt")
-    from asym_export.engines import engine_from_onnx
+    from asym_export.engines import engine_from_onnx, tensorrt_unavailable_reason
     from asym_runtime.backends.tensorrt import TensorRTBackend, unavailable_reason
     from asym_runtime.specs import ShapeLimits
 
-    reason = unavailable_reason()
+    reason = tensorrt_unavailable_reason() or unavailable_reason()  # the builder's needs, then the runtime's
     if reason:
         pytest.skip(reason)
     limits = ShapeLimits(min_batch=1, opt_batch=1, max_batch=2, min_height=64, opt_height=64, max_height=96,

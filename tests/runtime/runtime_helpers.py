@@ -34,8 +34,9 @@ def diffusers_encode(vae, image):
 def race(calls, threads: int = 4, rounds: int = 10, timeout: float = 300.0) -> dict[tuple[int, int], object]:
     """Run ``calls`` (zero-argument functions) from ``threads`` threads for ``rounds`` rounds, all
     threads released together by a barrier at the start of every round; thread t runs call
-    ``(t + round) % len(calls)``, so every call meets every other in some round, and two threads
-    share a call (the same shape and input) whenever ``threads > len(calls)``. Returns
+    ``(t + round) % len(calls)``, so with ``threads >= len(calls)`` every call meets every other
+    in each round, and two threads share a call (the same shape and input) whenever
+    ``threads > len(calls)``. Returns
     {(round, thread): result}; any exception in a thread, or a thread still running after
     ``timeout`` seconds, fails the test. Python's thread switch interval is cut to 10 us while it
     runs, so threads interleave inside the runtime's Python code, not only at blocking calls."""
@@ -71,7 +72,7 @@ def race(calls, threads: int = 4, rounds: int = 10, timeout: float = 300.0) -> d
     return results
 
 
-def check_race(results, serial, threads: int, exact: bool = True, atol: float = 0.0) -> None:
+def check_race(results, serial, exact: bool = True, atol: float = 0.0) -> None:
     """Every raced result equals the serial result of its call."""
     for (r, t), got in results.items():
         i = (t + r) % len(serial)

@@ -81,8 +81,8 @@ def test_torch_cuda_tensors_give_the_numpy_numbers(tiny_artifact):
 
 @pytest.mark.parametrize("cuda_graph", [False, True], ids=["plain", "cuda-graph"])
 def test_threads_give_serial_results(tiny_artifact, cuda_graph):
-    """Per-call IO binding (plain) and the captured graph's bound buffers behind the backend's
-    lock (cuda_graph=True; the first call's shape is captured, the others run on the ordinary
+    """Per-call IO binding (plain) and, with cuda_graph=True, every call behind the backend's
+    lock (the first call's shape is captured into bound buffers, the others run on the ordinary
     session): 4 threads released together for 25 rounds, two of them on the same call each
     round, give the serial results of the same session."""
     feeds = [feed("decoder", s, seed=40 + i) for i, s in enumerate([Shape(2, 256, 256), Shape(1, 128, 256),
@@ -96,7 +96,7 @@ def test_threads_give_serial_results(tiny_artifact, cuda_graph):
         # same session, same kernels per shape; FP16 outputs in [-1, 1] differ by at most a few
         # FP16 steps if a kernel is not bit-reproducible (2e-3), while another call's input or
         # buffer shows up as O(0.1) errors
-        check_race(race(calls, threads=4, rounds=25), serial, threads=4, exact=False, atol=2e-3)
+        check_race(race(calls, threads=4, rounds=25), serial, exact=False, atol=2e-3)
 
 
 @pytest.mark.parametrize("precision, tf32", [("fp32", "0"), ("fp16", "1")])

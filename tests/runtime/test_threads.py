@@ -27,7 +27,7 @@ def test_threads_released_together_give_the_serial_decodes(tiny_rt):
     serial = [c() for c in calls]
     # ONNX Runtime's CPU kernels split work by a fixed plan, so concurrent runs are
     # bit-identical to serial ones: compare exactly
-    check_race(race(calls, THREADS, ROUNDS), serial, THREADS)
+    check_race(race(calls, THREADS, ROUNDS), serial)
 
 
 def test_encode_and_decode_at_once(tiny_rt):
