@@ -20,23 +20,28 @@ def _is_const_shape(graph: RewriteGraph, name: str, want: list[int]) -> bool:
     return v is not None and v.ndim == 1 and [int(x) for x in v] == want
 
 
+def _operand_and_const(graph: RewriteGraph, node, op_type: str):
+    """For a binary ``node`` (either input order): the producer of one input if it is an
+    ``op_type`` node and the other input is a constant, with that constant's name; else
+    (None, None)."""
+    for i in (0, 1):
+        producer, other = graph.producer(node.input[i]), node.input[1 - i]
+        if producer is not None and producer.op_type == op_type and graph.const(other) is not None:
+            return producer, other
+    return None, None
+
+
 def _match_group_norm(graph: RewriteGraph, add) -> dict | None:
     """The exporter's GroupNorm ending in ``add`` (the beta Add), or None.
 
     Reshape(x, [0, G, -1]) -> InstanceNormalization(ones(G), zeros(G)) -> Reshape(., Shape(x))
     -> Mul(gamma [C,1(,1)]) -> Add(beta [C,1(,1)]) [-> Sigmoid, Mul: SiLU].
     """
-    for ai in (0, 1):
-        mul, beta = graph.producer(add.input[ai]), add.input[1 - ai]
-        if mul is not None and mul.op_type == "Mul" and graph.const(beta) is not None:
-            break
-    else:
+    mul, beta = _operand_and_const(graph, add, "Mul")
+    if mul is None:
         return None
-    for mi in (0, 1):
-        r4, gamma = graph.producer(mul.input[mi]), mul.input[1 - mi]
-        if r4 is not None and r4.op_type == "Reshape" and graph.const(gamma) is not None:
-            break
-    else:
+    r4, gamma = _operand_and_const(graph, mul, "Reshape")
+    if r4 is None:
         return None
     inorm = graph.producer(r4.input[0])
     if inorm is None or inorm.op_type != "InstanceNormalization":
