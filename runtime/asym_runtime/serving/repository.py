@@ -143,11 +143,10 @@ def write_repository(artifact: str | os.PathLike, out: str | os.PathLike, opts: 
                 raise ValueError("the TensorRT accelerator runs the portable graphs; pass --form portable with it")
             say(f"{graph.name}: {entry.name} ({form} form)")
             source = manifest.graph_source(entry.name)  # the checked bytes, external data included
-            # the graph's bytes and then its data files', in the order of their recorded digests
-            digests = list(source.digests) if len(source.digests) == 1 + len(source.external) else []
-            digests += [None] * (1 + len(source.external) - len(digests))
-            files = {"1/model.onnx": _write(stage / graph.name / "1" / "model.onnx", source.model, digests[0])}
-            for (loc, data), digest in zip(source.external.items(), digests[1:]):
+            # graph_source records the graph's digest, then each data file's in the order of `external`
+            files = {"1/model.onnx": _write(stage / graph.name / "1" / "model.onnx", source.model,
+                                            source.digests[0])}
+            for (loc, data), digest in zip(source.external.items(), source.digests[1:], strict=True):
                 files[f"1/{loc}"] = _write(stage / graph.name / "1" / loc, data, digest)
             accel = []
             if opts.tensorrt_accelerator:
