@@ -12,3 +12,12 @@ _PROGRESS = re.compile(r"^(\[\d+\] .* \.\.\.|    (done|FAILED) \(\d+\.\d s\)|   
 def said(err: str) -> list[str]:
     """stderr without progress lines and blank lines: what the tool told the user."""
     return [ln for ln in err.splitlines() if ln.strip() and not _PROGRESS.match(ln)]
+
+
+def one_line(err: str) -> str:
+    """The one line a tool says about an error: all of stderr but progress lines, exactly one
+    line, and no traceback."""
+    lines = said(err)
+    assert len(lines) == 1, lines
+    assert "Traceback" not in err
+    return lines[0]

@@ -6,19 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from cli_lines import said
+from cli_lines import one_line
 
 from asym_export import bench, cli, parity
 
 TOOLS = {"asym-export": cli, "asym-parity": parity, "asym-bench": bench}
-
-
-def _one_line(err: str) -> str:
-    """The one line the tool says about the error (progress lines before it are not errors)."""
-    lines = said(err)  # all of stderr but progress lines
-    assert len(lines) == 1, lines
-    assert "Traceback" not in err
-    return lines[0]
 
 
 REQUIRED = {"asym-export": ["--variant", "tiny", "--out", "o"], "asym-parity": ["dir"], "asym-bench": []}
@@ -27,7 +19,7 @@ REQUIRED = {"asym-export": ["--variant", "tiny", "--out", "o"], "asym-parity": [
 @pytest.mark.parametrize("tool", TOOLS)
 def test_an_unknown_flag_is_one_line_and_exit_2(tool, capsys):
     assert TOOLS[tool].main([*REQUIRED[tool], "--no-such-flag"]) == 2
-    line = _one_line(capsys.readouterr().err)
+    line = one_line(capsys.readouterr().err)
     assert line.startswith(f"{tool}: error: ") and "--no-such-flag" in line and f"see {tool} --help" in line
 
 
@@ -45,14 +37,14 @@ def _broken_folder(tmp_path):
 def test_an_unusable_folder_is_one_line_and_exit_2(tool, argv, tmp_path, capsys):
     folder = _broken_folder(tmp_path)
     assert TOOLS[tool].main([a.format(folder=folder) for a in argv]) == 2
-    line = _one_line(capsys.readouterr().err)
+    line = one_line(capsys.readouterr().err)
     assert line.startswith(f"{tool}: error: ") and "breaks the manifest schema" in line, line
 
 
 def test_a_config_json_that_is_not_an_object_is_bad_input(tmp_path, capsys):
     (tmp_path / "config.json").write_text("[1, 2]")
     assert cli.main(["--variant", "tiny", "--weights", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
-    line = _one_line(capsys.readouterr().err)
+    line = one_line(capsys.readouterr().err)
     assert line == f"asym-export: error: {tmp_path}/config.json holds a JSON list; a diffusers config is a JSON " \
                    "object (written by save_pretrained)"
 
@@ -68,7 +60,7 @@ def test_an_unexpected_error_is_one_line_exit_1_and_debug_shows_it(tool, target,
     monkeypatch.setattr(TOOLS[tool], target, boom)
     args = [a.format(folder=tmp_path) for a in argv]
     assert TOOLS[tool].main(args) == 1
-    line = _one_line(capsys.readouterr().err)
+    line = one_line(capsys.readouterr().err)
     assert line == f"{tool}: unexpected error: KeyError: 'surprise' (rerun with --debug for the traceback)"
     with pytest.raises(KeyError, match="surprise"):
         TOOLS[tool].main(args + ["--debug"])

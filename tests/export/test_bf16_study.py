@@ -1,24 +1,18 @@
 """scripts/bf16_study.py: the BF16 emulation rounds what it says it rounds (tiny variant)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import torch
+from repo_files import load_file
 
 from asym_export.feeds import make_feed
 from asym_export.reference import reference_outputs
 from asym_export.verify import output_stats
 from asym_runtime.specs import DECODER, Shape
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bf16_study.py"
-
 
 def _study():
-    spec = importlib.util.spec_from_file_location("bf16_study", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_file("scripts/bf16_study.py")
 
 
 def test_the_emulation_loses_what_bf16_loses_and_keeping_parts_fp32_wins_it_back(tmp_path, tiny_vae, capsys):

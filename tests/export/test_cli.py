@@ -5,6 +5,7 @@ import sys
 
 import pytest
 from cli_lines import said
+from export_stubs import tensorrt_without_instance_norm
 
 from asym_export.cli import UNCHANGED, main
 from asym_export.onnx_export import ExportError
@@ -147,31 +148,13 @@ def test_bad_options_are_one_line_exit_2(tmp_path, monkeypatch, capsys, argv, co
     assert len(err) == 1 and err[0].startswith("asym-export: error: ") and needle in err[0], err
 
 
-def _copy_exported(tiny_artifact):
-    """Stands in for the exporter with the session's real tiny graphs (skips minutes of export)."""
-    import shutil
-
-    def copy(vae, graph, path, **kw):
-        for suffix in ("", ".data"):
-            shutil.copy(gen(tiny_artifact) / (graph.file_name() + suffix), str(path) + suffix)
-        return path
-    return copy
-
-
 def test_a_graph_tensorrt_cannot_take_is_exit_1_with_every_problem_and_nothing_published(
         tiny_artifact, tmp_path, monkeypatch, capsys):
-    import json as _json
-
     import onnx
 
-    import asym_export.export as ex
-    from asym_export import trt_readiness as tr
     from asym_runtime.specs import GRAPHS
 
-    monkeypatch.setattr(ex, "onnx_from_model", _copy_exported(tiny_artifact))
-    table = _json.loads(_json.dumps(tr.support_table()))
-    table["operators"]["InstanceNormalization"] = {"supported": False}  # as if TensorRT dropped it
-    monkeypatch.setattr(tr, "support_table", lambda: table)
+    tensorrt_without_instance_norm(monkeypatch, tiny_artifact)
     out = tmp_path / "o"
     assert main(["--variant", "tiny", "--random-weights", "--verify-shapes", "1x64x64", "--out", str(out)]) == 1
     err = capsys.readouterr().err

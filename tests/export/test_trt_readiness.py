@@ -1,10 +1,10 @@
 """TensorRT readiness without a GPU: the real graphs pass; broken graphs fail with a clear message."""
 
-import json
 import shutil
 
 import onnx
 import pytest
+from export_stubs import tensorrt_without_instance_norm
 from onnx import TensorProto, helper
 
 from asym_export import trt_readiness as tr
@@ -177,17 +177,7 @@ def test_real_graph_with_a_custom_op_and_an_undeclared_dim_lists_both(tiny_artif
 
 
 def test_an_export_whose_graph_tensorrt_cannot_take_fails_without_manifest(tiny_artifact, tmp_path, monkeypatch):
-    import asym_export.export as ex
-
-    def copy_exported(vae, graph, path, **kw):  # the session's real tiny graphs, to skip the exporter
-        for suffix in ("", ".data"):
-            shutil.copy(gen(tiny_artifact) / (graph.file_name() + suffix), str(path) + suffix)
-        return path
-
-    monkeypatch.setattr(ex, "onnx_from_model", copy_exported)
-    table = json.loads(json.dumps(support_table()))
-    table["operators"]["InstanceNormalization"] = {"supported": False}  # as if TensorRT dropped it
-    monkeypatch.setattr(tr, "support_table", lambda: table)
+    tensorrt_without_instance_norm(monkeypatch, tiny_artifact)
     with pytest.raises(TensorRTReadinessError, match="InstanceNormalization is marked unsupported"):
         export_artifact(ExportOptions(variant="tiny", out=tmp_path / "o", random_weights=True, seed=0,
                                       verify_shapes=()))

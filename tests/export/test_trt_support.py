@@ -1,32 +1,21 @@
 """The TensorRT support table is rebuilt from its checked-in sources on every run, and it has
 attribute rules for every operator the exported graphs use."""
 
-import importlib.util
 import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import onnx
 import pytest
+from repo_files import ROOT, load_file
 
 from asym_export.trt_readiness import support_table
 from asym_runtime.manifest import generation_folder as gen
 from asym_runtime.specs import GRAPHS
 
-ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "make_trt_support.py"
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("make_trt_support", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-mts = _script()
+mts = load_file("scripts/make_trt_support.py")
 
 
 def _run(*args):

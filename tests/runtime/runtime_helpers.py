@@ -82,15 +82,21 @@ def check_race(results, serial, exact: bool = True, atol: float = 0.0) -> None:
             np.testing.assert_allclose(got, serial[i], atol=atol, rtol=0, err_msg=f"round {r}, thread {t}, call {i}")
 
 
+def pipeline_processors():
+    """The image and mask processors StableDiffusionInpaintPipeline builds (VAE scale factor 8)."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    return (VaeImageProcessor(vae_scale_factor=8),
+            VaeImageProcessor(vae_scale_factor=8, do_normalize=False, do_binarize=True, do_convert_grayscale=True))
+
+
 def diffusers_inpaint_pixels(vae, photo, mask, width: int, height: int) -> np.ndarray:
     """What a diffusers user gets for ``photo``/``mask`` (PIL): VaeImageProcessor's pre- and
     post-processing around the reference model's encode (mean) and conditional decode, as an
     8-bit HxWx3 array."""
     import torch
-    from diffusers.image_processor import VaeImageProcessor
 
-    images = VaeImageProcessor(vae_scale_factor=8)
-    masks = VaeImageProcessor(vae_scale_factor=8, do_normalize=False, do_binarize=True, do_convert_grayscale=True)
+    images, masks = pipeline_processors()
     x = images.preprocess(photo, height=height, width=width)
     m = masks.preprocess(mask, height=height, width=width)
     with torch.no_grad():

@@ -18,14 +18,9 @@ PIPE_ATOL = 2e-4
 
 def _example():
     """examples/inpaint_pipeline.py, whose tiny pipeline this test shares with the example."""
-    import importlib.util
-    from pathlib import Path
+    from repo_files import load_file
 
-    path = Path(__file__).resolve().parents[2] / "examples" / "inpaint_pipeline.py"
-    spec = importlib.util.spec_from_file_location("inpaint_pipeline_example", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file("examples/inpaint_pipeline.py", "inpaint_pipeline_example")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from runtime_helpers import assert_same_pixels, diffusers_inpaint_pixels
+from runtime_helpers import assert_same_pixels, diffusers_inpaint_pixels, pipeline_processors
 
 import asym_runtime
 from asym_runtime.errors import AsymInputError
@@ -25,11 +25,7 @@ def _mask(w=96, h=64):
 
 @pytest.fixture(scope="module")
 def processors():
-    from diffusers.image_processor import VaeImageProcessor
-
-    image = VaeImageProcessor(vae_scale_factor=8)
-    mask = VaeImageProcessor(vae_scale_factor=8, do_normalize=False, do_binarize=True, do_convert_grayscale=True)
-    return image, mask
+    return pipeline_processors()
 
 
 def test_images_to_batch_equals_the_pipeline_preprocessing(processors):
