@@ -127,7 +127,10 @@ class TensorRTBackend(Backend):
             raise BackendError(f"TensorRT could not create an execution context for {self.label} "
                                f"({logger.errors_since(mark) or 'out of GPU memory?'})")
         self._runtime, self._engine, self._context = runtime, engine, context
-        self._stream = cuda_call(cudart.cudaStreamCreate())
+        # non-blocking: a capturing blocking stream would make the legacy default stream (torch's
+        # default, plain cudaMemcpy) unusable for every other thread until the capture ends;
+        # ordering with torch's stream is explicit below (synchronize before reading its tensors)
+        self._stream = cuda_call(cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking))
         self.limits = self._profile_limits(engine)
 
     def _check_io(self, trt, engine) -> None:
@@ -211,6 +214,10 @@ class TensorRTBackend(Backend):
                 raise BackendError(f"{self.label}: output {name} has shape {s} at {shape}, the "
                                    f"contract says {expected[name]}")
             shapes[name] = s
+        # the least recently used shapes go first, so at most max_shapes buffer sets ever exist
+        while len(self._slots) >= self.max_shapes:
+            _, old = self._slots.popitem(last=False)
+            self._free(old)
         slot = _Slot(shapes, {n: self._dtypes[n] for n in shapes})
         try:
             for name in shapes:
@@ -218,9 +225,6 @@ class TensorRTBackend(Backend):
         except BackendError:
             self._free(slot)
             raise
-        while len(self._slots) >= self.max_shapes:
-            _, old = self._slots.popitem(last=False)
-            self._free(old)
         self._slots[shape] = slot
         log.debug("%s: buffers for %s allocated", self.label, shape)
         return slot
@@ -323,8 +327,14 @@ class TensorRTBackend(Backend):
         CUDA graph. On failure, CUDA graphs are switched off for this backend (logged)."""
         cudart, stream = self._cudart, self._stream
         cuda_call(cudart.cudaStreamSynchronize(stream))  # capture nothing but the engine's own work
-        cuda_call(cudart.cudaStreamBeginCapture(
-            stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal))
+        begun = cudart.cudaStreamBeginCapture(stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal)
+        err = begun[0] if isinstance(begun, tuple) else begun
+        if int(err) != 0:  # this call's results are already enqueued: keep them, stop capturing
+            cudart.cudaGetLastError()
+            log.warning("%s: CUDA graph capture could not start (%s); running without CUDA graphs",
+                        self.label, err)
+            self.cuda_graph = False
+            return False
         ok = self._context.execute_async_v3(native_handle(stream))
         err, graph = cudart.cudaStreamEndCapture(stream)
         try:

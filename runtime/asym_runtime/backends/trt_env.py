@@ -12,8 +12,6 @@ from ..errors import BackendError, BackendUnavailableError, IncompatibleEngineEr
 
 log = logging.getLogger(__name__)
 
-log = logging.getLogger(__name__)
-
 #: ``hardware_compatibility_level`` values the manifest may record (TensorRT's
 #: HardwareCompatibilityLevel NONE / AMPERE_PLUS / SAME_COMPUTE_CAPABILITY).
 HW_LEVELS = ("none", "ampere_plus", "same_compute_capability")
@@ -58,7 +56,10 @@ def native_handle(obj) -> int:
         from cuda.bindings.utils import get_cuda_native_handle
     except ImportError:  # older cuda-python
         return int(obj)
-    return get_cuda_native_handle(obj)
+    try:
+        return get_cuda_native_handle(obj)
+    except TypeError:  # a release whose helper does not know this type yet
+        return int(obj)
 
 
 def cuda_call(result):
