@@ -296,6 +296,9 @@ class OnnxRuntimeBackend(Backend):
         import onnxruntime as ort
 
         torch = arrays.torch_module()
+        # bound by pointer as float32: anything else (a direct Backend.infer call with half or
+        # strided tensors) is converted first, never read as the wrong bytes
+        feed = {n: arrays.to_float32(t) for n, t in feed.items()}
         ref = next(iter(feed.values()))
         shape = request_shape(self.graph, feed)
         outs = {name: torch.empty(s, dtype=torch.float32, device=ref.device)
@@ -383,10 +386,11 @@ class OnnxRuntimeBackend(Backend):
                 torch.cuda.current_stream(ref.device).synchronize()  # copied before ONNX Runtime reads
             else:
                 for n, v in feed.items():
-                    b.inputs[n].update_inplace(np.ascontiguousarray(arrays.to_numpy(v)))
+                    b.inputs[n].update_inplace(np.ascontiguousarray(arrays.to_numpy(v), dtype=np.float32))
             ro = ort.RunOptions()
             ro.add_run_config_entry("gpu_graph_id", CUDA_GRAPH_ID)
             sess.run_with_iobinding(b.io, ro)
             if torch_kind:
                 return {n: t.clone() for n, t in b.outputs.items()}  # the buffers are replayed into
-            return {n: b.outputs[n].numpy() for n in self.graph.output_names}
+            # numpy in, numpy out; a CPU tensor in, a CPU tensor out (the base class's promise)
+            return {n: arrays.like(b.outputs[n].numpy(), ref) for n in self.graph.output_names}
