@@ -37,14 +37,14 @@ def _cuda_available() -> bool:
 def trt_artifact(tiny_artifact, tmp_path_factory):
     """The tiny folder with FP32 engines for this GPU, recorded in its manifest."""
     trt = pytest.importorskip("tensorrt")
+    from asym_export.engines import engine_from_onnx, tensorrt_unavailable_reason  # the toolkit's builder (TF32 off)
     from asym_runtime.backends.tensorrt import device_info, unavailable_reason
 
-    reason = unavailable_reason()
+    reason = tensorrt_unavailable_reason() or unavailable_reason()  # the builder's needs, then the runtime's
     if reason:
         pytest.skip(reason)
     import shutil
 
-    from asym_export.engines import engine_from_onnx  # the toolkit's own builder (TF32 off)
     from asym_runtime.manifest import sha256_file
 
     folder = tmp_path_factory.mktemp("trt") / "artifact"
