@@ -80,6 +80,25 @@ def test_torch_cuda_tensors_give_the_numpy_numbers(tiny_artifact):
 
 
 @pytest.mark.parametrize("cuda_graph", [False, True], ids=["plain", "cuda-graph"])
+def test_each_input_kind_gets_its_own_kind_back(tiny_artifact, cuda_graph):
+    """numpy in, numpy out; CPU tensors in, CPU tensors out; CUDA tensors in, CUDA tensors out:
+    on the captured shape (bound buffers, replayed) and on another one (the ordinary session)."""
+    import torch
+
+    feeds = [feed("decoder", Shape(1, 64, 64), seed=7), feed("decoder", Shape(2, 64, 96), seed=8)]
+    with asym_runtime.load(tiny_artifact, backend="onnxruntime-cuda", precision="fp16", graphs=("decoder",),
+                           cuda_graph=cuda_graph) as rt:
+        for f in feeds * 2:  # the first shape is the captured one; each kind twice per shape
+            want = rt.decode(f["latent"], image=f["image"], mask=f["mask"])
+            assert isinstance(want, np.ndarray)
+            for device in ("cpu", "cuda"):
+                t = {k: torch.from_numpy(v).to(device) for k, v in f.items()}
+                got = rt.decode(t["latent"], image=t["image"], mask=t["mask"])
+                assert isinstance(got, torch.Tensor) and got.device.type == device, (type(got), device)
+                np.testing.assert_allclose(got.cpu().numpy(), want, atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True], ids=["plain", "cuda-graph"])
 def test_threads_give_serial_results(tiny_artifact, cuda_graph):
     """Per-call IO binding (plain) and, with cuda_graph=True, every call behind the backend's
     lock (the first call's shape is captured into bound buffers, the others run on the ordinary
