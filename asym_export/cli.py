@@ -66,12 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "limits exclude those)")
     v.add_argument("--atol", type=float, default=None, metavar="X",
                    help="max abs error allowed for the FP32 graphs (default 1e-3)")
-    f = p.add_argument_group("FP16 graphs (encoder.fp16.onnx, decoder.fp16.onnx; what TensorRT engines are built from)")
+    f = p.add_argument_group("FP16 graphs (encoder.fp16.onnx, decoder.fp16.onnx, decoder_uncond.fp16.onnx; what "
+                              "TensorRT engines are built from)")
     f.add_argument("--no-fp16", action="store_true", help="skip the mixed-precision FP16 graphs")
     f.add_argument("--fp16-headroom", type=float, default=None, metavar="X",
                    help="a tensor stays FP32 when X times its calibrated max |value| exceeds 65504 "
                         "(default 4)")
-    c = p.add_argument_group("CUDA forms (decoder.cuda.onnx, decoder.fp16.cuda.onnx; ONNX Runtime CUDA only)")
+    c = p.add_argument_group("CUDA forms (*.cuda.onnx and *.fp16.cuda.onnx of every graph; ONNX Runtime CUDA only)")
     c.add_argument("--no-cuda-form", action="store_true",
                    help="skip the CUDA forms (ONNX Runtime on a GPU then runs the portable graphs)")
     s = p.add_argument_group("shape limits (recorded in the manifest; enforced by the runtime)")
@@ -82,8 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--opt-batch", type=int, default=1, help="typical batch (default 1)")
     e = p.add_argument_group("TensorRT engines (need a CUDA GPU and the tensorrt package)")
     e.add_argument("--engines", action="store_true",
-                   help="also build engines/encoder.plan and engines/decoder.plan (strongly typed, from the "
-                        "FP16 graphs), one optimization profile from the shape limits, verified on the GPU "
+                   help="also build one engine per graph (engines/encoder.plan, decoder.plan, decoder_uncond.plan; "
+                        "strongly typed, from the FP16 graphs), one optimization profile from the shape limits, verified on the GPU "
                         "at min/opt/max")
     e.add_argument("--opt-level", type=int, default=None, metavar="N",
                    help="builder optimization level 0-5 (default 3)")

@@ -76,8 +76,8 @@ def load(path: str | os.PathLike, backend: str = "auto", precision: str | None =
             where it has one, ``"cuda"`` insists on it, ``"portable"`` runs the standard
             graphs. The CPU provider always runs the portable graphs.
         cache_dir: OpenVINO: where compiled models are cached (default
-            ``~/.cache/asym-export/openvino``, keyed by the graph's sha256 and the precision;
-            ``False``: no cache).
+            ``~/.cache/asym-export/openvino``, under ``$XDG_CACHE_HOME`` if set; keyed by the
+            graph's sha256, the precision and the OpenVINO version; ``False``: no cache).
         provider_options: ONNX Runtime CUDA provider options that replace the measured
             defaults (``asym_runtime.backends.onnxrt.CUDA_PROVIDER_OPTIONS``), e.g.
             ``{"cudnn_conv_algo_search": "EXHAUSTIVE"}``.
@@ -146,7 +146,7 @@ def _load(manifest: Manifest, backend: str, precision: str | None, verify_onnx: 
                 raise ArtifactError(
                     f"{manifest.root} has no TensorRT engines"
                     + (f" of precision {precision}" if precision else "")
-                    + " (engines/encoder.plan, engines/decoder.plan); build them with asym-export "
+                    + " (engines/*.plan); build them with asym-export --engines "
                     "on a machine with a GPU, or use backend='onnxruntime'"
                 )
             return _load_tensorrt(manifest, engines, device_id, cuda_graph)

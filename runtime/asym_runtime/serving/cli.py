@@ -50,9 +50,9 @@ def build_serve_parser():
                    help="graph precision, as asym_runtime.load takes it (default: the folder's default)")
     p.add_argument("--address", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1; 0.0.0.0 for a load balancer or container)")
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--grpc-port", type=int, default=8001)
-    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--http-port", type=int, default=8000, help="Triton's HTTP/REST port (default 8000)")
+    p.add_argument("--grpc-port", type=int, default=8001, help="Triton's gRPC port (default 8001)")
+    p.add_argument("--metrics-port", type=int, default=8002, help="Triton's Prometheus metrics port (default 8002)")
     p.add_argument("--instances", type=int, default=1,
                    help="model instances per graph (each loads its graph once; default 1)")
     p.add_argument("--max-batch", type=int, default=None,
@@ -69,7 +69,7 @@ def build_serve_parser():
     p.add_argument("--start-timeout", type=float, default=600.0, help="seconds to wait for readiness (default 600)")
     p.add_argument("--exit-timeout", type=int, default=10,
                    help="seconds Triton drains in-flight requests and open connections on stop (default 10)")
-    p.add_argument("--log-verbose", type=int, default=0, help="Triton's --log-verbose level")
+    p.add_argument("--log-verbose", type=int, default=0, help="Triton's --log-verbose level (default 0)")
     add_debug(p)
     return p
 
@@ -179,12 +179,15 @@ def build_repo_parser():
     p.add_argument("--check", type=Path, metavar="REPO", help="check a repository instead of writing one")
     p.add_argument("--precision", default="fp16", choices=("fp16", "fp32"), help="graph precision (default fp16)")
     p.add_argument("--form", default="auto", choices=FORMS,
-                   help="auto: the CUDA form where the folder has one and instances are GPU ones; portable: the standard graphs")
+                   help="auto (default): the CUDA form where the folder has one and instances are GPU ones; "
+                        "cuda: insist on the CUDA form (fused CUDA-only kernels; needs --kind gpu); "
+                        "portable: the standard graphs")
     p.add_argument("--no-engines", action="store_true", help="leave the folder's TensorRT engines out")
     p.add_argument("--instances", type=int, default=1, help="instances per model (default 1)")
     p.add_argument("--kind", default="gpu", choices=tconfig.KINDS, help="instance kind (default gpu)")
     p.add_argument("--gpus", default=None, help="comma-separated GPU ids for the instances")
-    p.add_argument("--max-queue-delay-us", type=int, default=tconfig.DEFAULT_QUEUE_DELAY_US)
+    p.add_argument("--max-queue-delay-us", type=int, default=tconfig.DEFAULT_QUEUE_DELAY_US,
+                   help=f"how long a request may wait for others to batch with (default {tconfig.DEFAULT_QUEUE_DELAY_US})")
     p.add_argument("--tensorrt-accelerator", action="store_true",
                    help="run the ONNX models through ONNX Runtime's TensorRT provider (portable graphs)")
     p.add_argument("--force", action="store_true", help="replace an existing repository this tool wrote")
