@@ -99,7 +99,8 @@ class AsymVAE:
     def _run(self, graph: str, feed: dict[str, Any]) -> dict[str, Any]:
         backend = self.backends.get(graph)
         if backend is None:
-            raise RuntimeError(f"this AsymVAE was loaded without the {graph} graph (see load(..., graphs=))")
+            raise RuntimeError(f"this AsymVAE has no {graph} graph: load(..., graphs=) left it out, or the "
+                               "Triton server behind remote() does not serve it (asym-serve --graphs)")
         if not backend.active:
             raise RuntimeError("this AsymVAE is closed")
         return backend.infer(feed)

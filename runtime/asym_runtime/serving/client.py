@@ -217,10 +217,10 @@ def remote(url: str = "localhost:8000", *, protocol: str | None = None, timeout:
         backends[graph.name] = TritonBackend(graph, conn, graph.name).activate()
         mb = int(cfg.get("max_batch_size", 0)) if protocol == "http" else int(cfg.config.max_batch_size)
         max_batch = mb if max_batch is None else min(max_batch, mb)
-    if data is None or not {"encoder", "decoder"} <= set(backends):
+    if data is None or not backends:  # any subset asym-serve --graphs served, like load(graphs=)
         raise BackendUnavailableError(
-            f"the Triton server at {conn.label} serves no asym-serve encoder and decoder models "
-            f"(ready asym-serve models: {', '.join(backends) or 'none'})")
+            f"the Triton server at {conn.label} serves no asym-serve models (no ready model named "
+            f"{', '.join(GRAPHS)} with asym-serve's manifest parameter)")
     manifest = RemoteManifest(conn.label, data)
     precision = precision or "fp32"
     limits = manifest.limits
