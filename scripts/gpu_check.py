@@ -24,7 +24,8 @@ Steps (a failing step is recorded and the check goes on; the exit code is 1 if a
      torch.compile FP16 and every runtime configuration, interleaved.
 
 Writes into --report: gpu_check.json (everything, with verdicts), bench.json, bench.png,
-parity.txt. Needs a CUDA GPU, a CUDA build of torch, and onnxruntime-gpu and/or tensorrt.
+parity.txt, pytest.xml (the GPU tests' results). Needs a CUDA GPU, a CUDA build of torch, and
+onnxruntime-gpu and/or tensorrt.
 """
 
 from __future__ import annotations
@@ -418,6 +419,8 @@ def main() -> int:
     p.add_argument("--sizes", default="512,1024", help="asym-bench resolutions (default 512,1024)")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds per bench row (default 5)")
     p.add_argument("--skip", default="", help="comma-separated steps to skip: sweep,paths,parity,pytest,bench")
+    p.add_argument("--pytest-timeout", type=int, default=300, metavar="S",
+                   help="seconds the GPU tests may take before they are killed (default 300)")
     p.add_argument("--sweep-one", help=argparse.SUPPRESS)
     p.add_argument("--paths-one", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -497,7 +500,16 @@ def main() -> int:
             if importlib.util.find_spec("pytest") is None:
                 raise RuntimeError("pytest is not installed here (pip install -e '.[test]'); the GPU tests "
                                    "(tests marked gpu) did not run")
-            rc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests"], cwd=ROOT).returncode
+            # a hanging GPU test (a CUDA-graph capture, a race) must not eat the rest of the check:
+            # its stacks are dumped after 120 s, the run is killed at --pytest-timeout; the
+            # results are in the report (pytest.xml) either way
+            cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-o", "faulthandler_timeout=120",
+                   f"--junitxml={(report_dir / 'pytest.xml').resolve()}", "tests"]
+            try:
+                rc = subprocess.run(cmd, cwd=ROOT, timeout=args.pytest_timeout).returncode
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(f"pytest -m gpu did not finish in {args.pytest_timeout} s (killed; "
+                                   "the stacks of a test running past 120 s are printed above)") from None
             if rc:
                 raise RuntimeError(f"pytest -m gpu exited {rc}")
         step("pytest", tests)
