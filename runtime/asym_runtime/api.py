@@ -77,7 +77,8 @@ def load(path: str | os.PathLike, backend: str = "auto", precision: str | None =
             graphs. The CPU provider always runs the portable graphs.
         cache_dir: OpenVINO: where compiled models are cached (default
             ``~/.cache/asym-export/openvino``, under ``$XDG_CACHE_HOME`` if set; keyed by the
-            graph's sha256, the precision and the OpenVINO version; ``False``: no cache).
+            graph's sha256, the precision, the OpenVINO version and the CPU; each blob is
+            checked against its sha256 before use; ``False``: no cache).
         provider_options: ONNX Runtime CUDA provider options that replace the measured
             defaults (``asym_runtime.backends.onnxrt.CUDA_PROVIDER_OPTIONS``), e.g.
             ``{"cudnn_conv_algo_search": "EXHAUSTIVE"}``.

@@ -106,6 +106,48 @@ def test_the_cache_is_keyed_by_the_graph_digest(tiny_artifact, copy_artifact, tm
     assert np.abs(second - first).max() > 1e-2
 
 
+def test_a_damaged_cached_blob_is_never_run(tiny_artifact, tmp_path, caplog):
+    """The second load imports the cached blob (logged); a blob with 4 KiB flipped in the middle
+    (OpenVINO itself imports such a blob and computes wrong numbers: up to 1.96 off on a [-1, 1]
+    image) is found by its sha256, deleted and compiled again, and the decode is the clean one."""
+    import logging
+
+    cache = tmp_path / "cache"
+    z = np.random.default_rng(7).standard_normal((1, 4, 8, 8)).astype(np.float32)
+
+    def decode():
+        with asym_runtime.load(tiny_artifact, backend="openvino", graphs="decoder_uncond", cache_dir=cache) as rt:
+            return rt.decode(z)
+
+    clean = decode()
+    (blob,) = cache.rglob("compiled-*.blob")
+    with caplog.at_level(logging.DEBUG, logger="asym_runtime.backends.openvino"):
+        np.testing.assert_array_equal(decode(), clean)
+    assert "compiled model from the cache" in caplog.text
+    data = bytearray(blob.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 4096] = bytes(b ^ 0xFF for b in data[mid:mid + 4096])
+    blob.write_bytes(data)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="asym_runtime.backends.openvino"):
+        np.testing.assert_array_equal(decode(), clean)
+    assert "is damaged (its sha256 does not match its name)" in caplog.text
+    assert not blob.exists() and len(list(cache.rglob("compiled-*.blob"))) == 1  # replaced by a good one
+    assert not list(cache.rglob(".tmp-*"))  # nothing half-written left
+
+
+def test_a_cache_that_cannot_be_written_is_skipped(tiny_artifact, tmp_path, caplog):
+    in_the_way = tmp_path / "a-file"
+    in_the_way.write_text("not a folder")
+    z = np.random.default_rng(8).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    with asym_runtime.load(tiny_artifact, backend="openvino", graphs="decoder_uncond", cache_dir=False) as rt:
+        want = rt.decode(z)
+    with asym_runtime.load(tiny_artifact, backend="openvino", graphs="decoder_uncond",
+                           cache_dir=in_the_way / "cache") as rt:
+        np.testing.assert_array_equal(rt.decode(z), want)
+    assert "cannot be used (Not a directory); compiling without it" in caplog.text
+
+
 def test_bf16_needs_openvino_and_a_precision_it_runs():
     with pytest.raises(ValueError, match="precision 'bf16' runs on backend='openvino' only"):
         asym_runtime.load("unused", backend="onnxruntime-cpu", precision="bf16")

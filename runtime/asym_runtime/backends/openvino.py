@@ -8,27 +8,42 @@ this backend refuses instead, so a BF16 request never runs as something else.
 The graph reaches OpenVINO as the checked bytes (``manifest.GraphSource``): its external data
 is embedded into an in-memory ONNX model, nothing is read again by path.
 
-Compiled models are cached in ``cache_dir/<key>``, the key being the sha256 of the graph's
-and its data's recorded sha256s and the precision, so a changed graph never meets a blob
-compiled from another one. The cache holds OpenVINO's own blobs, which this code does not
-check; a cache directory must be as trusted as the process.
+Compiled models are cached by this backend, not by OpenVINO's ``CACHE_DIR`` (which neither
+checks a blob's contents, so a damaged blob loads and computes wrong numbers, nor writes it
+atomically, so processes starting together on an empty cache could read a half-written one).
+``cache_dir/<key>/compiled-<sha256>.blob``: the key is a hash of the graph's and its data's
+recorded sha256s, the precision, the compile options, the OpenVINO version and the CPU (name
+and capabilities), so a changed graph, release or CPU never meets a blob compiled for another;
+the file is OpenVINO's ``export_model()`` output, written to a temporary file, fsynced and
+renamed into place, and named by its own sha256, which is checked before
+``import_model()``: a blob that does not match is deleted and the graph compiled again. A
+cache that cannot be written (read-only home, a file in the way) is skipped with a warning.
+Every load still reads and checks the folder's files; what it checks decides the key. The cache
+is as trusted as the process: anyone who can write it can plant a blob with a matching name.
+Nothing prunes it: each export (and precision, release) adds a blob about the size of its
+weights; delete the folder to reclaim the space.
 
-Threading: one ``CompiledModel`` is shared; each call makes its own infer request, so calls
-from several threads run concurrently and give the serial results.
+Threading: one ``CompiledModel`` is shared; each call makes its own infer request, so calls from
+several threads are safe and give the serial results. With the ``LATENCY`` hint OpenVINO runs
+one stream per compiled model, so concurrent calls on one graph mostly queue; each uses all
+cores.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .. import arrays
-from ..errors import ArtifactError, BackendUnavailableError
+from ..errors import ArtifactError, BackendError, BackendUnavailableError
+from ..files import read_regular
 from ..manifest import GraphSource, external_tensors
 from ..specs import GraphSpec
 from .base import Backend
@@ -37,6 +52,7 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16")
 _HINT = {"fp32": "f32", "bf16": "bf16"}
+BLOB_PREFIX, BLOB_SUFFIX = "compiled-", ".blob"
 
 
 def unavailable_reason() -> str | None:
@@ -120,26 +136,116 @@ class OpenVinoBackend(Backend):
         import openvino as ov
 
         core = ov.Core()
-        if self.cache_dir is not None:
-            key = hashlib.sha256(f"{self.cache_key}/{self.precision}/{ov.__version__}".encode()).hexdigest()[:24]
-            folder = self.cache_dir / key
-            folder.mkdir(parents=True, exist_ok=True)
-            core.set_property({"CACHE_DIR": str(folder)})
-        try:
-            model = core.read_model(embedded_model(self._source))
-        except ArtifactError:
-            raise
-        except Exception as e:  # noqa: BLE001 - OpenVINO raises its own exception types
-            raise ArtifactError(f"OpenVINO cannot read {self.label}: {e}") from None
-        self._source = None  # OpenVINO holds the weights now
-        self._check_io(model)
         config = {"INFERENCE_PRECISION_HINT": _HINT[self.precision], "PERFORMANCE_HINT": "LATENCY"}
-        self.compiled = core.compile_model(model, "CPU", config)
-        got = self.compiled.get_property("INFERENCE_PRECISION_HINT")
+        folder = self._cache_folder(ov, core, config)
+        compiled = self._cached(ov, core, folder, config) if folder is not None else None
+        if compiled is None:
+            try:
+                model = core.read_model(embedded_model(self._source))
+            except ArtifactError:
+                raise
+            except Exception as e:  # noqa: BLE001 - OpenVINO raises its own exception types
+                # the bytes were checked against the manifest: this is OpenVINO's limit, not tampering
+                raise BackendUnavailableError(f"OpenVINO {ov.__version__} cannot read {self.label}: {e}") from None
+            self._check_io(model)
+            try:
+                compiled = core.compile_model(model, "CPU", config)
+            except Exception as e:  # noqa: BLE001
+                raise BackendError(f"OpenVINO could not compile {self.label} for the CPU: {e}") from None
+            del model
+            if folder is not None:
+                self._store(compiled, folder)
+        self._source = None  # OpenVINO holds the weights now
+        self._check_io(compiled)
+        got = compiled.get_property("INFERENCE_PRECISION_HINT")
         name = got.get_type_name() if hasattr(got, "get_type_name") else str(got)
         if name != _HINT[self.precision]:  # OpenVINO falls back silently; a request must not
             raise BackendUnavailableError(f"OpenVINO compiled {self.label} with {name} inference instead of "
                                           f"{self.precision}")
+        self.compiled = compiled
+
+    # ----- the compiled-model cache
+    def _cache_folder(self, ov, core, config: dict) -> Path | None:
+        """``cache_dir/<key>``, made if needed; None when there is no cache or it cannot be used."""
+        if self.cache_dir is None:
+            return None
+        material = json.dumps({
+            "graph": self.cache_key, "precision": self.precision, "config": config, "openvino": ov.__version__,
+            "cpu": core.get_property("CPU", "FULL_DEVICE_NAME"),
+            "capabilities": sorted(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")),
+        }, sort_keys=True)
+        folder = self.cache_dir / hashlib.sha256(material.encode()).hexdigest()[:24]
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            log.warning("%s: the compiled-model cache %s cannot be used (%s); compiling without it",
+                        self.label, folder, e.strerror or e)
+            return None
+        return folder
+
+    def _cached(self, ov, core, folder: Path, config: dict):
+        """The newest intact blob of ``folder`` imported, or None (damaged ones are deleted)."""
+        def mtime(p):
+            try:
+                return p.stat().st_mtime
+            except OSError:
+                return 0.0
+
+        blobs = sorted(folder.glob(f"{BLOB_PREFIX}*{BLOB_SUFFIX}"), key=mtime, reverse=True)
+        for blob in blobs:
+            try:
+                data = read_regular(blob)
+            except (OSError, ArtifactError) as e:  # gone meanwhile (another process replaced it), or odd
+                log.debug("%s: cached %s unreadable (%s)", self.label, blob.name, e)
+                continue
+            want = blob.name[len(BLOB_PREFIX):-len(BLOB_SUFFIX)]
+            if hashlib.sha256(data).hexdigest() != want:
+                log.warning("%s: cached compiled model %s is damaged (its sha256 does not match its name); "
+                            "deleting it and compiling again", self.label, blob)
+                try:
+                    blob.unlink()
+                except OSError:
+                    pass
+                continue
+            # read_regular gives a bytearray for large files; import_model takes it as a Tensor (no copy)
+            stream = data if isinstance(data, bytes) else ov.Tensor(np.frombuffer(data, dtype=np.uint8))
+            try:
+                compiled = core.import_model(stream, "CPU", config)
+            except Exception as e:  # noqa: BLE001 - e.g. a blob of another build with the same version
+                log.warning("%s: OpenVINO cannot import the cached %s (%s); compiling again", self.label, blob, e)
+                continue
+            log.debug("%s: compiled model from the cache (%s)", self.label, blob)
+            return compiled
+        return None
+
+    def _store(self, compiled, folder: Path) -> None:
+        """Write ``compiled`` into ``folder`` atomically, named by its sha256; older blobs go."""
+        try:
+            data = compiled.export_model()
+            data = data.getvalue() if hasattr(data, "getvalue") else bytes(data)
+            digest = hashlib.sha256(data).hexdigest()
+            final = folder / f"{BLOB_PREFIX}{digest}{BLOB_SUFFIX}"
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, final)
+            except BaseException:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+                raise
+            for old in folder.glob(f"{BLOB_PREFIX}*{BLOB_SUFFIX}"):
+                if old != final:  # another process's earlier blob for the same key: one is enough
+                    try:
+                        old.unlink()
+                    except OSError:
+                        pass
+        except Exception as e:  # noqa: BLE001 - a cache that cannot be written must not fail the load
+            log.warning("%s: could not write the compiled model into the cache %s (%s)", self.label, folder, e)
 
     def _check_io(self, model) -> None:
         got_in = sorted(p.get_any_name() for p in model.inputs)
