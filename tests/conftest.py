@@ -6,8 +6,10 @@ tests that modify a folder copy it first.
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,12 @@ import pytest
 # Never touch the network from the tests: the hub is unreachable on CI machines.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# Caches that follow XDG_CACHE_HOME (OpenVINO's compiled models, written by every load that does
+# not pass cache_dir) go to a folder of this run, never the user's ~/.cache; the CLIs the tests
+# start inherit it. One per process (pytest-xdist workers each import this file).
+_CACHE_HOME = tempfile.mkdtemp(prefix="asym-test-cache-")
+os.environ["XDG_CACHE_HOME"] = _CACHE_HOME
+atexit.register(shutil.rmtree, _CACHE_HOME, True)
 
 
 #: Session fixtures that build real-size models (minutes each): every test using one runs in the
