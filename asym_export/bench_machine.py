@@ -73,6 +73,19 @@ def datasheet_tflops(device_name: str) -> float | None:
     return None
 
 
+def _bf16_verdict(flags: set[str]) -> str:
+    """Whether BF16 runs here, as the contenders are chosen: OpenVINO's own verdict where it is
+    installed (it also counts AVX-NE-CONVERT CPUs), else the BF16 dot-product units."""
+    try:
+        from asym_runtime.backends import openvino as ov
+
+        if ov.unavailable_reason() is None:
+            return "OpenVINO BF16: yes" if ov.bf16_reason() is None else "OpenVINO BF16: no"
+    except Exception:  # noqa: BLE001 - a report field, never a reason to fail
+        pass
+    return "BF16 units" if {"avx512_bf16", "amx_bf16"} & flags else "no BF16 units"
+
+
 def device_name(device: str) -> str:
     if device == "cpu":
         model, flags = "", set()
@@ -85,11 +98,11 @@ def device_name(device: str) -> str:
                         flags = set(ln.split(":", 1)[1].split())
         except OSError:
             pass
-        # the units BF16/FP16 speed depends on (AMX tiles, AVX-512 BF16/FP16)
-        units = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16") if f in flags]
-        bf16 = "BF16 units" if {"avx512_bf16", "amx_bf16"} & flags else "no BF16 units"
-        extra = f" ({', '.join(units) or 'no vector flags read'}; {bf16})" if flags else ""
-        return f"{model or platform.processor() or platform.machine()}, {os.cpu_count()} cores{extra}"
+        # the units BF16/FP16 speed depends on (AMX tiles, AVX-512 BF16/FP16, AVX-NE-CONVERT)
+        units = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "avx_ne_convert", "amx_tile",
+                             "amx_bf16", "amx_fp16") if f in flags]
+        extra = f" ({', '.join(units) or 'no vector flags read'}; {_bf16_verdict(flags)})" if flags else ""
+        return f"{model or platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs{extra}"
     import torch
 
     return torch.cuda.get_device_name()

@@ -40,6 +40,7 @@ class Row:
     ratio_vs_reference: float | None = None  # reference median / this median: > 1 is faster
     ratio_vs_compile: float | None = None  # torch-compile/fp16 median / this median, when it ran
     datasheet_share: float | None = None  # of the GPU's datasheet dense FP16 peak, when known
+    ratio_vs_torch_bf16: float | None = None  # diffusers/bf16 median / this median, when it ran (CPU)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -132,17 +133,22 @@ def run_benchmark(variant: str, folder: Path, *, backends: list[str], graphs: li
                 ref_median = statistics.median(res[loaded[0].name][1])
                 compiled = res.get("torch-compile/fp16")
                 compile_median = statistics.median(compiled[1]) if compiled else None
+                torch_bf16 = res.get("diffusers/bf16")
+                bf16_median = statistics.median(torch_bf16[1]) if torch_bf16 else None
                 progress("  " + "; ".join(f"{b.name} {1000 * statistics.median(res[b.name][1]):.1f} ms "
                                           f"(first {res[b.name][0]:.2f} s)" for b in loaded))
                 for b in loaded:
                     first, ts = res[b.name]
                     med = statistics.median(ts)
-                    fl = tflop[not b.name.startswith("diffusers")]  # the FLOPs this backend executes
+                    # the FLOPs this backend executes: the exported graphs, or diffusers' model
+                    # (what diffusers/* and torch-compile/* run)
+                    fl = tflop[not b.name.startswith(("diffusers", "torch-compile"))]
                     sheet = machine["datasheet_fp16_tflops"]
                     rows.append(Row(variant, b.name, graph, str(shape), batch, h, w, first, med, _p90(ts), ts,
                                     batch / med, fl, fl / med, fl / med / peak["tflops"], ref_median / med,
                                     compile_median / med if compile_median else None,
-                                    fl / med / sheet if sheet else None))
+                                    fl / med / sheet if sheet else None,
+                                    bf16_median / med if bf16_median else None))
     for b in loaded:
         if b.close:
             b.close()

@@ -46,6 +46,20 @@ def test_bench_end_to_end_on_tiny(tiny_artifact, tmp_path, capsys):
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bf16_contenders_are_compared_with_torch_bf16(tiny_artifact, tmp_path, capsys):
+    """The CPU BF16 target is against torch's own BF16: every row says how it compares with
+    diffusers/bf16 of the same round (diffusers/bf16 runs on any CPU, slowly without BF16 units)."""
+    out_json = tmp_path / "bench.json"
+    assert main(["--variant", "tiny", "--artifact", str(tiny_artifact), "--sizes", "64", "--warmup", "0",
+                 "--repeats", "1", "--backends", "onnxruntime-cpu/fp32,diffusers/bf16", "--json", str(out_json)]) == 0
+    text = capsys.readouterr().out
+    assert "x torch bf16" in text and "x torch bf16 = diffusers/bf16 median / backend median" in text
+    rows = json.loads(out_json.read_text())["rows"]
+    for x in rows:
+        bf16 = next(y for y in rows if (y["graph"], y["shape"], y["backend"]) == (x["graph"], x["shape"], "diffusers/bf16"))
+        assert math.isclose(x["ratio_vs_torch_bf16"], bf16["median_s"] / x["median_s"])
+
+
 def test_shapes_outside_the_limits_are_skipped_not_run(tiny_artifact, capsys):
     assert main(["--variant", "tiny", "--artifact", str(tiny_artifact), "--sizes", "32", "--graphs", "decode",
                  "--repeats", "1", "--backends", "onnxruntime-cpu/fp32"]) == 0

@@ -76,8 +76,8 @@ def bf16_reason() -> str | None:
     caps = cpu_capabilities()
     if "BF16" in caps:
         return None
-    return (f"this CPU has no BF16 units (OpenVINO reports {', '.join(caps)}; BF16 needs Intel AMX or "
-            "AVX512-BF16); use precision='fp32'")
+    return (f"this CPU has no BF16 units (OpenVINO reports {', '.join(caps)}; its BF16 needs Intel AMX, "
+            "AVX512-BF16 or AVX-NE-CONVERT); use precision='fp32'")
 
 
 def default_cache_dir() -> Path:
