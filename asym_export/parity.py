@@ -264,7 +264,8 @@ def _main(args) -> int:
 
     for report in result.reports:
         print(report.table())
-        print(f"  {report.stage}: {result.timings[report.stage]:.2f} s in runtime calls\n")
+        print(f"  {report.stage}: pass when {report.tolerance.describe()}; "
+              f"{result.timings[report.stage]:.2f} s in runtime calls\n")
     for label, reason in result.skipped:
         print(f"skipped {label}: {reason}")
     for s, reason in result.skipped_shapes:
@@ -276,7 +277,9 @@ def _main(args) -> int:
     for r in failed:
         print(f"FAILED {r.stage}:\n  " + "\n  ".join(r.failure_lines()), file=sys.stderr)
     ran = ", ".join(r.stage for r in result.reports)
-    print(f"asym-parity: {'FAILED' if failed else 'passed'} ({ran})")
+    # a backend asked for but not run is said in the verdict itself, never only above it
+    not_run = f"; not run: {', '.join(label for label, _ in result.skipped)}" if result.skipped else ""
+    print(f"asym-parity: {'FAILED' if failed else 'passed'} ({ran}){not_run}")
     return EXIT_FAILED if failed else EXIT_OK
 
 

@@ -95,6 +95,17 @@ class Tolerance:
             return self.min_psnr_db.get(output)
         return self.min_psnr_db
 
+    def describe(self) -> str:
+        """One line: ``max abs <= 0.001``, ``PSNR >= 50 dB (sample), 40 dB (latent_logvar)``."""
+        parts = []
+        if self.max_abs is not None:
+            parts.append(f"max abs <= {self.max_abs:g}")
+        if isinstance(self.min_psnr_db, dict):
+            parts.append("PSNR >= " + ", ".join(f"{v:g} dB ({k})" for k, v in self.min_psnr_db.items()))
+        elif self.min_psnr_db is not None:
+            parts.append(f"PSNR >= {self.min_psnr_db:g} dB")
+        return "; ".join(parts) or "no criterion"
+
     def failures(self, s: OutputStats) -> list[str]:
         out = []
         if not s.finite:

@@ -54,6 +54,21 @@ def test_parity_usage_errors_exit_2(tiny_artifact, tmp_path, capsys, argv, messa
     assert message in capsys.readouterr().err
 
 
+def test_a_backend_that_could_not_run_is_named_in_the_verdict(tiny_artifact, capsys):
+    """A pass on the backends that ran must not read as a pass on one that was asked for and could
+    not run: the verdict line names it, and each report says what it was judged by."""
+    from asym_runtime.backends.onnxrt import cuda_provider_available
+
+    if cuda_provider_available():
+        pytest.skip("onnxruntime-gpu is installed")
+    assert main([str(tiny_artifact), "--backends", "onnxruntime-cpu/fp32,onnxruntime-cuda/fp32",
+                 "--shapes", "1x64x64"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "onnxruntime-cpu/fp32: pass when max abs <= 0.001;" in out
+    verdict = out.strip().splitlines()[-1]
+    assert verdict.startswith("asym-parity: passed (onnxruntime-cpu/fp32); not run: onnxruntime-cuda/fp32"), verdict
+
+
 def test_parity_with_no_runnable_backend_is_a_failure(tiny_artifact, capsys):
     from asym_runtime.backends.onnxrt import cuda_provider_available
 
