@@ -145,21 +145,38 @@ def _model_folder(path: Path) -> Path:
 
 def _download(repo_id: str, revision: str | None, allow_pickle: bool) -> tuple[Path, str | None]:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
 
-    patterns = ["config.json", "diffusion_pytorch_model*.safetensors*"]
+    # what from_pretrained reads: the unsharded file or the shards and their index; never the
+    # variant files (diffusion_pytorch_model.fp16.safetensors), which it would not load
+    patterns = ["config.json", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json",
+                "diffusion_pytorch_model-*-of-*.safetensors"]
     if allow_pickle:
-        patterns.append("diffusion_pytorch_model*.bin*")
+        patterns += ["diffusion_pytorch_model.bin", "diffusion_pytorch_model.bin.index.json",
+                     "diffusion_pytorch_model-*-of-*.bin"]
     log.info("fetching %s through the hub cache", repo_id)
+    offline_ways = ("pass --weights FOLDER (a diffusers folder with config.json + safetensors) or "
+                    "--random-weights --seed N")
     try:
         folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
-    except (LocalEntryNotFoundError, OSError, HfHubHTTPError) as e:
-        # OSError covers connection errors raised by the HTTP client
+    except RevisionNotFoundError:  # subclasses of the HTTP error: the hub answered, the name is wrong
+        raise WeightsError(f"--revision {revision}: the hub has no such branch, tag or commit in {repo_id}") from None
+    except GatedRepoError:
+        raise WeightsError(f"{repo_id} is a gated repository: accept its terms on huggingface.co and log in "
+                           "(hf auth login or HF_TOKEN), or " + offline_ways) from None
+    except RepositoryNotFoundError:
+        raise WeightsError(f"the hub has no repository {repo_id} (or it is private: log in with hf auth login "
+                           "or HF_TOKEN)") from None
+    except LocalEntryNotFoundError as e:  # offline (or unreachable) and not in the local cache
         raise WeightsUnavailableError(
             f"cannot get {repo_id} from the Hugging Face hub and it is not in the local cache "
-            f"({type(e).__name__}). Offline, pass --weights FOLDER (a diffusers folder with "
-            "config.json + safetensors) or --random-weights --seed N"
-        ) from None
+            f"({type(e).__name__}). Offline, {offline_ways}") from None
+    except Exception as e:  # noqa: BLE001 - the HTTP client's own errors (connection, proxy, retries) are
+        # not OSError; whatever it is, the download failed and the user needs the same two ways out
+        raise WeightsUnavailableError(
+            f"downloading {repo_id} from the Hugging Face hub failed ({type(e).__name__}: {e}); "
+            f"retry, or {offline_ways}") from None
     commit = folder.name if re.fullmatch(r"[0-9a-f]{40}", folder.name) else None
     return folder, commit
 
@@ -186,7 +203,9 @@ def _load_folder(folder: Path, variant: Variant, allow_pickle: bool):
     safetensors = [n for n in _SAFETENSORS if (folder / n).is_file()]
     pickles = [n for n in _PICKLE if (folder / n).is_file()]
     if not safetensors and not pickles:
-        raise WeightsError(f"{folder}: no diffusion_pytorch_model.safetensors (or .bin) weights in it")
+        hint = ("" if allow_pickle else "; if its weights are pickle files (.bin) only, --allow-pickle takes them "
+                "(they can run arbitrary code when loaded: only for a source you trust)")
+        raise WeightsError(f"{folder}: no diffusion_pytorch_model.safetensors (or .bin) weights in it{hint}")
     if not safetensors and not allow_pickle:
         raise WeightsError(
             f"{folder} holds only pickle weights ({pickles[0]}), which can run arbitrary code when "
@@ -202,9 +221,10 @@ def _load_folder(folder: Path, variant: Variant, allow_pickle: bool):
     files = {}
     from asym_runtime.manifest import sha256_file
 
+    ext = ".safetensors" if use_safetensors else ".bin"
+    shard = re.compile(r"diffusion_pytorch_model-\d+-of-\d+" + re.escape(ext))
     for name in sorted(p.name for p in folder.iterdir()):
-        if name.startswith("diffusion_pytorch_model") and (
-            name.endswith(".safetensors") or (not use_safetensors and name.endswith(".bin"))
-        ):
+        # the files from_pretrained loads: not variant files such as diffusion_pytorch_model.fp16.safetensors
+        if name == "diffusion_pytorch_model" + ext or shard.fullmatch(name):
             files[name] = sha256_file(folder / name)
     return model.eval().requires_grad_(False), files

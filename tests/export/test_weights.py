@@ -100,10 +100,46 @@ def test_hub_cache_is_used_when_populated(offline_hub, saved_folder):
     snap.mkdir(parents=True)
     for f in saved_folder.iterdir():
         shutil.copy(f, snap / f.name)
+    shutil.copy(saved_folder / "diffusion_pytorch_model.safetensors", snap / "diffusion_pytorch_model.fp16.safetensors")
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     _, src = load_reference(TINY, "org/tiny-vae")
     assert (src.kind, src.location, src.revision) == ("hub", "org/tiny-vae", commit)
+    assert sorted(src.files) == ["diffusion_pytorch_model.safetensors"]  # what was loaded, not the fp16 variant
+
+
+def _hub_answer(exc_type):
+    """The exception huggingface_hub raises for an HTTP answer of the hub (a stand-in for the
+    network, which no test machine reaches; the mapping below is ours)."""
+    import httpx2
+
+    response = httpx2.Response(404, request=httpx2.Request("GET", "https://huggingface.co/api/models/org/x"))
+    return exc_type("404 Client Error", response=response)
+
+
+@pytest.mark.parametrize("raised, kind, words", [
+    ("RevisionNotFoundError", WeightsError, "--revision v9: the hub has no such branch, tag or commit in org/x"),
+    ("GatedRepoError", WeightsError, "org/x is a gated repository: accept its terms"),
+    ("RepositoryNotFoundError", WeightsError, "the hub has no repository org/x (or it is private"),
+    ("ConnectError", WeightsUnavailableError, "downloading org/x from the Hugging Face hub failed (ConnectError"),
+], ids=["revision", "gated", "not-found", "connection"])
+def test_hub_errors_say_what_went_wrong(monkeypatch, raised, kind, words):
+    import httpx2
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    if raised == "ConnectError":  # the HTTP client's own error: not an OSError, still one clear line
+        exc = httpx2.ConnectError("[Errno 111] Connection refused")
+    else:
+        exc = _hub_answer(getattr(errors, raised))
+
+    def snapshot_download(*args, **kwargs):
+        raise exc
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    with pytest.raises(kind) as e:
+        load_reference(TINY, "org/x", revision="v9")
+    assert type(e.value) is kind and words in str(e.value) and "\n" not in str(e.value)
 
 
 def test_weights_and_random_exclude_each_other(saved_folder):
