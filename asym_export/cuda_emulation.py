@@ -93,20 +93,16 @@ def emulate(model: onnx.ModelProto, fp16: bool = False, fp32_nodes: set[str] | N
         elif n.op_type == "GroupNorm":
             norm(n.input[0], n, half, n.output[0])
         else:  # SkipGroupNorm: X, gamma, beta, skip[, bias] -> Y[, S]
-            ins = [n.input[0], n.input[3]] if not half else [node("Cast", [n.input[0]], to=TensorProto.FLOAT),
-                                                              node("Cast", [n.input[3]], to=TensorProto.FLOAT)]
-            s = node("Add", ins)
+            # FP16: the kernel adds in half precision (each sum rounded, Inf past 65504) and takes
+            # the statistics of that rounded sum, written as S or not; so does the twin
+            s = node("Add", [n.input[0], n.input[3]])
             if len(n.input) > 4 and n.input[4]:
-                bias = n.input[4] if not half else node("Cast", [n.input[4]], to=TensorProto.FLOAT)
-                s = node("Add", [s, bias])
+                s = node("Add", [s, n.input[4]])
             if len(n.output) > 1 and n.output[1]:
-                if half:
-                    node("Cast", [s], [n.output[1]], to=TensorProto.FLOAT16)
-                else:
-                    node("Identity", [s], [n.output[1]])
+                node("Identity", [s], [n.output[1]])
             if half:
                 y = nm("skip_norm_fp32")
-                norm(s, n, False, y)
+                norm(node("Cast", [s], to=TensorProto.FLOAT), n, False, y)
                 node("Cast", [y], [n.output[0]], to=TensorProto.FLOAT16)
             else:
                 norm(s, n, False, n.output[0])

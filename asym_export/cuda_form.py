@@ -35,7 +35,8 @@ layout check), and ``cuda_emulation.py`` (below).
 
 These kernels exist for CUDA only, so a CPU cannot run the CUDA form. ``cuda_emulation.emulate`` writes
 its standard-ONNX twin (each fused node expanded back into the ops it stands for, FP16 nodes
-computing in FP32 and rounding their output, as the kernels do), which ONNX Runtime's CPU
+computing in FP32 and rounding their output, SkipGroupNorm's sum rounded to FP16 before its
+statistics, as the kernels do), which ONNX Runtime's CPU
 provider runs: the export verifies the rewrite itself that way against the PyTorch reference,
 and ``asym-parity`` verifies the real kernels on a GPU.
 """
@@ -49,7 +50,7 @@ from pathlib import Path
 import onnx
 
 from .cuda_fusion import convert_convs, fuse_group_norms, fuse_skip_group_norms
-from .cuda_graph import FUSED_OPS, MS_DOMAIN, CudaFormError, RewriteGraph, original_tensor
+from .cuda_graph import FUSED_OPS, MS_DOMAIN, SUM_DOC, CudaFormError, RewriteGraph, original_tensor
 from .cuda_layout import cancel_and_prune, sink_transposes, is_layout_transpose, layout_violations
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,20 @@ def cuda_ranges(model: onnx.ModelProto, ranges: dict[str, float]) -> dict[str, f
             r = ranges.get(original_tensor(o))
             if o and r is not None:
                 out[o] = r
+    return out
+
+
+def cuda_inner_ranges(model: onnx.ModelProto, ranges: dict[str, float]) -> dict[str, tuple[str, float]]:
+    """Calibrated ranges of values a fused node computes but does not write: the sum inside a
+    SkipGroupNorm whose S output is unused (the portable graph's Add). Node name ->
+    (portable tensor, max |x|). Without them an overflowing residual sum would pass unseen."""
+    out = {}
+    for n in model.graph.node:
+        if n.doc_string.startswith(SUM_DOC):
+            tensor = original_tensor(n.doc_string[len(SUM_DOC):])
+            r = ranges.get(tensor)
+            if r is not None:
+                out[n.name] = (tensor, r)
     return out
 
 

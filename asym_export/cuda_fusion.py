@@ -10,7 +10,7 @@ import logging
 import numpy as np
 from onnx import helper, numpy_helper
 
-from .cuda_graph import MS_DOMAIN, TO_NCHW, TO_NHWC, RewriteGraph, node_attr
+from .cuda_graph import MS_DOMAIN, SUM_DOC, TO_NCHW, TO_NHWC, RewriteGraph, node_attr
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ def fuse_skip_group_norms(graph: RewriteGraph) -> None:
         outputs = [gn.output[0]] + ([add.output[0]] if others else [])
         name = f"Skip{gn.name}"
         new = helper.make_node("SkipGroupNorm", [a, gn.input[1], gn.input[2], b], outputs, name=name,
-                               domain=MS_DOMAIN)
+                               domain=MS_DOMAIN, doc_string=SUM_DOC + add.output[0])
         new.attribute.extend(gn.attribute)
         graph.remove([add, gn])
         graph.add(new)

@@ -30,6 +30,12 @@ class CudaFormError(RuntimeError):
 _DERIVED = re.compile(r"^(.*?)(?:__nhwc|__nchw)?__cf\d+$")
 
 
+#: SkipGroupNorm's doc_string: ``SUM_DOC + <tensor>`` names the Add it fused, whose value the
+#: kernel computes (and rounds, in FP16) without writing it when its S output is unused: the FP16
+#: plan needs that tensor's calibrated range (:func:`asym_export.cuda_form.cuda_inner_ranges`).
+SUM_DOC = "asym_export.sum="
+
+
 def original_tensor(name: str) -> str:
     """The portable graph's tensor whose values ``name`` holds (``x__nhwc__cf3`` -> ``x``)."""
     m = _DERIVED.match(name)

@@ -19,7 +19,7 @@ from asym_runtime.specs import GRAPHS, GraphSpec, Shape, ShapeLimits
 from . import __version__
 from .artifact import ArtifactWriter
 from .cuda_emulation import write_emulation
-from .cuda_form import CudaFormReport, cuda_ranges, write_cuda_form
+from .cuda_form import CudaFormReport, cuda_inner_ranges, cuda_ranges, write_cuda_form
 from .engine_verify import EngineStep, EnginesNotBuiltError
 from .engines import EngineOptions
 from .feeds import CALIBRATION, CALIBRATION_SEED, VERIFY_SEED, make_feed
@@ -205,7 +205,8 @@ def cuda_graphs(fp32_path: Path, writer: ArtifactWriter, ref: Reference, reports
     out = {**rep.to_dict()}
     if plan is not None:
         model = onnx.load(str(path32), load_external_data=False)
-        plan16 = plan_islands(model, cuda_ranges(model, plan.ranges), weight_ranges(path32), plan.headroom)
+        plan16 = plan_islands(model, cuda_ranges(model, plan.ranges), weight_ranges(path32), plan.headroom,
+                              inner=cuda_inner_ranges(model, plan.ranges))
         del model
         path16 = writer.stage_path(graph.file_name("fp16", form="cuda"))
         write_mixed(path32, path16, plan16, graph.name)

@@ -178,9 +178,11 @@ def weight_ranges(onnx_path: str | Path) -> dict[str, float]:
 
 
 def plan_islands(model: onnx.ModelProto, ranges: dict[str, float], weights: dict[str, float],
-                 headroom: float = DEFAULT_HEADROOM) -> Fp16Plan:
+                 headroom: float = DEFAULT_HEADROOM, *, inner: dict[str, tuple[str, float]] | None = None) -> Fp16Plan:
     """FP32 islands from calibration ranges of activations and the magnitudes of weights
-    (see module docstring)."""
+    (see module docstring). ``inner``: node name -> (tensor, range) of values a fused node
+    computes without writing them (a CUDA form's SkipGroupNorm sum); such a node stays FP32
+    when that value would overflow, under the same headroom."""
     limit = FP16_MAX / headroom
     producer = {o: n for n in model.graph.node for o in n.output}
     consumers: dict[str, list] = defaultdict(list)
@@ -202,6 +204,11 @@ def plan_islands(model: onnx.ModelProto, ranges: dict[str, float], weights: dict
             block(producer[name], "output " + why)
         for c in consumers.get(name, []):
             block(c, "input " + why)
+    by_name = {n.name: n for n in model.graph.node}
+    for node_name, (tensor, r) in sorted((inner or {}).items()):
+        if r > limit and node_name in by_name:
+            block(by_name[node_name], f"its inner sum {tensor} reaches {r:.3g} in calibration "
+                                      f"(x{headroom:g} headroom > {FP16_MAX:g})")
     for name, m in weights.items():
         if m > FP16_MAX:  # cannot be stored in FP16 at all (no headroom needed: weights are fixed)
             for c in consumers.get(name, []):

@@ -192,3 +192,71 @@ def test_x2_cuda_form_structure(x2_artifact, tmp_path, graph, counts):
     assert gn + sgn == _ops(portable)["InstanceNormalization"] and conv == _ops(portable)["Conv"]
     model = onnx.load(str(tmp_path / spec.file_name("fp32", form="cuda")), load_external_data=False)
     assert layout_violations(model) == []
+
+
+def test_a_skipgroupnorm_whose_inner_sum_would_overflow_stays_fp32(tiny_artifact):
+    """The residual sum a SkipGroupNorm computes without writing it (no S output) keeps its
+    calibrated range: the FP16 plan makes the node an FP32 island when that sum would overflow,
+    as it would for the portable graph's Add. Without it, the sum's range is invisible."""
+    from asym_export.cuda_form import cuda_inner_ranges
+    from asym_export.fp16 import plan_islands
+
+    model = onnx.load(str(gen(tiny_artifact) / "decoder.cuda.onnx"), load_external_data=False)
+    portable = onnx.load(str(gen(tiny_artifact) / "decoder.onnx"), load_external_data=False)
+    adds = {o for n in portable.graph.node if n.op_type == "Add" for o in n.output}
+    silent = [n for n in model.graph.node if n.op_type == "SkipGroupNorm" and not (len(n.output) > 1 and n.output[1])]
+    assert silent, "the tiny decoder has no SkipGroupNorm without S: the case is not exercised"
+    inner = cuda_inner_ranges(model, {t: 1.0 for t in adds})
+    assert set(inner) == {n.name for n in model.graph.node if n.op_type == "SkipGroupNorm"}
+    assert all(tensor in adds for tensor, _ in inner.values())  # each names the portable graph's Add
+
+    node = silent[0]
+    tensor = inner[node.name][0]
+    ranges = {o: 1.0 for n in model.graph.node for o in n.output if o}  # every written tensor small
+    big = {tensor: 30000.0}  # x4 headroom: 120000 > 65504
+    plan = plan_islands(model, ranges, {}, inner=cuda_inner_ranges(model, {**{t: 1.0 for t in adds}, **big}))
+    assert node.name in plan.node_names
+    assert f"its inner sum {tensor} reaches 3e+04" in next(i.reason for i in plan.islands if i.node == node.name)
+    assert node.name not in plan_islands(model, ranges, {}).node_names  # what the plan saw before
+
+
+def _one_fp16_skip_group_norm():
+    """float32 in and out, one FP16 SkipGroupNorm between casts, as a mixed graph has it."""
+    f16 = TensorProto.FLOAT16
+    nodes = [helper.make_node("Cast", ["x"], ["x16"], name="cx", to=f16),
+             helper.make_node("Cast", ["skip"], ["skip16"], name="cs", to=f16),
+             helper.make_node("SkipGroupNorm", ["x16", "gamma", "beta", "skip16"], ["y16"], name="sgn",
+                              domain=MS_DOMAIN, groups=2, epsilon=1e-5, activation=0, channels_last=1),
+             helper.make_node("Cast", ["y16"], ["y"], name="cy", to=TensorProto.FLOAT)]
+    t = TensorProto.FLOAT
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", t, [1, 2, 2, 4]),
+                                       helper.make_tensor_value_info("skip", t, [1, 2, 2, 4])],
+                          [helper.make_tensor_value_info("y", t, [1, 2, 2, 4])],
+                          [onnx.numpy_helper.from_array(np.ones(4, np.float32), "gamma"),
+                           onnx.numpy_helper.from_array(np.zeros(4, np.float32), "beta")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS_DOMAIN, 1)])
+
+
+def test_the_fp16_emulation_rounds_skipgroupnorms_sum_as_the_kernel_does(tmp_path):
+    """ONNX Runtime's FP16 SkipGroupNorm adds in half precision and normalises the rounded sum:
+    a sum past 65504 is Inf and the output NaN on the GPU. What the export checks (the emulation,
+    then its FP16 twin, as export._check_emulated runs them) must show the same, or the export
+    would pass a CUDA form that gives NaN; below the limit it normalises the rounded sum."""
+    from asym_export.cuda_emulation import write_emulation
+    from asym_export.fp16_emulation import write_emulation_twin
+
+    onnx.save_model(_one_fp16_skip_group_norm(), str(tmp_path / "sgn.onnx"))
+    write_emulation(tmp_path / "sgn.onnx", tmp_path / "emu.onnx", fp16=True)
+    sess = _session(write_emulation_twin(tmp_path / "emu.onnx", tmp_path / "twin.onnx"))
+    x = np.full((1, 2, 2, 4), 40000, np.float32)
+    assert np.isnan(sess.run(None, {"x": x, "skip": x})[0]).all()
+
+    rng = np.random.default_rng(0)
+    x, skip = ((300 * rng.standard_normal((1, 2, 2, 4))).astype(np.float16).astype(np.float32) for _ in range(2))
+    s = (x + skip).astype(np.float16).astype(np.float64)  # the half add's rounded sum
+    grp = s.reshape(1, 4, 2, 2)  # NHWC, groups of 2 channels: (n, h*w, group, channel in group)
+    mean = grp.mean(axis=(1, 3), keepdims=True)
+    var = grp.var(axis=(1, 3), keepdims=True)
+    want = ((grp - mean) / np.sqrt(var + 1e-5)).reshape(1, 2, 2, 4).astype(np.float16).astype(np.float32)
+    got = sess.run(None, {"x": x, "skip": skip})[0]
+    np.testing.assert_allclose(got, want, atol=2e-3, rtol=0)
