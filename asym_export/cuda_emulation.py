@@ -19,9 +19,9 @@ log = logging.getLogger(__name__)
 def emulate(model: onnx.ModelProto, fp16: bool = False, fp32_nodes: set[str] | None = None,
             base_dir: str | Path | None = None) -> onnx.ModelProto:
     """Expand every fused node back into standard ONNX ops (in place), so a CPU can run the
-    CUDA form: NhwcConv -> Transpose, Conv, Transpose; GroupNorm -> Transpose, the exporter's
-    Reshape/InstanceNormalization/Reshape/Mul/Add(/Sigmoid/Mul), Transpose; SkipGroupNorm -> Add
-    then the same. ``fp16``: the graph is a mixed FP16 graph, in which every fused node but
+    CUDA form: NhwcConv -> Transpose, Conv, Transpose; GroupNorm -> Transpose, Reshape to groups,
+    one-pass statistics as the kernel takes them, Reshape/Mul/Add(/Sigmoid/Mul), Transpose;
+    SkipGroupNorm -> Add then the same. ``fp16``: the graph is a mixed FP16 graph, in which every fused node but
     ``fp32_nodes`` computes on FP16 tensors; the norms then compute in FP32 and round their
     outputs to FP16, as ONNX Runtime's CUDA kernels do. ``base_dir``: where the external data
     of a model loaded without it lies (the norms' gamma and beta are read from it)."""
@@ -57,16 +57,28 @@ def emulate(model: onnx.ModelProto, fp16: bool = False, fp32_nodes: set[str] | N
         new_inits.append(numpy_helper.from_array(arr, name))
         return name
 
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 18)
+
+    def reduce_mean(x):
+        if opset >= 18:  # axes became an input in opset 18
+            return node("ReduceMean", [x, const("axes", np.array([2], np.int64))], keepdims=1)
+        return node("ReduceMean", [x], axes=[2], keepdims=1)
+
     def norm(x_nhwc, n, half, out):
-        """GroupNorm of a channels-last tensor as the exporter writes it; FP32 inside."""
+        """GroupNorm of a channels-last tensor; FP32 inside. The statistics are taken as the
+        kernel takes them, in one pass: var = mean(x^2) - mean(x)^2, then 1/sqrt(var + eps)
+        (ONNX Runtime's NHWC GroupNorm kernel sums x and x^2 in FP32), so a group whose mean
+        dwarfs its spread loses here the precision it loses on the GPU."""
         groups, eps, act = int(node_attr(n, "groups")), float(node_attr(n, "epsilon", 1e-5)), int(node_attr(n, "activation", 0))
         gamma, beta = array(n.input[1]), array(n.input[2])
         c = gamma.size
         xf = node("Cast", [x_nhwc], to=TensorProto.FLOAT) if half else x_nhwc
         x = node("Transpose", [xf], perm=TO_NCHW)
         r = node("Reshape", [x, const("groups_shape", np.array([0, groups, -1], np.int64))])
-        i = node("InstanceNormalization", [r, const("ones", np.ones(groups, np.float32)),
-                                           const("zeros", np.zeros(groups, np.float32))], epsilon=eps)
+        mean = reduce_mean(r)
+        var = node("Sub", [reduce_mean(node("Mul", [r, r])), node("Mul", [mean, mean])])
+        inv = node("Reciprocal", [node("Sqrt", [node("Add", [var, const("eps", np.array(eps, np.float32))])])])
+        i = node("Mul", [node("Sub", [r, mean]), inv])
         y = node("Reshape", [i, node("Shape", [x])])
         y = node("Mul", [y, const("gamma", gamma.reshape(c, 1, 1))])
         y = node("Add", [y, const("beta", beta.reshape(c, 1, 1))])

@@ -260,3 +260,33 @@ def test_the_fp16_emulation_rounds_skipgroupnorms_sum_as_the_kernel_does(tmp_pat
     want = ((grp - mean) / np.sqrt(var + 1e-5)).reshape(1, 2, 2, 4).astype(np.float16).astype(np.float32)
     got = sess.run(None, {"x": x, "skip": skip})[0]
     np.testing.assert_allclose(got, want, atol=2e-3, rtol=0)
+
+
+def test_the_emulation_takes_groupnorm_statistics_in_one_pass_as_the_kernel_does():
+    """ONNX Runtime's NHWC GroupNorm kernel sums x and x^2 in FP32 and takes var = E[x^2] - E[x]^2:
+    a group whose mean dwarfs its spread (1000 +- 0.01 here) loses its variance to cancellation
+    on the GPU. The twin computes the same way, so the export's CPU check sees that loss (an
+    exact two-pass norm would hide it); centred data normalises as the exact formula does."""
+    from asym_export.cuda_emulation import emulate
+
+    n = helper.make_node("GroupNorm", ["x", "gamma", "beta"], ["y"], name="gn", domain=MS_DOMAIN,
+                         groups=2, epsilon=1e-6, activation=0, channels_last=1)
+    f = TensorProto.FLOAT
+    g = helper.make_graph([n], "g", [helper.make_tensor_value_info("x", f, [1, 16, 16, 4])],
+                          [helper.make_tensor_value_info("y", f, [1, 16, 16, 4])],
+                          [onnx.numpy_helper.from_array(np.ones(4, np.float32), "gamma"),
+                           onnx.numpy_helper.from_array(np.zeros(4, np.float32), "beta")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(MS_DOMAIN, 1)])
+    sess = _session(emulate(model).SerializeToString())
+
+    def exact(x):
+        grp = x.astype(np.float64).reshape(1, 256, 2, 2)
+        mean, var = grp.mean(axis=(1, 3), keepdims=True), grp.var(axis=(1, 3), keepdims=True)
+        return ((grp - mean) / np.sqrt(var + 1e-6)).reshape(x.shape)
+
+    rng = np.random.default_rng(0)
+    centred = rng.standard_normal((1, 16, 16, 4)).astype(np.float32)
+    np.testing.assert_allclose(sess.run(None, {"x": centred})[0], exact(centred), atol=1e-4, rtol=0)
+    offset = (1000 + 0.01 * rng.standard_normal((1, 16, 16, 4))).astype(np.float32)
+    got = sess.run(None, {"x": offset})[0]
+    assert not np.allclose(got, exact(offset), atol=0.1)  # the variance is lost, as on the GPU
