@@ -64,7 +64,21 @@ def test_tiny_repository_gpu_uses_the_cuda_form(tiny_artifact, tmp_path):
     cfg = tconfig.parse_config((repo / "decoder" / "config.pbtxt").read_text())
     assert cfg.parameters["cudnn_conv_algo_search"].string_value == "1"  # HEURISTIC for FP16, as the runtime
     assert cfg.instance_group[0].kind == cfg.instance_group[0].KIND_GPU
+    (acc,) = cfg.optimization.execution_accelerators.gpu_execution_accelerator
+    assert acc.name == "cuda" and dict(acc.parameters) == {"use_tf32": "1", "fuse_conv_bias": "1"}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "staging left behind"
+
+
+def test_an_fp32_gpu_repository_turns_tf32_off(tiny_artifact, tmp_path):
+    """ONNX Runtime's CUDA provider computes FP32 convolutions in TF32 unless told otherwise;
+    the FP32 graphs were verified to 1e-3 without it, as the runtime runs them."""
+    repo = tmp_path / "repo"
+    write_repository(tiny_artifact, repo, RepoOptions(precision="fp32"))
+    for graph in GRAPHS:
+        cfg = tconfig.parse_config((repo / graph / "config.pbtxt").read_text())
+        assert cfg.parameters["cudnn_conv_algo_search"].string_value == "0"  # EXHAUSTIVE, as the runtime
+        (acc,) = cfg.optimization.execution_accelerators.gpu_execution_accelerator
+        assert acc.name == "cuda" and dict(acc.parameters) == {"use_tf32": "0"}
 
 
 def test_tiny_repository_cpu_fp32_portable(tiny_artifact, tmp_path):
@@ -74,6 +88,7 @@ def test_tiny_repository_cpu_fp32_portable(tiny_artifact, tmp_path):
     _check_against_contract(repo, manifest, "portable")
     cfg = tconfig.parse_config((repo / "encoder" / "config.pbtxt").read_text())
     assert cfg.instance_group[0].count == 2 and "cudnn_conv_algo_search" not in cfg.parameters
+    assert not cfg.optimization.execution_accelerators.gpu_execution_accelerator
 
 
 @pytest.mark.slow
@@ -83,8 +98,9 @@ def test_x2_repository_passes_the_schema_check(x2_artifact, tmp_path):
     write_repository(x2_artifact, repo, RepoOptions(tensorrt_accelerator=True))
     _check_against_contract(repo, manifest, "portable")  # the x2 fixture has no CUDA form
     cfg = tconfig.parse_config((repo / "decoder" / "config.pbtxt").read_text())
-    (acc,) = cfg.optimization.execution_accelerators.gpu_execution_accelerator
-    assert acc.name == "tensorrt" and acc.parameters["precision_mode"] == "FP16"
+    trt, cuda = cfg.optimization.execution_accelerators.gpu_execution_accelerator
+    assert trt.name == "tensorrt" and trt.parameters["precision_mode"] == "FP16"
+    assert cuda.name == "cuda"  # what ONNX Runtime's TensorRT provider leaves to CUDA
 
 
 def test_check_finds_what_is_wrong(tiny_artifact, tmp_path):

@@ -152,6 +152,16 @@ def write_repository(artifact: str | os.PathLike, out: str | os.PathLike, opts: 
             if opts.tensorrt_accelerator:
                 accel = [("tensorrt", {"precision_mode": opts.precision.upper(),
                                        "max_workspace_size_bytes": str(4 << 30)})]
+            if opts.kind == "gpu":
+                # the runtime's CUDA provider options for this precision: Triton's onnxruntime
+                # backend hands a "cuda" accelerator's parameters to the provider as they are.
+                # Without use_tf32=0, ONNX Runtime's default (TF32 on) would run FP32 graphs
+                # outside the 1e-3 parity they were verified at. cudnn_conv_algo_search goes in the
+                # model parameters instead: whenever a config has parameters (ours always do),
+                # the backend sets the search from them, EXHAUSTIVE when absent, over the
+                # accelerator's value.
+                accel.append(("cuda", {k: v for k, v in CUDA_PROVIDER_OPTIONS[opts.precision].items()
+                                       if k != "cudnn_conv_algo_search"}))
             params = {"cudnn_conv_algo_search": search} if opts.kind == "gpu" else {}
             # for asym_runtime.remote(): the folder's manifest, as asym-serve publishes it (backends
             # look up the parameters they know and ignore the rest)
