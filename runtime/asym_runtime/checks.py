@@ -158,9 +158,9 @@ def check_inputs(call: str, specs: Sequence[TensorSpec], values: dict[str, Any],
             if lo < a - slack or hi > b + slack:
                 meaning = " (1 = repaint, 0 = keep)" if spec.name == "mask" else ""
                 allowed = f"[{a:g}, {b:g}]" + (f" (checked with slack {slack:g})" if slack else "")
-                raise AsymInputError(
-                    f"{call}: {spec.name} values must lie in {allowed}{meaning}; got min {lo:g}, "
-                    f"max {hi:g}"
+                raise AsymInputError(  # 9 digits: a value one ulp past the bound must not print as it
+                    f"{call}: {spec.name} values must lie in {allowed}{meaning}; got min {lo:.9g}, "
+                    f"max {hi:.9g}"
                 )
     return Request(shape, feed, next(iter(kinds.values())))
 

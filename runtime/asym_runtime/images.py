@@ -22,6 +22,11 @@ from .errors import AsymInputError
 from .specs import VAE_SCALE
 
 
+#: PIL modes of more than 8 bits per channel: convert("RGB"/"L") clips them to 0..255 instead of
+#: scaling (a 16-bit photo turns almost white, a float mask of 0.8 into 0), so they are refused
+_WIDE_MODES = ("I", "F", "I;16", "I;16L", "I;16B", "I;16N")
+
+
 def _as_list(images: Any, what: str) -> list[Image.Image]:
     items = [images] if isinstance(images, Image.Image) else list(images)
     if not items:
@@ -29,6 +34,11 @@ def _as_list(images: Any, what: str) -> list[Image.Image]:
     for im in items:
         if not isinstance(im, Image.Image):
             raise AsymInputError(f"{what}: expected PIL images, got {type(im).__name__}")
+        if im.mode in _WIDE_MODES:
+            raise AsymInputError(
+                f"{what}: PIL mode {im.mode!r} ({'float' if im.mode == 'F' else 'more than 8-bit'} pixels) "
+                "would be clipped to 0..255, not scaled; scale it to 8 bits first (modes RGB, RGBA, L, "
+                "LA, P, 1, CMYK, YCbCr are taken), or pass a float array in [-1, 1] (masks: [0, 1])")
     return items
 
 

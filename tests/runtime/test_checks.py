@@ -66,6 +66,9 @@ BAD_DECODES = [
     ("nan-latent-plain", dict(latent=_nan(G["latent"])), AsymInputError, r"latent contains NaN"),
     ("mask-above-1", _with(mask=G["mask"] * 255), AsymInputError, r"mask values must lie in \[0, 1\] .*max 255"),
     ("mask-below-0", _with(mask=G["mask"] - 0.5), AsymInputError, r"mask values must lie in \[0, 1\] .*min -0.5"),
+    # one float32 ulp past 1: the message must show it, not round it back to "max 1"
+    ("mask-one-ulp-above-1", _with(mask=np.nextafter(G["mask"], np.float32(2))), AsymInputError,
+     r"mask values must lie in \[0, 1\] .*max 1.00000012"),
     ("image-0-255", _with(image=(G["image"] + 1) * 127.5), AsymInputError, r"image values must lie in \[-1, 1\]"),
     ("image-without-mask", dict(latent=G["latent"], image=G["image"]), AsymInputError, r"got image but no mask"),
     ("mask-without-image", dict(latent=G["latent"], mask=G["mask"]), AsymInputError, r"got mask but no image"),

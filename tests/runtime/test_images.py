@@ -96,6 +96,12 @@ def test_round_trip_through_the_runtime_gives_the_diffusers_pixels(tiny_rt, tiny
     (lambda: asym_runtime.images_to_batch(_photo(), width=96), r"pass both width= and height="),
     (lambda: asym_runtime.masks_to_batch(_mask(), size=64, height=64), r"either size= or width=/height="),
     (lambda: asym_runtime.batch_to_images(np.zeros((1, 4, 8, 8))), r"expected \[batch, 3, height, width\]"),
+    # wider than 8 bits: PIL's convert clips instead of scaling (a 16-bit photo came out almost
+    # white, a float mask of 0.8 as 'keep everything')
+    (lambda: asym_runtime.images_to_batch(Image.fromarray(np.full((64, 64), 60000, np.uint16))),
+     r"PIL mode 'I;16' \(more than 8-bit pixels\) would be clipped to 0..255, not scaled"),
+    (lambda: asym_runtime.masks_to_batch(Image.fromarray(np.full((64, 64), 0.8, np.float32))),
+     r"PIL mode 'F' \(float pixels\) would be clipped .*\(masks: \[0, 1\]"),
 ])
 def test_helper_errors_say_what_to_do(call, message):
     with pytest.raises(AsymInputError, match=message):

@@ -50,6 +50,7 @@ def test_remote_equals_in_process(served, local, protocol):
         assert np.abs(got.logvar - want.logvar).max() <= EXACT
         assert np.abs(vae.decode(latent, image=image, mask=mask) - local.decode(latent, image=image, mask=mask)).max() <= EXACT
         assert np.abs(vae.decode(latent) - local.decode(latent)).max() <= EXACT
+        assert vae.decode(latent).flags.writeable  # the caller owns it, as with load()
 
 
 def test_remote_checks_on_the_client(served):

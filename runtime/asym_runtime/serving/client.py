@@ -156,7 +156,9 @@ class TritonBackend(Backend):
         kw = {} if self.connection.protocol == "http" else {"client_timeout": self.connection.timeout}
         result = self.connection.call(
             self.graph.name, lambda c: c.infer(self.model, inputs, outputs=outputs, **kw))
-        out = {n: result.as_numpy(n) for n in self.graph.output_names}
+        # as_numpy() views the response's immutable bytes (read-only): copy, so callers get arrays
+        # they own, as from load() (and torch.from_numpy gets a writable buffer)
+        out = {n: np.array(result.as_numpy(n), copy=True) for n in self.graph.output_names}
         return out if isinstance(ref, np.ndarray) else {k: arrays.like(v, ref) for k, v in out.items()}
 
 
