@@ -233,3 +233,17 @@ def test_asym_serve_usage_errors(tiny_artifact, tmp_path, capsys):
     assert "--graphs" in capsys.readouterr().err
     assert main([str(tiny_artifact), "--gpus", "0"]) == 2
     assert "--kind gpu" in capsys.readouterr().err
+
+
+def test_a_batch_triton_forms_is_cut_to_what_the_loaded_backend_takes():
+    """Triton may queue up to the config's max_batch_size (the folder's limit); the loaded
+    backend's limit can be lower (a TensorRT engine's profile). The model cuts each group of
+    same-shape requests, in order, into runs within that limit, never splitting a request."""
+    from asym_runtime.serving.model import batch_chunks
+
+    members = [(i, {"latent": np.zeros((b, 4, 8, 8), np.float32)}) for i, b in enumerate([1, 2, 1, 2, 2, 1])]
+    chunks = batch_chunks(members, 3)
+    assert [[i for i, _ in c] for c in chunks] == [[0, 1], [2, 3], [4, 5]]
+    assert all(sum(f["latent"].shape[0] for _, f in c) <= 3 for c in chunks)
+    assert [[i for i, _ in c] for c in batch_chunks(members, 9)] == [[0, 1, 2, 3, 4, 5]]
+    assert [[i for i, _ in c] for c in batch_chunks(members, 2)] == [[0], [1], [2], [3], [4], [5]]

@@ -43,6 +43,23 @@ def _param(config: dict, key: str, default: str | None = None) -> str | None:
     return default if value in (None, "") else value
 
 
+def batch_chunks(members: list[tuple[int, dict]], max_batch: int) -> list[list[tuple[int, dict]]]:
+    """Requests of one shape, in order, cut into runs whose summed batch stays within
+    ``max_batch``: Triton's batcher may queue up to the config's max_batch_size, which is the
+    folder's limit, while the loaded backend's can be smaller (a TensorRT engine's profile).
+    Each request was checked on its own, so each fits alone."""
+    chunks: list[list[tuple[int, dict]]] = []
+    total = max_batch + 1
+    for member in members:
+        n = next(iter(member[1].values())).shape[0]
+        if total + n > max_batch:
+            chunks.append([])
+            total = 0
+        chunks[-1].append(member)
+        total += n
+    return chunks
+
+
 class TritonPythonModel:
     """Triton's python-backend interface: ``initialize``, ``execute``, ``finalize``."""
 
@@ -106,7 +123,7 @@ class TritonPythonModel:
                 continue
             key = tuple(tuple(v.shape[1:]) for v in checked.feed.values())
             groups.setdefault(key, []).append((i, checked.feed))
-        for members in groups.values():
+        for members in (c for g in groups.values() for c in batch_chunks(g, self.vae.limits.max_batch)):
             feed = {name: np.concatenate([f[name] for _, f in members], axis=0) for name in self.graph.input_names}
             try:
                 outputs = self._run(feed)
