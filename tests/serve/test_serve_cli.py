@@ -77,3 +77,18 @@ def test_a_missing_tritonserver_is_one_line_and_exit_2(tiny_artifact, tmp_path, 
     assert cli.serve_main([str(tiny_artifact), "--tritonserver", str(tmp_path / "nowhere")]) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert err == [f"asym-serve: error: --tritonserver {tmp_path / 'nowhere'}: no such file"]
+
+
+def test_a_port_already_served_is_refused_before_triton_starts(tiny_artifact, capsys):
+    """Triton binds its ports only after loading the models, so an earlier server on the same port
+    would answer the readiness probe and asym-serve would say 'serving' for the wrong server."""
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert cli.serve_main([str(tiny_artifact), "--http-port", str(port), "--backend", "onnxruntime-cpu"]) == 1
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert err == [f"asym-serve: error: port {port} (HTTP) on 127.0.0.1 is already in use (an earlier asym-serve "
+                   "or another server is listening there); stop it or pass another --http-port"]

@@ -211,8 +211,25 @@ class TritonServer:
         host = "127.0.0.1" if self.opts.address in ("0.0.0.0", "") else self.opts.address
         return f"http://{host}:{self.opts.http_port}"
 
+    def _check_ports(self) -> None:
+        """Refuse ports something already listens on: Triton loads its models before it binds,
+        so an earlier server on the same port would answer the readiness probe, and this start
+        would report 'serving' for a server that then fails to bind."""
+        import socket
+
+        opts = self.opts
+        host = "127.0.0.1" if opts.address in ("0.0.0.0", "") else opts.address
+        for what, port in (("HTTP", opts.http_port), ("gRPC", opts.grpc_port), ("metrics", opts.metrics_port)):
+            with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.settimeout(1.0)
+                if s.connect_ex((host, port)) == 0:
+                    raise RuntimeError(f"port {port} ({what}) on {host} is already in use (an earlier asym-serve "
+                                       "or another server is listening there); stop it or pass another "
+                                       f"--{what.lower()}-port")
+
     def start(self, progress=None) -> "TritonServer":
         opts = self.opts
+        self._check_ports()
         install = find_triton(opts.tritonserver)
         if opts.workspace is None:
             self.workspace = Path(tempfile.mkdtemp(prefix="asym-serve-"))
