@@ -18,6 +18,12 @@ from .bench_machine import datasheet_tflops, device_name, measured_peak_tflops, 
 from .graphs import BENCH_GRAPHS
 
 
+#: What every row is also compared with, besides the reference, when that contender ran:
+#: (Row field = its median / the row's median, the table's column, the contender).
+VERSUS = (("ratio_vs_compile", "x compile", "torch-compile/fp16"),
+          ("ratio_vs_torch_bf16", "x torch bf16", "diffusers/bf16"))
+
+
 @dataclass
 class Row:
     """One backend x graph x shape."""
@@ -38,9 +44,9 @@ class Row:
     tflops: float
     peak_share: float
     ratio_vs_reference: float | None = None  # reference median / this median: > 1 is faster
-    ratio_vs_compile: float | None = None  # torch-compile/fp16 median / this median, when it ran
+    ratio_vs_compile: float | None = None  # torch-compile/fp16 median / this median, when it ran (VERSUS)
     datasheet_share: float | None = None  # of the GPU's datasheet dense FP16 peak, when known
-    ratio_vs_torch_bf16: float | None = None  # diffusers/bf16 median / this median, when it ran (CPU)
+    ratio_vs_torch_bf16: float | None = None  # diffusers/bf16 median / this median, when it ran (VERSUS)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -131,10 +137,7 @@ def run_benchmark(variant: str, folder: Path, *, backends: list[str], graphs: li
                 progress(f"{graph} {shape}: {tflop[True]:.3f} TFLOP per call (diffusers: {tflop[False]:.3f}) ...")
                 res = measure(loaded, graph, shape, feed, warmup=warmup, repeats=repeats)
                 ref_median = statistics.median(res[loaded[0].name][1])
-                compiled = res.get("torch-compile/fp16")
-                compile_median = statistics.median(compiled[1]) if compiled else None
-                torch_bf16 = res.get("diffusers/bf16")
-                bf16_median = statistics.median(torch_bf16[1]) if torch_bf16 else None
+                versus = {field: statistics.median(res[name][1]) for field, _, name in VERSUS if name in res}
                 progress("  " + "; ".join(f"{b.name} {1000 * statistics.median(res[b.name][1]):.1f} ms "
                                           f"(first {res[b.name][0]:.2f} s)" for b in loaded))
                 for b in loaded:
@@ -146,9 +149,8 @@ def run_benchmark(variant: str, folder: Path, *, backends: list[str], graphs: li
                     sheet = machine["datasheet_fp16_tflops"]
                     rows.append(Row(variant, b.name, graph, str(shape), batch, h, w, first, med, _p90(ts), ts,
                                     batch / med, fl, fl / med, fl / med / peak["tflops"], ref_median / med,
-                                    compile_median / med if compile_median else None,
-                                    fl / med / sheet if sheet else None,
-                                    bf16_median / med if bf16_median else None))
+                                    datasheet_share=fl / med / sheet if sheet else None,
+                                    **{field: m / med for field, m in versus.items()}))
     for b in loaded:
         if b.close:
             b.close()

@@ -6,21 +6,20 @@ from pathlib import Path
 
 import numpy as np
 
+from .bench_measure import VERSUS
 from .graphs import BENCH_GRAPHS
 
 
 def table(result: dict) -> str:
-    compiled = any(r.get("ratio_vs_compile") for r in result["rows"])
-    bf16 = any(r.get("ratio_vs_torch_bf16") for r in result["rows"])
+    versus = [(field, column, name) for field, column, name in VERSUS if any(r.get(field) for r in result["rows"])]
     head = ("graph", "shape", "backend", "first s", "median s", "p90 s", "img/s", "TFLOP/s", "% peak", "x ref") \
-        + (("x compile",) if compiled else ()) + (("x torch bf16",) if bf16 else ())
+        + tuple(column for _, column, _ in versus)
     rows = [head]
     for r in result["rows"]:
         rows.append((r["graph"], r["shape"], r["backend"], f"{r['first_call_s']:.3f}", f"{r['median_s']:.4f}",
                      f"{r['p90_s']:.4f}", f"{r['images_per_s']:.2f}", f"{r['tflops']:.3f}",
                      f"{100 * r['peak_share']:.1f}", f"{r['ratio_vs_reference']:.2f}")
-                    + ((f"{r['ratio_vs_compile']:.2f}" if r.get("ratio_vs_compile") else "-",) if compiled else ())
-                    + ((f"{r['ratio_vs_torch_bf16']:.2f}" if r.get("ratio_vs_torch_bf16") else "-",) if bf16 else ()))
+                    + tuple(f"{r[field]:.2f}" if r.get(field) else "-" for field, _, _ in versus))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
     lines = ["  ".join(str(v).rjust(w) if i > 2 else str(v).ljust(w) for i, (v, w) in enumerate(zip(row, widths)))
              for row in rows]
@@ -29,8 +28,7 @@ def table(result: dict) -> str:
     return "\n".join(lines + ["", loads, f"peak RSS {result['peak_rss_gib']:.2f} GiB; {m['device']}; "
                               f"measured peak {m['measured_peak_tflops']:.3f} TFLOP/s ({m['peak_matmul']}); "
                               f"x ref = {result['reference']} median / backend median"
-                              + ("; x compile = torch-compile/fp16 median / backend median" if compiled else "")
-                              + ("; x torch bf16 = diffusers/bf16 median / backend median" if bf16 else "")])
+                              + "".join(f"; {column} = {name} median / backend median" for _, column, name in versus)])
 
 
 def plot(result: dict, path: Path) -> Path:
