@@ -327,12 +327,12 @@ class TensorRTBackend(Backend):
         CUDA graph. On failure, CUDA graphs are switched off for this backend (logged)."""
         cudart, stream = self._cudart, self._stream
         cuda_call(cudart.cudaStreamSynchronize(stream))  # capture nothing but the engine's own work
-        begun = cudart.cudaStreamBeginCapture(stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal)
-        err = begun[0] if isinstance(begun, tuple) else begun
-        if int(err) != 0:  # this call's results are already enqueued: keep them, stop capturing
+        try:
+            cuda_call(cudart.cudaStreamBeginCapture(
+                stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal))
+        except BackendError as e:  # this call's results are already enqueued: keep them, stop capturing
             cudart.cudaGetLastError()
-            log.warning("%s: CUDA graph capture could not start (%s); running without CUDA graphs",
-                        self.label, err)
+            log.warning("%s: CUDA graph capture could not start (%s); running without CUDA graphs", self.label, e)
             self.cuda_graph = False
             return False
         ok = self._context.execute_async_v3(native_handle(stream))
