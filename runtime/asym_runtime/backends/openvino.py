@@ -139,7 +139,10 @@ class OpenVinoBackend(Backend):
         config = {"INFERENCE_PRECISION_HINT": _HINT[self.precision], "PERFORMANCE_HINT": "LATENCY"}
         folder = self._cache_folder(ov, core, config)
         compiled = self._cached(ov, core, folder, config) if folder is not None else None
-        if compiled is None:
+        from_cache = compiled is not None
+        if from_cache:
+            self._check_io(compiled)  # a blob's ports, as a read graph's below
+        else:
             try:
                 model = core.read_model(embedded_model(self._source))
             except ArtifactError:
@@ -153,15 +156,14 @@ class OpenVinoBackend(Backend):
             except Exception as e:  # noqa: BLE001
                 raise BackendError(f"OpenVINO could not compile {self.label} for the CPU: {e}") from None
             del model
-            if folder is not None:
-                self._store(compiled, folder)
         self._source = None  # OpenVINO holds the weights now
-        self._check_io(compiled)
         got = compiled.get_property("INFERENCE_PRECISION_HINT")
         name = got.get_type_name() if hasattr(got, "get_type_name") else str(got)
         if name != _HINT[self.precision]:  # OpenVINO falls back silently; a request must not
             raise BackendUnavailableError(f"OpenVINO compiled {self.label} with {name} inference instead of "
                                           f"{self.precision}")
+        if folder is not None and not from_cache:  # only what passed every check is cached
+            self._store(compiled, folder)
         self.compiled = compiled
 
     # ----- the compiled-model cache
