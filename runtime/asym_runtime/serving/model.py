@@ -49,10 +49,10 @@ def batch_chunks(members: list[tuple[int, dict]], max_batch: int) -> list[list[t
     folder's limit, while the loaded backend's can be smaller (a TensorRT engine's profile).
     Each request was checked on its own, so each fits alone."""
     chunks: list[list[tuple[int, dict]]] = []
-    total = max_batch + 1
+    total = 0
     for member in members:
         n = next(iter(member[1].values())).shape[0]
-        if total + n > max_batch:
+        if not chunks or total + n > max_batch:
             chunks.append([])
             total = 0
         chunks[-1].append(member)

@@ -207,9 +207,13 @@ class TritonServer:
         self.models: list[str] = []
 
     @property
+    def _local_host(self) -> str:
+        """Where this machine reaches the server: the listen address, loopback for 'all'."""
+        return "127.0.0.1" if self.opts.address in ("0.0.0.0", "") else self.opts.address
+
+    @property
     def http_url(self) -> str:
-        host = "127.0.0.1" if self.opts.address in ("0.0.0.0", "") else self.opts.address
-        return f"http://{host}:{self.opts.http_port}"
+        return f"http://{self._local_host}:{self.opts.http_port}"
 
     def _check_ports(self) -> None:
         """Refuse ports something already listens on: Triton loads its models before it binds,
@@ -217,8 +221,7 @@ class TritonServer:
         would report 'serving' for a server that then fails to bind."""
         import socket
 
-        opts = self.opts
-        host = "127.0.0.1" if opts.address in ("0.0.0.0", "") else opts.address
+        opts, host = self.opts, self._local_host
         for what, port in (("HTTP", opts.http_port), ("gRPC", opts.grpc_port), ("metrics", opts.metrics_port)):
             with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
                 s.settimeout(1.0)
