@@ -220,6 +220,14 @@ def test_a_skipgroupnorm_whose_inner_sum_would_overflow_stays_fp32(tiny_artifact
     assert node.name not in plan_islands(model, ranges, {}).node_names  # what the plan saw before
 
 
+def _exact_group_norm(x: np.ndarray, groups: int, eps: float) -> np.ndarray:
+    """GroupNorm of a channels-last [N, H, W, C] array in float64, two-pass (gamma 1, beta 0)."""
+    n, h, w, c = x.shape
+    grp = x.astype(np.float64).reshape(n, h * w, groups, c // groups)
+    mean, var = grp.mean(axis=(1, 3), keepdims=True), grp.var(axis=(1, 3), keepdims=True)
+    return ((grp - mean) / np.sqrt(var + eps)).reshape(x.shape)
+
+
 def _one_fp16_skip_group_norm():
     """float32 in and out, one FP16 SkipGroupNorm between casts, as a mixed graph has it."""
     f16 = TensorProto.FLOAT16
@@ -253,11 +261,8 @@ def test_the_fp16_emulation_rounds_skipgroupnorms_sum_as_the_kernel_does(tmp_pat
 
     rng = np.random.default_rng(0)
     x, skip = ((300 * rng.standard_normal((1, 2, 2, 4))).astype(np.float16).astype(np.float32) for _ in range(2))
-    s = (x + skip).astype(np.float16).astype(np.float64)  # the half add's rounded sum
-    grp = s.reshape(1, 4, 2, 2)  # NHWC, groups of 2 channels: (n, h*w, group, channel in group)
-    mean = grp.mean(axis=(1, 3), keepdims=True)
-    var = grp.var(axis=(1, 3), keepdims=True)
-    want = ((grp - mean) / np.sqrt(var + 1e-5)).reshape(1, 2, 2, 4).astype(np.float16).astype(np.float32)
+    s = (x + skip).astype(np.float16)  # the half add's rounded sum
+    want = _exact_group_norm(s, 2, 1e-5).astype(np.float16).astype(np.float32)
     got = sess.run(None, {"x": x, "skip": skip})[0]
     np.testing.assert_allclose(got, want, atol=2e-3, rtol=0)
 
@@ -280,9 +285,7 @@ def test_the_emulation_takes_groupnorm_statistics_in_one_pass_as_the_kernel_does
     sess = _session(emulate(model).SerializeToString())
 
     def exact(x):
-        grp = x.astype(np.float64).reshape(1, 256, 2, 2)
-        mean, var = grp.mean(axis=(1, 3), keepdims=True), grp.var(axis=(1, 3), keepdims=True)
-        return ((grp - mean) / np.sqrt(var + 1e-6)).reshape(x.shape)
+        return _exact_group_norm(x, 2, 1e-6)
 
     rng = np.random.default_rng(0)
     centred = rng.standard_normal((1, 16, 16, 4)).astype(np.float32)

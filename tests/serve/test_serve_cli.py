@@ -89,6 +89,6 @@ def test_a_port_already_served_is_refused_before_triton_starts(tiny_artifact, ca
         busy.listen()
         port = busy.getsockname()[1]
         assert cli.serve_main([str(tiny_artifact), "--http-port", str(port), "--backend", "onnxruntime-cpu"]) == 1
-    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
-    assert err == [f"asym-serve: error: port {port} (HTTP) on 127.0.0.1 is already in use (an earlier asym-serve "
-                   "or another server is listening there); stop it or pass another --http-port"]
+    assert one_line(capsys.readouterr().err) == (
+        f"asym-serve: error: port {port} (HTTP) on 127.0.0.1 is already in use (an earlier asym-serve "
+        "or another server is listening there); stop it or pass another --http-port")
