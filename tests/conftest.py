@@ -106,6 +106,17 @@ def copy_artifact(tmp_path):
 
 
 @pytest.fixture
+def with_engines(tiny_artifact, copy_artifact):
+    """A copy of the tiny folder whose manifest lists an encoder and a decoder engine (bytes that
+    are not a plan, see tests/engine_entries.py)."""
+    from engine_entries import add_engine_entries
+
+    folder = copy_artifact(tiny_artifact)
+    add_engine_entries(folder)
+    return folder
+
+
+@pytest.fixture
 def offline_hub(tmp_path, monkeypatch):
     """An empty hub cache with the hub switched off, as on a machine without network."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -8,7 +8,9 @@ import pytest
 import asym_runtime
 from asym_runtime.backends.tensorrt import check_engine_compatibility, unavailable_reason
 from asym_runtime.errors import ArtifactError, BackendUnavailableError, IncompatibleEngineError
-from asym_runtime.manifest import read_manifest, sha256_file
+from asym_runtime.manifest import read_manifest
+
+from engine_entries import ENGINES_META
 
 
 def _edit_manifest(folder, change):
@@ -132,36 +134,6 @@ def test_a_truncated_file_is_refused(tiny_artifact, copy_artifact):
 
 
 # --------------------------------------------------------------------------- engines
-
-ENGINES_META = {
-    "tensorrt_version": "10.13.0.35",
-    "device": {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"},
-    "version_compatible": False,
-    "hardware_compatibility_level": "none",
-    "variant": "tiny",
-}
-
-
-@pytest.fixture
-def with_engines(tiny_artifact, copy_artifact):
-    """The tiny folder plus engine entries (bytes that are not a plan: nothing here can
-    deserialize one; what matters is how the runtime chooses and checks)."""
-    folder = copy_artifact(tiny_artifact)
-    gen = read_manifest(folder).folder
-    (gen / "engines").mkdir()
-    for g in ("encoder", "decoder"):
-        (gen / "engines" / f"{g}.plan").write_bytes(b"not a TensorRT plan " + g.encode())
-
-    def add(d):
-        for g in ("encoder", "decoder"):
-            name = f"engines/{g}.plan"
-            d["files"][name] = {"role": g, "format": "tensorrt_plan", "precision": "fp16",
-                                "sha256": sha256_file(gen / name), "size": (gen / name).stat().st_size}
-        d["engines"] = dict(ENGINES_META, profile=d["shape_limits"])
-
-    _edit_manifest(folder, add)
-    return folder
-
 
 @pytest.mark.skipif(unavailable_reason() is None, reason="TensorRT can run here")
 def test_auto_falls_back_to_onnxruntime_when_engines_cannot_run_here(with_engines, caplog):
