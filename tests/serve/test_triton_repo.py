@@ -91,6 +91,46 @@ def test_tiny_repository_cpu_fp32_portable(tiny_artifact, tmp_path):
     assert not cfg.optimization.execution_accelerators.gpu_execution_accelerator
 
 
+def test_engines_become_tensorrt_models_on_gpu_instances_only(with_engines, tmp_path):
+    """The folder's engines are copied unchanged as ``<graph>_trt`` tensorrt models with the
+    engines' profile as their batch limit; a repository of CPU instances leaves them out (a
+    CPU-only Triton refuses a tensorrt model) and says so. The plan bytes are not an engine
+    (see tests/engine_entries.py): what is checked is the repository, not TensorRT."""
+    manifest = read_manifest(with_engines)
+    said = []
+    gpu = tmp_path / "gpu"
+    result = write_repository(with_engines, gpu, progress=said.append)
+    assert [m.name for m in result.models] == [*GRAPHS, "encoder_trt", "decoder_trt"]
+    for graph in ("encoder", "decoder"):
+        folder = gpu / f"{graph}_trt"
+        cfg = tconfig.parse_config((folder / "config.pbtxt").read_text())
+        assert cfg.backend == "tensorrt" and cfg.instance_group[0].kind == cfg.instance_group[0].KIND_GPU
+        assert cfg.max_batch_size == manifest.data["engines"]["profile"]["max_batch"]
+        assert (folder / "1" / "model.plan").read_bytes() == manifest.read_verified(f"engines/{graph}.plan")
+    assert check_repository(gpu, manifest) == []
+    assert not [m for m in said if "left out" in m]
+
+    said.clear()
+    cpu = tmp_path / "cpu"
+    result = write_repository(with_engines, cpu, RepoOptions(kind="cpu"), progress=said.append)
+    assert [m.name for m in result.models] == list(GRAPHS)
+    _check_against_contract(cpu, manifest, "portable")
+    (note,) = [m for m in said if "left out" in m]
+    assert "engines/encoder.plan" in note and "--kind gpu" in note
+
+
+@pytest.mark.parametrize("opts, needle", [
+    (dict(kind="cpu", gpus=[0]), "--gpus needs --kind gpu"),
+    (dict(kind="cpu", tensorrt_accelerator=True), "--tensorrt-accelerator needs --kind gpu"),
+])
+def test_gpu_only_options_on_cpu_instances_are_refused(tiny_artifact, tmp_path, opts, needle):
+    """Triton ignores GPU ids and GPU accelerators on CPU instances: such a repository would
+    silently not do what was asked, so none is written."""
+    with pytest.raises(ValueError, match=needle):
+        write_repository(tiny_artifact, tmp_path / "repo", RepoOptions(**opts))
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.slow
 def test_x2_repository_passes_the_schema_check(x2_artifact, tmp_path):
     manifest = read_manifest(x2_artifact)

@@ -182,14 +182,15 @@ def build_repo_parser():
                    help="auto (default): the CUDA form where the folder has one and instances are GPU ones; "
                         "cuda: insist on the CUDA form (fused CUDA-only kernels; needs --kind gpu); "
                         "portable: the standard graphs")
-    p.add_argument("--no-engines", action="store_true", help="leave the folder's TensorRT engines out")
+    p.add_argument("--no-engines", action="store_true",
+                   help="leave the folder's TensorRT engines out (--kind cpu always does)")
     p.add_argument("--instances", type=int, default=1, help="instances per model (default 1)")
     p.add_argument("--kind", default="gpu", choices=tconfig.KINDS, help="instance kind (default gpu)")
-    p.add_argument("--gpus", default=None, help="comma-separated GPU ids for the instances")
+    p.add_argument("--gpus", default=None, help="with --kind gpu: comma-separated GPU ids for the instances")
     p.add_argument("--max-queue-delay-us", type=int, default=tconfig.DEFAULT_QUEUE_DELAY_US,
                    help=f"how long a request may wait for others to batch with (default {tconfig.DEFAULT_QUEUE_DELAY_US})")
     p.add_argument("--tensorrt-accelerator", action="store_true",
-                   help="run the ONNX models through ONNX Runtime's TensorRT provider (portable graphs)")
+                   help="run the ONNX models through ONNX Runtime's TensorRT provider (portable graphs, --kind gpu)")
     p.add_argument("--force", action="store_true", help="replace an existing repository this tool wrote")
     add_debug(p)
     return p

@@ -9,8 +9,8 @@ Python in the serving path:
   ``--form`` allows it) as ``1/model.onnx``, its external data beside it under the name the
   graph itself records; the CUDA provider's convolution search as the runtime measured it
   (``cudnn_conv_algo_search``), optionally ONNX Runtime's TensorRT accelerator (portable graphs);
-* one ``tensorrt`` model per engine when the folder has engines (``encoder_trt``, ...), with
-  ``max_batch_size`` from the engines' profile;
+* one ``tensorrt`` model per engine when the folder has engines and the instances are GPU ones
+  (``encoder_trt``, ...), with ``max_batch_size`` from the engines' profile;
 * ``config.pbtxt`` from :mod:`.config` (contract dims, dynamic batching, instance groups);
 * ``asym-export.json`` in each model folder: the source folder, generation and the sha256 of
   every file, which are the manifest's own (the bytes are copied unchanged after the
@@ -116,6 +116,11 @@ def write_repository(artifact: str | os.PathLike, out: str | os.PathLike, opts: 
         raise ValueError(f"precision {opts.precision!r}: fp32 or fp16")
     if opts.form not in FORMS:
         raise ValueError(f"form {opts.form!r}: choose one of {', '.join(FORMS)}")
+    if opts.kind != "gpu" and (opts.gpus or opts.tensorrt_accelerator):
+        # Triton ignores a GPU accelerator and GPU ids on CPU instances: refuse rather than write
+        # a repository that silently does something else than asked
+        raise ValueError(f"{'--gpus' if opts.gpus else '--tensorrt-accelerator'} needs --kind gpu "
+                         f"(the instances are {opts.kind} ones)")
     manifest = read_manifest(artifact)
     out = Path(out)
     if out.exists() and not opts.force:
@@ -175,8 +180,14 @@ def write_repository(artifact: str | os.PathLike, out: str | os.PathLike, opts: 
             _write(stage / graph.name / TRAIL_NAME, _trail(manifest, model, manifest.limits, form))
             result.models.append(model)
         engines_meta = manifest.data.get("engines") if isinstance(manifest.data.get("engines"), dict) else {}
+        plans = [e for e in (manifest.find(g.name, FORMAT_PLAN) for g in GRAPHS.values()) if e is not None]
+        if plans and opts.engines and opts.kind != "gpu":
+            # an engine runs on the GPU it was built for only: a tensorrt model in a repository of
+            # CPU instances would make a CPU-only Triton refuse the repository
+            say(f"TensorRT engines left out ({', '.join(e.name for e in plans)}): they run on a GPU, "
+                "the instances are CPU ones (--kind gpu includes them)")
         for graph in GRAPHS.values():
-            entry = manifest.find(graph.name, FORMAT_PLAN) if opts.engines else None
+            entry = manifest.find(graph.name, FORMAT_PLAN) if opts.engines and opts.kind == "gpu" else None
             if entry is None:
                 continue
             limits = manifest.limits
