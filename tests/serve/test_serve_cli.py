@@ -92,3 +92,40 @@ def test_a_port_already_served_is_refused_before_triton_starts(tiny_artifact, ca
     assert one_line(capsys.readouterr().err) == (
         f"asym-serve: error: port {port} (HTTP) on 127.0.0.1 is already in use (an earlier asym-serve "
         "or another server is listening there); stop it or pass another --http-port")
+
+
+def test_a_second_interrupt_while_triton_drains_kills_it(tmp_path):
+    """Ctrl-C once: SIGTERM, Triton drains (up to --exit-timeout plus 20 s). Ctrl-C again while it
+    drains: it must be killed before the interrupt goes on, or it keeps the ports with nobody left
+    to stop it. A process that ignores SIGTERM stands in for a draining Triton; stop() is real."""
+    import _thread
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    ready = tmp_path / "ready"
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import signal, time, pathlib; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+         f"pathlib.Path({str(ready)!r}).touch(); time.sleep(120)"], start_new_session=True)
+    deadline = time.monotonic() + 30
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ready.exists(), "the stand-in process did not start"
+    s = server.TritonServer(server.ServeOptions(artifact=tmp_path))
+    s.process, s.workspace, s._own_workspace = child, tmp_path / "ws", True
+    s.workspace.mkdir()
+    timer = threading.Timer(1.0, _thread.interrupt_main)  # the second Ctrl-C, while stop() waits
+    timer.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            s.stop(timeout_s=60)
+    finally:
+        timer.cancel()
+        if child.poll() is None:
+            child.kill()
+    assert time.monotonic() - started < 30, "stop() waited out its timeout instead of killing"
+    assert child.returncode == -9  # SIGKILL, not the SIGTERM it ignores
+    assert not (tmp_path / "ws").exists()
+

@@ -114,11 +114,13 @@ def serve_main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return EXIT_FAILED
         except KeyboardInterrupt:
-            print("asym-serve: stopping", flush=True)
+            print("asym-serve: stopping (in-flight requests finish; Ctrl-C again kills tritonserver)", flush=True)
             return EXIT_OK
         finally:
-            server.stop()
-            signal.signal(signal.SIGTERM, previous)
+            try:
+                server.stop()  # a second Ctrl-C here kills Triton, then ends the run as interrupted (130)
+            finally:
+                signal.signal(signal.SIGTERM, previous)
 
     return guarded("asym-serve", args.debug, body)
 

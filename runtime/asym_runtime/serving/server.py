@@ -292,20 +292,38 @@ class TritonServer:
         return self.process.wait()
 
     def stop(self, timeout_s: float | None = None) -> None:
-        """Stop Triton (SIGTERM: it drains in-flight requests), then remove the workspace."""
+        """Stop Triton (SIGTERM: it drains in-flight requests), then remove the workspace.
+
+        Triton is killed (its whole process group, python-backend stubs included) when it has not
+        stopped within ``timeout_s``, or when the wait is interrupted (a second Ctrl-C): the
+        KeyboardInterrupt is raised again after the kill, never before it, so no server is left
+        running on the ports without the process that started it."""
         timeout_s = self.opts.exit_timeout_s + 20 if timeout_s is None else timeout_s
         p = self.process
-        if p is not None and p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                log.warning("tritonserver did not stop within %.0f s; killing it", timeout_s)
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-        if self._own_workspace and self.workspace is not None:
-            shutil.rmtree(self.workspace, ignore_errors=True)
-            self.workspace = None
+        try:
+            if p is not None and p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(timeout=timeout_s)
+                except subprocess.TimeoutExpired:
+                    log.warning("tritonserver did not stop within %.0f s; killing it", timeout_s)
+                    self._kill(p)
+                except KeyboardInterrupt:
+                    log.warning("interrupted while tritonserver was stopping; killing it")
+                    self._kill(p)
+                    raise
+        finally:
+            if self._own_workspace and self.workspace is not None:
+                shutil.rmtree(self.workspace, ignore_errors=True)
+                self.workspace = None
+
+    @staticmethod
+    def _kill(p: subprocess.Popen) -> None:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:  # it exited meanwhile
+            pass
+        p.wait()
 
     def __enter__(self) -> "TritonServer":
         return self.start() if self.process is None else self
