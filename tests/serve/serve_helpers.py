@@ -39,14 +39,14 @@ class Served:
         return self.process.returncode
 
 
-def start_server(artifact: Path, log_dir: Path, *extra: str, timeout: float = 120.0) -> Served:
+def start_server(artifact: Path, log_dir: Path, *extra: str, timeout: float = 120.0, env: dict | None = None) -> Served:
     http, grpc, metrics = free_ports(3)
     out = log_dir / f"asym-serve-{http}.log"
     cmd = [sys.executable, "-c", "import sys; from asym_runtime.serving.cli import serve_main; sys.exit(serve_main())",
            str(artifact), "--http-port", str(http),
            "--grpc-port", str(grpc), "--metrics-port", str(metrics), *extra]
     with open(out, "wb") as f:
-        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if p.poll() is not None:

@@ -8,6 +8,7 @@ promised, only agreement far below any FP32 parity bound (1e-4).
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 
@@ -220,6 +221,52 @@ def test_stopped_server_fails_within_the_timeout(tiny_artifact, tmp_path):
         vae.decode(LAT)
     assert time.monotonic() - t0 < 6
     assert "\n" not in str(e.value) and "did not answer" in str(e.value)
+
+
+def test_serving_from_an_environment_that_is_not_activated(tiny_artifact, tmp_path, local):
+    """``/path/.venv/bin/asym-serve`` as a service manager starts it, with systemd's default PATH:
+    neither the venv nor this interpreter's folder is on it. The python backend's stub finds its
+    Python through PATH, so it ran another one: on this project's machines /usr/bin/python3's
+    standard library under this libpython (numpy failed to import) or, with the interpreter's
+    base folder on PATH, its site-packages (numpy 2 there: every output arrived empty). The model
+    must run on asym-serve's own environment either way."""
+    import os
+
+    env = dict(os.environ, PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    env.pop("VIRTUAL_ENV", None)
+    s = start_server(tiny_artifact, tmp_path, "--graphs", "decoder_uncond", "--backend", "onnxruntime-cpu",
+                     "--exit-timeout", "3", env=env)
+    try:
+        vae = asym_runtime.remote(s.url, timeout=30)
+        assert np.abs(vae.decode(LAT) - local.decode(LAT)).max() <= EXACT
+    finally:
+        assert s.stop() == 0
+
+
+def test_the_model_file_puts_the_launching_environment_first(tmp_path):
+    """The python backend's model file, run by an interpreter whose own site folder holds another
+    numpy ahead of ours: it imports ours; and where another numpy was imported before it, it
+    refuses to load with both versions named instead of serving through a numpy Triton's stub
+    does not read."""
+    import subprocess
+
+    from asym_runtime.serving.server import model_py
+
+    other = tmp_path / "base-site"
+    (other / "numpy").mkdir(parents=True)
+    (other / "numpy" / "__init__.py").write_text("__version__ = '0.0-other'\n")
+    source = model_py()
+    # -S: no site folder of ours on sys.path, as in the stub; the other one stands for its own
+    ok = subprocess.run([sys.executable, "-S", "-c", f"import sys; sys.path.insert(0, {str(other)!r})\n{source}\n"
+                         "import numpy; print(numpy.__version__, TritonPythonModel.__module__)"],
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.split() == [np.__version__, "asym_runtime.serving.model"]
+    refused = subprocess.run([sys.executable, "-S", "-c", f"import sys; sys.path.insert(0, {str(other)!r}); "
+                              f"import numpy\n{source}"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0
+    assert f"imports numpy 0.0-other from {other}" in refused.stderr
+    assert f"runs with numpy {np.__version__}" in refused.stderr
 
 
 def test_asym_serve_usage_errors(tiny_artifact, tmp_path, capsys):

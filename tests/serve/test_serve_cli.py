@@ -129,3 +129,27 @@ def test_a_second_interrupt_while_triton_drains_kills_it(tmp_path):
     assert child.returncode == -9  # SIGKILL, not the SIGTERM it ignores
     assert not (tmp_path / "ws").exists()
 
+
+def test_a_model_that_fails_to_load_is_named_with_its_reason(tiny_artifact, tmp_path, capsys):
+    """Triton logs why a model failed to load, then a banner of its options longer than the log
+    tail asym-serve shows: the reason must still reach the user (it was cut off). Triton escapes
+    the message's newlines; the python traceback after "At:" is left out. A stand-in binary
+    writes such a log (as in the test above); asym-serve's code is all real."""
+    root = tmp_path / "triton"
+    (root / "backends" / "python").mkdir(parents=True)
+    (root / "backends" / "python" / "libtriton_python.so").write_bytes(b"")
+    (root / "bin").mkdir()
+    failed = ("E1127 12:22:13.707832 17863 model_lifecycle.cc:642] \"failed to load 'decoder' version 1: Internal: "
+              "ImportError: numpy is not the one asym-serve runs\\n\\nAt:\\n  /ws/models/decoder/1/model.py(17): <module>\\n\"")
+    log = root / "log.txt"
+    log.write_text("\n".join([failed, *(f"| option {i} | value |" for i in range(40)),
+                              "error: creating server: Internal - failed to load all models"]) + "\n")
+    exe = root / "bin" / "tritonserver"
+    exe.write_text(f"#!/bin/sh\ncat '{log}'\nexit 1\n")
+    exe.chmod(0o755)
+    assert cli.serve_main([str(tiny_artifact), "--tritonserver", str(exe), "--backend", "onnxruntime-cpu"]) == 1
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert err[0] == "asym-serve: error: tritonserver exited with code 1 while starting:"
+    assert err[1] == "failed to load 'decoder' version 1: Internal: ImportError: numpy is not the one asym-serve runs"
+    assert not [ln for ln in err if "At:" in ln or "model.py(17)" in ln]
+    assert err[-1] == "error: creating server: Internal - failed to load all models"

@@ -14,13 +14,15 @@ bad request would fail the good requests Triton batched with it; Triton's python
 answers each request on its own (``InferenceResponse(error=...)``), which is what a service
 needs. The binary is the same.
 
-Two facts of the wheel's binary (0.7.0, Triton 2.51) this module deals with:
+Three facts of the wheel's binary (0.7.0, Triton 2.51) this module deals with:
 
 * its shared libraries lie in ``nvidia_pytriton.libs`` beside the package;
 * the backend stub links ``libpython3.X.so``; under an interpreter that is not the system's
   (pyenv, conda) the loader finds the system's libpython first and the stub fails
   (``'_thread.RLock' object has no attribute '_recursion_count'``), so the running
-  interpreter's own lib folder goes first on ``LD_LIBRARY_PATH``.
+  interpreter's own lib folder goes first on ``LD_LIBRARY_PATH``;
+* the stub's Python finds its prefix through ``PATH`` like a bare ``python3``: a venv that is
+  not activated lost to another Python (see ``server_env`` and ``_MODEL_PY``).
 """
 
 from __future__ import annotations
@@ -54,12 +56,34 @@ log = logging.getLogger(__name__)
 _MODEL_PY = '''\
 # Written by asym-serve: Triton's python backend runs asym_runtime's model for this graph.
 # The stub's interpreter gets the launching environment's site folders (and their .pth files,
-# which an editable install needs) before the import.
+# which an editable install needs) AHEAD of its own before anything else is imported: the stub
+# resolves its prefix as a bare `python3` would (through PATH), so for a venv that is not
+# activated it is the base interpreter, whose site-packages would win (numpy 2 there made every
+# output tensor arrive empty). numpy is then checked to be the launching environment's.
 import site
+import sys
+_before = list(sys.path)
 for _d in {site_dirs!r}:
     site.addsitedir(_d)
+_ours = [_p for _p in sys.path if _p not in _before]
+sys.path[:] = _ours + [_p for _p in sys.path if _p not in _ours]
+_NUMPY, _LAUNCHER = {numpy_version!r}, {executable!r}
+import numpy  # noqa: E402
+if numpy.__version__ != _NUMPY:
+    raise ImportError(
+        f"Triton's python backend imports numpy {{numpy.__version__}} from {{numpy.__file__}}, but asym-serve "
+        f"runs with numpy {{_NUMPY}} ({{_LAUNCHER}}): the backend's interpreter does not see asym-serve's "
+        "environment (start asym-serve from an activated environment, or install into the interpreter "
+        "Triton's python backend runs)")
 from asym_runtime.serving.model import TritonPythonModel  # noqa: E402,F401
 '''
+
+
+def model_py() -> str:
+    """The python-backend ``model.py`` of every served graph (see ``_MODEL_PY``)."""
+    import numpy
+
+    return _MODEL_PY.format(site_dirs=_site_dirs(), numpy_version=numpy.__version__, executable=sys.executable)
 
 
 @dataclass
@@ -134,6 +158,11 @@ def find_triton(tritonserver: str | os.PathLike | None = None) -> TritonInstall:
 
 def server_env(install: TritonInstall, extra: dict | None = None) -> dict:
     env = dict(os.environ)
+    # The python backend's stub embeds libpython and finds its prefix as a bare `python3` does,
+    # through PATH: this interpreter's folder first makes that prefix this environment (a venv
+    # need not be activated; otherwise the stub ran the base interpreter's site-packages, or
+    # another Python's standard library under this libpython).
+    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable)] + ([env["PATH"]] if env.get("PATH") else []))
     own_lib = sysconfig.get_config_var("LIBDIR")
     dirs = [str(d) for d in install.lib_dirs] + ([own_lib] if own_lib else [])
     if env.get("LD_LIBRARY_PATH"):
@@ -157,7 +186,7 @@ def write_python_repository(opts: ServeOptions, repo: Path) -> list[str]:
     """One python-backend model per served graph in ``repo``; returns the model names."""
     manifest = read_manifest(opts.artifact)
     manifest_json = json.dumps(manifest.data, sort_keys=True, separators=(",", ":"))
-    site_dirs = _site_dirs()
+    source = model_py()
     names = []
     for graph_name in opts.graphs:
         graph = GRAPHS[graph_name]
@@ -172,7 +201,7 @@ def write_python_repository(opts: ServeOptions, repo: Path) -> list[str]:
         model_dir = repo / graph.name
         (model_dir / "1").mkdir(parents=True)
         (model_dir / "config.pbtxt").write_text(tconfig.config_text(cfg))
-        (model_dir / "1" / "model.py").write_text(_MODEL_PY.format(site_dirs=site_dirs))
+        (model_dir / "1" / "model.py").write_text(source)
         names.append(graph.name)
     return names
 
@@ -282,11 +311,22 @@ class TritonServer:
             time.sleep(0.25)
 
     def log_tail(self, lines: int = 25) -> str:
+        """The end of Triton's log, after the models it failed to load and why (Triton writes
+        those while loading, and a banner of its options after them, so the tail alone would
+        show only the banner)."""
         try:
             text = self.log_path.read_text(errors="replace")
         except (OSError, AttributeError):
             return "(no server log)"
-        return "\n".join(text.splitlines()[-lines:])
+        tail = text.splitlines()[-lines:]
+        failures = []
+        for line in text.splitlines():
+            at = line.find("failed to load '")
+            if line.startswith("E") and at >= 0 and line not in tail:
+                # Triton escapes the message's own newlines; its first lines say what failed
+                message = line[at:].rstrip('"').replace("\\n", "\n").split("\nAt:")[0].splitlines()
+                failures.append("\n".join(m for m in message[:8] if m.strip()))
+        return "\n".join(failures + tail)
 
     def wait(self) -> int:
         return self.process.wait()
