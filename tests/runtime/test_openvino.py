@@ -148,6 +148,68 @@ def test_a_cache_that_cannot_be_written_is_skipped(tiny_artifact, tmp_path, capl
     assert "cannot be used (Not a directory); compiling without it" in caplog.text
 
 
+def test_the_cache_keeps_within_its_size_limit(tiny_artifact, tmp_path, monkeypatch):
+    """Each export adds a blob about its weights' size: after a blob is written, the least
+    recently used blobs of the whole cache go until it fits the limit, never the blob just
+    written; temporary files killed writers left (over an hour old) go too, a writer's fresh one
+    stays; a blob imported from the cache counts as used now. The other keys' blobs here are
+    bytes nobody imports: only what the cache deletes is checked."""
+    import os
+    import time
+
+    cache = tmp_path / "cache"
+    z = np.random.default_rng(9).standard_normal((1, 4, 8, 8)).astype(np.float32)
+
+    def decode():
+        with asym_runtime.load(tiny_artifact, backend="openvino", graphs="decoder_uncond", cache_dir=cache) as rt:
+            return rt.decode(z)
+
+    want = decode()
+    (ours,) = cache.rglob("compiled-*.blob")
+    size = ours.stat().st_size
+    now = time.time()
+    others = {}
+    for name, age_days in (("oldest", 3), ("older", 2), ("recent", 1)):
+        blob = cache / f"key-{name}" / "compiled-0.blob"
+        blob.parent.mkdir()
+        blob.write_bytes(b"x" * 100_000)
+        os.utime(blob, (now - age_days * 86400,) * 2)
+        others[name] = blob
+    stale, fresh = cache / "key-oldest" / ".tmp-killed", cache / "key-recent" / ".tmp-writing"
+    for tmp, age in ((stale, 7200), (fresh, 10)):
+        tmp.write_bytes(b"half")
+        os.utime(tmp, (now - age,) * 2)
+    os.utime(ours, (now - 4 * 86400,) * 2)  # our key was used longest ago ...
+    np.testing.assert_array_equal(decode(), want)
+    assert ours.stat().st_mtime > now - 60  # ... until this import from the cache
+
+    ours.unlink()  # the next load compiles and writes again; the cache is then over the limit
+    monkeypatch.setenv("ASYM_OPENVINO_CACHE_MAX_GB", repr((size + 150_000) / 2**30))
+    np.testing.assert_array_equal(decode(), want)
+    (ours,) = cache.glob("*/compiled-[0-9a-f]*[0-9a-f].blob")
+    assert not others["oldest"].exists() and not others["older"].exists() and others["recent"].exists()
+    assert not (cache / "key-older").exists()  # a key's emptied folder goes with its blob
+    assert not stale.exists() and fresh.exists()
+
+    ours.unlink()
+    monkeypatch.setenv("ASYM_OPENVINO_CACHE_MAX_GB", "0")  # nothing fits: only the new blob stays
+    np.testing.assert_array_equal(decode(), want)
+    (left,) = cache.rglob("compiled-*.blob")  # OpenVINO's export differs from compile to compile
+    assert left.parent == ours.parent and not others["recent"].exists()
+
+
+@pytest.mark.parametrize("value, limit", [(None, 10 * 2**30), ("1.5", int(1.5 * 2**30)), ("0", 0),
+                                          ("ten", 10 * 2**30), ("-1", 10 * 2**30), ("nan", 10 * 2**30)])
+def test_the_cache_limit_comes_from_the_environment(monkeypatch, caplog, value, limit):
+    if value is None:
+        monkeypatch.delenv("ASYM_OPENVINO_CACHE_MAX_GB", raising=False)
+    else:
+        monkeypatch.setenv("ASYM_OPENVINO_CACHE_MAX_GB", value)
+    assert ov_backend.cache_limit_bytes() == limit
+    bad = value in ("ten", "-1", "nan")
+    assert ("is not a size in GiB (a number >= 0); using 10" in caplog.text) == bad
+
+
 def test_bf16_needs_openvino_and_a_precision_it_runs():
     with pytest.raises(ValueError, match="precision 'bf16' runs on backend='openvino' only"):
         asym_runtime.load("unused", backend="onnxruntime-cpu", precision="bf16")

@@ -20,8 +20,11 @@ renamed into place, and named by its own sha256, which is checked before
 cache that cannot be written (read-only home, a file in the way) is skipped with a warning.
 Every load still reads and checks the folder's files; what it checks decides the key. The cache
 is as trusted as the process: anyone who can write it can plant a blob with a matching name.
-Nothing prunes it: each export (and precision, release) adds a blob about the size of its
-weights; delete the folder to reclaim the space.
+Each export (and precision, release) adds a blob about the size of its weights, so the cache
+has a size limit (``ASYM_OPENVINO_CACHE_MAX_GB``, default 10): after a blob is written, the
+least recently used blobs of the whole cache (a blob's mtime is its last use: imports touch
+it) are deleted until the cache fits; the blob just written always stays, and temporary files
+that killed writers left (older than an hour) go too.
 
 Threading: one ``CompiledModel`` is shared; each call makes its own infer request, so calls from
 several threads are safe and give the serial results. With the ``LATENCY`` hint OpenVINO runs
@@ -53,6 +56,11 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "bf16")
 _HINT = {"fp32": "f32", "bf16": "bf16"}
 BLOB_PREFIX, BLOB_SUFFIX = "compiled-", ".blob"
+#: the cache's size limit unless ``ASYM_OPENVINO_CACHE_MAX_GB`` says otherwise (a blob is about
+#: its graph's weights, 0.94 MB for tiny's 1.1 MB graph; x2's three FP32 graphs hold 3.1 GB)
+CACHE_MAX_GB_ENV, DEFAULT_CACHE_MAX_GB = "ASYM_OPENVINO_CACHE_MAX_GB", 10.0
+#: a temporary file older than this was left by a killed writer (writing takes seconds)
+STALE_TMP_S = 3600.0
 
 
 def unavailable_reason() -> str | None:
@@ -83,6 +91,63 @@ def bf16_reason() -> str | None:
 def default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "asym-export" / "openvino"
+
+
+def cache_limit_bytes() -> int:
+    """The cache's size limit: ``ASYM_OPENVINO_CACHE_MAX_GB`` (GiB, a number >= 0), else the default."""
+    raw = os.environ.get(CACHE_MAX_GB_ENV)
+    if raw is None or not raw.strip():
+        return int(DEFAULT_CACHE_MAX_GB * 2**30)
+    try:
+        gb = float(raw)
+        if not gb >= 0 or gb == float("inf"):
+            raise ValueError
+    except ValueError:
+        log.warning("%s=%r is not a size in GiB (a number >= 0); using %g", CACHE_MAX_GB_ENV, raw,
+                    DEFAULT_CACHE_MAX_GB)
+        return int(DEFAULT_CACHE_MAX_GB * 2**30)
+    return int(gb * 2**30)
+
+
+def prune_cache(root: Path, limit: int, keep: Path | None = None) -> list[Path]:
+    """Delete the least recently used blobs under ``root`` (``<key>/compiled-*.blob``) until they
+    fit ``limit`` bytes, never ``keep``; and temporary files older than ``STALE_TMP_S``. Returns
+    what was deleted. Files another process deletes meanwhile are skipped."""
+    import time
+
+    removed: list[Path] = []
+    now = time.time()
+    for tmp in root.glob("*/.tmp-*"):
+        try:
+            if now - tmp.stat().st_mtime > STALE_TMP_S:
+                tmp.unlink()
+                removed.append(tmp)
+        except OSError:
+            pass
+    blobs = []
+    for blob in root.glob(f"*/{BLOB_PREFIX}*{BLOB_SUFFIX}"):
+        try:
+            st = blob.stat()
+        except OSError:
+            continue
+        blobs.append((st.st_mtime, st.st_size, blob))
+    total = sum(size for _, size, _ in blobs)
+    for _, size, blob in sorted(blobs, key=lambda b: b[0]):  # least recently used first
+        if total <= limit:
+            break
+        if keep is not None and blob == keep:
+            continue
+        try:
+            blob.unlink()
+        except OSError:
+            continue
+        total -= size
+        removed.append(blob)
+        try:
+            blob.parent.rmdir()  # the key's folder, once empty
+        except OSError:
+            pass
+    return removed
 
 
 def embedded_model(source: GraphSource) -> bytes:
@@ -217,6 +282,10 @@ class OpenVinoBackend(Backend):
                 log.warning("%s: OpenVINO cannot import the cached %s (%s); compiling again", self.label, blob, e)
                 continue
             log.debug("%s: compiled model from the cache (%s)", self.label, blob)
+            try:
+                os.utime(blob)  # its last use: the size limit deletes the least recently used first
+            except OSError:
+                pass
             return compiled
         return None
 
@@ -248,6 +317,12 @@ class OpenVinoBackend(Backend):
                         pass
         except Exception as e:  # noqa: BLE001 - a cache that cannot be written must not fail the load
             log.warning("%s: could not write the compiled model into the cache %s (%s)", self.label, folder, e)
+            return
+        removed = prune_cache(folder.parent, cache_limit_bytes(), keep=final)
+        if removed:
+            log.info("%s: the compiled-model cache %s was over its limit (%s GiB, %s): deleted %d least "
+                     "recently used file(s)", self.label, folder.parent, f"{cache_limit_bytes() / 2**30:g}",
+                     CACHE_MAX_GB_ENV, len(removed))
 
     def _check_io(self, model) -> None:
         got_in = sorted(p.get_any_name() for p in model.inputs)
