@@ -17,6 +17,7 @@ from diffusers import AsymmetricAutoencoderKL
 from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
 from diffusers.models.modeling_outputs import AutoencoderKLOutput
 from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils.accelerate_utils import apply_forward_hook
 
 from .vae import AsymVAE
 
@@ -24,9 +25,11 @@ from .vae import AsymVAE
 class RuntimeAsymmetricAutoencoderKL(AsymmetricAutoencoderKL):
     """An ``AsymmetricAutoencoderKL`` whose ``encode`` / ``decode`` run on an :class:`AsymVAE`.
 
-    It has no parameters; one empty buffer gives it the ``device`` and ``dtype`` that
-    pipelines ask models for (``pipe.to(...)`` moves it). Outputs come back in the dtype of
-    the input (the graphs compute with float32 I/O).
+    Its only parameter is an empty one (no weights): it gives it the ``device`` and ``dtype``
+    that pipelines ask models for (``pipe.to(...)`` moves it), and accelerate's offload hook
+    (``pipe.enable_model_cpu_offload()``), which reads a hooked module's device from its first
+    parameter, something to read. Outputs come back in the dtype of the input (the graphs
+    compute with float32 I/O).
     """
 
     def __init__(self, runtime: AsymVAE):
@@ -34,8 +37,11 @@ class RuntimeAsymmetricAutoencoderKL(AsymmetricAutoencoderKL):
         ModelMixin.__init__(self)
         self.register_to_config(**runtime.config.to_dict())
         self.runtime = runtime
-        self.register_buffer("_device_anchor", torch.zeros(0, dtype=torch.float32), persistent=False)
+        self._device_anchor = torch.nn.Parameter(torch.zeros(0, dtype=torch.float32), requires_grad=False)
 
+    # encode/decode trigger an accelerate offload hook as diffusers' own VAE does: with
+    # pipe.enable_model_cpu_offload() the UNet goes back to the CPU before the VAE runs
+    @apply_forward_hook
     def encode(self, x: torch.Tensor, return_dict: bool = True):
         dist = self.runtime.encode(x)
         moments = torch.cat([dist.mean, dist.logvar], dim=1).to(x.dtype)
@@ -55,6 +61,7 @@ class RuntimeAsymmetricAutoencoderKL(AsymmetricAutoencoderKL):
             return (dec,)
         return DecoderOutput(sample=dec)
 
+    @apply_forward_hook
     def decode(self, z: torch.Tensor, generator: torch.Generator | None = None, image: torch.Tensor | None = None,
                mask: torch.Tensor | None = None, return_dict: bool = True):
         return self._decode(z, image, mask, return_dict=return_dict)

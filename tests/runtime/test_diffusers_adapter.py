@@ -107,3 +107,31 @@ def test_adapter_decodes_plainly_when_only_one_of_image_and_mask_is_given(tiny_r
         for kw in (dict(image=f["image"]), dict(mask=f["mask"])):
             np.testing.assert_allclose(adapter.decode(f["latent"], **kw).sample.numpy(),
                                        tiny_vae.decode(f["latent"], **kw).sample.numpy(), atol=1e-4, rtol=0)
+
+
+def test_encode_and_decode_run_the_offload_hook_as_diffusers_vae_does(tiny_rt, tiny_vae):
+    """pipe.enable_model_cpu_offload() chains accelerate hooks text encoder -> UNet -> VAE; the
+    pipeline calls vae.encode/vae.decode (never forward), and diffusers' VAE runs its hook there,
+    whose pre_forward sends the UNet back to the CPU (when it is on a GPU) before the VAE runs.
+    The adapter must run it too (without, the UNet stayed on the GPU through the decode).
+    accelerate's own hooks, on the CPU, where the move itself is skipped: the calls are counted."""
+    import copy
+
+    accelerate = pytest.importorskip("accelerate")
+
+    def hook_calls(vae) -> int:
+        unet = torch.nn.Linear(2, 2)
+        _, unet_hook = accelerate.cpu_offload_with_hook(unet, "cpu")
+        vae, _ = accelerate.cpu_offload_with_hook(vae, "cpu", prev_module_hook=unet_hook)
+        calls = []
+        real = vae._hf_hook.pre_forward
+        vae._hf_hook.pre_forward = lambda module, *a, **kw: (calls.append(module), real(module, *a, **kw))[1]
+        f = {k: torch.from_numpy(v) for k, v in feed("decoder", Shape(1, 64, 64), seed=33).items()}
+        with torch.no_grad():
+            vae.encode(f["image"])
+            vae.decode(f["latent"], image=f["image"], mask=f["mask"])
+        assert all(m is vae for m in calls)
+        return len(calls)
+
+    assert hook_calls(copy.deepcopy(tiny_vae)) == 2  # diffusers' VAE: once per call
+    assert hook_calls(tiny_rt.as_diffusers()) == 2
