@@ -52,8 +52,8 @@ def test_the_install_notes_match_the_extras():
     assert names("pipeline") - names("export") == {"transformers"} and "`.[pipeline]` adds transformers" in text
     assert names("openvino") == {"openvino"} and "`.[openvino]` adds OpenVINO" in text
     assert names("serve") == {"nvidia-pytriton", "tritonclient"} and "`.[serve]` adds nvidia-pytriton" in text
-    assert names("test") == names("pipeline") | names("openvino") | names("serve") | {"pytest", "pytest-xdist"}
-    assert "`.[test]` is `.[pipeline]`, `.[openvino]` and `.[serve]` plus pytest and pytest-xdist" in text
+    assert names("test") == names("pipeline") | names("openvino") | names("serve") | {"pytest", "pytest-xdist", "accelerate"}
+    assert "`.[test]` is `.[pipeline]`, `.[openvino]` and `.[serve]` plus pytest, pytest-xdist and accelerate" in text
     assert names("tensorrt") == {"tensorrt", "cuda-python"}
 
 
