@@ -43,6 +43,19 @@ def _inf(a):
     return a
 
 
+def _pinf(a):
+    a = a.copy()
+    a.flat[5] = np.inf
+    return a
+
+
+def _reach(a, value):
+    """``a`` with one element set to ``value`` (past the image bound's slack, or on it)."""
+    a = a.copy()
+    a.flat[9] = value
+    return a
+
+
 G = _good()
 BAD_DECODES = [
     # (id, kwargs, error class, regex the message must match)
@@ -64,6 +77,13 @@ BAD_DECODES = [
     ("nan-latent", _with(latent=_nan(G["latent"])), AsymInputError, r"latent contains NaN"),
     ("inf-image", _with(image=_inf(G["image"])), AsymInputError, r"image contains Inf"),
     ("nan-latent-plain", dict(latent=_nan(G["latent"])), AsymInputError, r"latent contains NaN"),
+    ("plus-inf-latent", _with(latent=_pinf(G["latent"])), AsymInputError, r"latent contains Inf"),
+    ("plus-inf-latent-plain", dict(latent=_pinf(G["latent"])), AsymInputError, r"latent contains Inf"),
+    # the documented bound is [-1, 1] with slack 0.5: just past it either way is refused
+    ("image-above-1.5", _with(image=_reach(G["image"], 1.6)), AsymInputError,
+     r"image values must lie in \[-1, 1\] \(checked with slack 0.5\); got min .*, max 1.60000002"),
+    ("image-below-minus-1.5", _with(image=_reach(G["image"], -1.6)), AsymInputError,
+     r"image values must lie in \[-1, 1\] \(checked with slack 0.5\); got min -1.60000002"),
     ("mask-above-1", _with(mask=G["mask"] * 255), AsymInputError, r"mask values must lie in \[0, 1\] .*max 255"),
     ("mask-below-0", _with(mask=G["mask"] - 0.5), AsymInputError, r"mask values must lie in \[0, 1\] .*min -0.5"),
     # one float32 ulp past 1: the message must show it, not round it back to "max 1"
@@ -130,6 +150,9 @@ def test_soft_masks_and_slightly_overshooting_images_are_accepted(tiny_rt, tiny_
     soft = np.clip(f["mask"] * 0.6 + ramp, 0, 1)
     image = np.clip(f["image"] * 1.2, -1.3, 1.3)
     assert len(np.unique(soft)) > 2 and np.abs(image).max() > 1
+    edge = f["image"].copy()
+    edge.flat[9], edge.flat[10] = 1.5, -1.5
+    tiny_rt.decode(f["latent"], image=edge, mask=soft)  # the bound itself is accepted
     got = tiny_rt.decode(f["latent"], image=image, mask=soft)
     # accepted AND computed as the reference computes it (not clipped or binarised on the way)
     want = diffusers_decode(tiny_vae, f["latent"], image, soft)

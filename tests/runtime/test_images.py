@@ -102,7 +102,30 @@ def test_round_trip_through_the_runtime_gives_the_diffusers_pixels(tiny_rt, tiny
      r"PIL mode 'I;16' \(more than 8-bit pixels\) would be clipped to 0..255, not scaled"),
     (lambda: asym_runtime.masks_to_batch(Image.fromarray(np.full((64, 64), 0.8, np.float32))),
      r"PIL mode 'F' \(float pixels\) would be clipped .*\(masks: \[0, 1\]"),
+    (lambda: asym_runtime.images_to_batch(_photo(), size=(96, 64)), r"size=\(96, 64\) is ambiguous"),
+    (lambda: asym_runtime.images_to_batch(_photo(), width=100, height=64), r"size 64x100 is not allowed"),
+    (lambda: asym_runtime.images_to_batch(_photo(96, 60)), r"96x60 .* multiples of 8. Pass width=96, height=56"),
+    (lambda: asym_runtime.images_to_batch(_photo(), width=0, height=0), r"positive multiples of 8"),
+    (lambda: asym_runtime.images_to_batch(_photo(), size=-8), r"positive multiples of 8"),
 ])
 def test_helper_errors_say_what_to_do(call, message):
     with pytest.raises(AsymInputError, match=message):
         call()
+
+
+#: every PIL mode wider than 8 bits per pixel, as Image.fromarray makes them
+_WIDE = {
+    "I": lambda: Image.fromarray(np.full((64, 64), 70000, np.int32)),  # convert("RGB") clips it to white
+    "I;16": lambda: Image.fromarray(np.full((64, 64), 60000, np.uint16)),
+    "I;16B": lambda: Image.fromarray(np.full((64, 64), 60000, ">u2")),
+    "F": lambda: Image.fromarray(np.full((64, 64), 0.8, np.float32)),
+}
+
+
+@pytest.mark.parametrize("mode", list(_WIDE))
+@pytest.mark.parametrize("helper", ["images_to_batch", "masks_to_batch"])
+def test_every_wide_pil_mode_is_refused_by_both_helpers(mode, helper):
+    image = _WIDE[mode]()
+    assert image.mode == mode
+    with pytest.raises(AsymInputError, match=rf"PIL mode '{mode}' .* would be clipped to 0..255"):
+        getattr(asym_runtime, helper)(image)

@@ -43,6 +43,7 @@ def test_a_folder_without_manifest_is_refused(tmp_path):
     (1, r"schema_version 1 \(version 1 folders keep their files beside the manifest\)"),
     (True, "schema_version True; this asym_runtime reads only version 2"),  # a bool is not an int
     ("2", "schema_version '2'"),
+    (2.0, r"schema_version 2.0"),  # the JSON schema takes 2.0 for 2; the reader must not
 ])
 def test_another_schema_version_is_refused(tiny_artifact, copy_artifact, version, message):
     folder = copy_artifact(tiny_artifact)
@@ -91,14 +92,44 @@ def test_a_malformed_manifest_is_an_artifact_error(tiny_artifact, copy_artifact,
     ('{"schema_version": 2, "scaling_factor": 1e400}', "1e400 is not a finite number"),
     ("[" * 200_000 + "]" * 200_000, "nested deeper than 32 levels"),
     ('{"a": ' * 40 + "1" + "}" * 40, "nested deeper than 32 levels"),
+    ('{"a": ' * 33 + "1" + "}" * 33, "nested deeper than 32 levels"),  # one past the limit
     ("\xff\xfe", "is not valid JSON"),
     ("[1, 2]", "does not hold a JSON object"),
-], ids=["infinity", "nan", "overflow", "deep-200k", "deep-40", "not-utf8", "list"])
+], ids=["infinity", "nan", "overflow", "deep-200k", "deep-40", "deep-33", "not-utf8", "list"])
 def test_manifest_json_that_no_schema_can_hold_is_an_artifact_error(tiny_artifact, copy_artifact, text, message):
     folder = copy_artifact(tiny_artifact)
     (folder / "manifest.json").write_bytes(text.encode("latin-1"))
     with pytest.raises(ArtifactError, match=message):
         asym_runtime.load(folder)
+
+
+def test_a_manifest_nested_as_deep_as_allowed_passes_the_depth_check(tiny_artifact, copy_artifact):
+    folder = copy_artifact(tiny_artifact)
+    (folder / "manifest.json").write_text('{"a": ' * 32 + "1" + "}" * 32)
+    with pytest.raises(ArtifactError) as e:  # refused later, by the schema: not for its depth
+        asym_runtime.load(folder)
+    assert "nested deeper" not in str(e.value) and "schema" in str(e.value)
+
+
+def test_a_manifest_larger_than_any_of_ours_is_refused_before_parsing(tiny_artifact, copy_artifact):
+    folder = copy_artifact(tiny_artifact)
+    path = folder / "manifest.json"
+    path.write_text(path.read_text() + " " * (16 << 20))  # still valid JSON, and the same manifest
+    with pytest.raises(ArtifactError, match="more than the 16777216"):
+        asym_runtime.load(folder)
+
+
+def test_a_sha256_that_differs_only_in_its_last_digit_is_refused(tiny_artifact, copy_artifact):
+    """The whole digest is compared, not a prefix of it."""
+    folder = copy_artifact(tiny_artifact)
+
+    def last_digit(d):
+        sha = d["files"]["decoder.onnx"]["sha256"]
+        d["files"]["decoder.onnx"]["sha256"] = sha[:-1] + ("0" if sha[-1] != "0" else "1")
+
+    _edit_manifest(folder, last_digit)
+    with pytest.raises(ArtifactError, match=r"sha256 of decoder.onnx"):
+        asym_runtime.load(folder, backend="onnxruntime-cpu")
 
 
 def test_a_wrong_sha256_for_decoder_onnx_in_the_manifest_is_refused(tiny_artifact, copy_artifact):
