@@ -318,10 +318,11 @@ class OpenVinoBackend(Backend):
         except Exception as e:  # noqa: BLE001 - a cache that cannot be written must not fail the load
             log.warning("%s: could not write the compiled model into the cache %s (%s)", self.label, folder, e)
             return
-        removed = prune_cache(folder.parent, cache_limit_bytes(), keep=final)
+        limit = cache_limit_bytes()  # read once: a bad value warns once
+        removed = prune_cache(folder.parent, limit, keep=final)
         if removed:
             log.info("%s: the compiled-model cache %s was over its limit (%s GiB, %s): deleted %d least "
-                     "recently used file(s)", self.label, folder.parent, f"{cache_limit_bytes() / 2**30:g}",
+                     "recently used file(s)", self.label, folder.parent, f"{limit / 2**30:g}",
                      CACHE_MAX_GB_ENV, len(removed))
 
     def _check_io(self, model) -> None:

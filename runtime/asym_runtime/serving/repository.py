@@ -180,14 +180,14 @@ def write_repository(artifact: str | os.PathLike, out: str | os.PathLike, opts: 
             _write(stage / graph.name / TRAIL_NAME, _trail(manifest, model, manifest.limits, form))
             result.models.append(model)
         engines_meta = manifest.data.get("engines") if isinstance(manifest.data.get("engines"), dict) else {}
-        plans = [e for e in (manifest.find(g.name, FORMAT_PLAN) for g in GRAPHS.values()) if e is not None]
+        plans = {g.name: e for g in GRAPHS.values() if (e := manifest.find(g.name, FORMAT_PLAN)) is not None}
         if plans and opts.engines and opts.kind != "gpu":
             # an engine runs on the GPU it was built for only: a tensorrt model in a repository of
             # CPU instances would make a CPU-only Triton refuse the repository
-            say(f"TensorRT engines left out ({', '.join(e.name for e in plans)}): they run on a GPU, "
+            say(f"TensorRT engines left out ({', '.join(e.name for e in plans.values())}): they run on a GPU, "
                 "the instances are CPU ones (--kind gpu includes them)")
         for graph in GRAPHS.values():
-            entry = manifest.find(graph.name, FORMAT_PLAN) if opts.engines and opts.kind == "gpu" else None
+            entry = plans.get(graph.name) if opts.engines and opts.kind == "gpu" else None
             if entry is None:
                 continue
             limits = manifest.limits

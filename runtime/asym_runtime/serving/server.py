@@ -318,9 +318,10 @@ class TritonServer:
             text = self.log_path.read_text(errors="replace")
         except (OSError, AttributeError):
             return "(no server log)"
-        tail = text.splitlines()[-lines:]
+        all_lines = text.splitlines()
+        tail = all_lines[-lines:]
         failures = []
-        for line in text.splitlines():
+        for line in all_lines:
             at = line.find("failed to load '")
             if line.startswith("E") and at >= 0 and line not in tail:
                 # Triton escapes the message's own newlines; its first lines say what failed
