@@ -108,8 +108,8 @@ def copy_artifact(tmp_path):
 @pytest.fixture
 def with_engines(tiny_artifact, copy_artifact):
     """A copy of the tiny folder whose manifest lists an encoder and a decoder engine (bytes that
-    are not a plan, see tests/engine_entries.py)."""
-    from engine_entries import add_engine_entries
+    are not a plan, see tests/manifest_edits.py)."""
+    from manifest_edits import add_engine_entries
 
     folder = copy_artifact(tiny_artifact)
     add_engine_entries(folder)

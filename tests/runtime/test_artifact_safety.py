@@ -8,7 +8,6 @@ folder, special files, and an export replacing the folder under a running load.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import threading
@@ -20,19 +19,14 @@ import asym_runtime
 from asym_runtime.errors import ArtifactError
 from asym_runtime.manifest import Manifest, read_manifest, sha256_file
 
+from manifest_edits import edit_manifest
+
 LATENT = np.random.default_rng(3).standard_normal((1, 4, 8, 8)).astype(np.float32)
 
 
 def _decode(folder, **kw):
     with asym_runtime.load(folder, backend="onnxruntime-cpu", graphs=("decoder_uncond",), **kw) as rt:
         return rt.decode(LATENT)
-
-
-def _edit_manifest(folder, change):
-    path = folder / "manifest.json"
-    data = json.loads(path.read_text())
-    change(data)
-    path.write_text(json.dumps(data))
 
 
 def test_a_file_swapped_after_its_check_is_not_used(tiny_artifact, copy_artifact, monkeypatch):
@@ -64,7 +58,7 @@ def test_a_file_swapped_after_its_check_is_not_used(tiny_artifact, copy_artifact
 
 def test_external_data_is_checked_without_the_data_of_hint(tiny_artifact, copy_artifact):
     folder = copy_artifact(tiny_artifact)
-    _edit_manifest(folder, lambda d: [e.pop("data_of", None) for e in d["files"].values()])
+    edit_manifest(folder, lambda d: [e.pop("data_of", None) for e in d["files"].values()])
     _decode(folder)  # the hint is not needed to find the data
     path = read_manifest(folder).path("decoder_uncond.onnx.data")
     raw = bytearray(path.read_bytes())
@@ -76,7 +70,7 @@ def test_external_data_is_checked_without_the_data_of_hint(tiny_artifact, copy_a
 
 def test_external_data_the_manifest_does_not_list_is_refused(tiny_artifact, copy_artifact):
     folder = copy_artifact(tiny_artifact)
-    _edit_manifest(folder, lambda d: d["files"].pop("decoder_uncond.onnx.data"))
+    edit_manifest(folder, lambda d: d["files"].pop("decoder_uncond.onnx.data"))
     with pytest.raises(ArtifactError, match=r"decoder_uncond.onnx reads external data from 'decoder_uncond.onnx.data', "
                                             r"which manifest.json does not list"):
         _decode(folder)
@@ -96,7 +90,7 @@ def test_external_data_outside_the_folder_is_refused(tiny_artifact, copy_artifac
             if e.key == "location":
                 e.value = "../outside.data"
     graph.write_bytes(model.SerializeToString())
-    _edit_manifest(folder, lambda d: d["files"]["decoder_uncond.onnx"].update(
+    edit_manifest(folder, lambda d: d["files"]["decoder_uncond.onnx"].update(
         sha256=sha256_file(graph), size=graph.stat().st_size))
     with pytest.raises(ArtifactError, match=r"reads external data from '../outside.data', outside the artifact folder"):
         _decode(folder)
@@ -142,7 +136,7 @@ def test_a_load_that_an_export_overtakes_loads_the_new_artifact(tiny_artifact, c
     def overtaken(self, name):
         if not done:  # what a finishing export does, between this load's manifest read and its first file
             shutil.copytree(old.folder, folder / new_gen)
-            _edit_manifest(folder, lambda d: d.update(generation=new_gen))
+            edit_manifest(folder, lambda d: d.update(generation=new_gen))
             shutil.rmtree(old.folder)
             done.append(name)
         return original(self, name)

@@ -1,6 +1,5 @@
 """Loading refuses folders it cannot trust: missing or tampered files, other schemas, foreign engines."""
 
-import json
 import logging
 
 import pytest
@@ -10,14 +9,7 @@ from asym_runtime.backends.tensorrt import check_engine_compatibility, unavailab
 from asym_runtime.errors import ArtifactError, BackendUnavailableError, IncompatibleEngineError
 from asym_runtime.manifest import read_manifest
 
-from engine_entries import ENGINES_META
-
-
-def _edit_manifest(folder, change):
-    path = folder / "manifest.json"
-    data = json.loads(path.read_text())
-    change(data)
-    path.write_text(json.dumps(data))
+from manifest_edits import ENGINES_META, edit_manifest
 
 
 def _file(folder, name):
@@ -47,7 +39,7 @@ def test_a_folder_without_manifest_is_refused(tmp_path):
 ])
 def test_another_schema_version_is_refused(tiny_artifact, copy_artifact, version, message):
     folder = copy_artifact(tiny_artifact)
-    _edit_manifest(folder, lambda d: d.update(schema_version=version))
+    edit_manifest(folder, lambda d: d.update(schema_version=version))
     with pytest.raises(ArtifactError, match=message):
         asym_runtime.load(folder)
 
@@ -81,7 +73,7 @@ def _set(path, value):
         "generation-missing"])
 def test_a_malformed_manifest_is_an_artifact_error(tiny_artifact, copy_artifact, change, message):
     folder = copy_artifact(tiny_artifact)
-    _edit_manifest(folder, change)
+    edit_manifest(folder, change)
     with pytest.raises(ArtifactError, match=message):
         asym_runtime.load(folder, backend="onnxruntime-cpu")
 
@@ -127,14 +119,14 @@ def test_a_sha256_that_differs_only_in_its_last_digit_is_refused(tiny_artifact, 
         sha = d["files"]["decoder.onnx"]["sha256"]
         d["files"]["decoder.onnx"]["sha256"] = sha[:-1] + ("0" if sha[-1] != "0" else "1")
 
-    _edit_manifest(folder, last_digit)
+    edit_manifest(folder, last_digit)
     with pytest.raises(ArtifactError, match=r"sha256 of decoder.onnx"):
         asym_runtime.load(folder, backend="onnxruntime-cpu")
 
 
 def test_a_wrong_sha256_for_decoder_onnx_in_the_manifest_is_refused(tiny_artifact, copy_artifact):
     folder = copy_artifact(tiny_artifact)
-    _edit_manifest(folder, lambda d: d["files"]["decoder.onnx"].update(sha256="0" * 64))
+    edit_manifest(folder, lambda d: d["files"]["decoder.onnx"].update(sha256="0" * 64))
     with pytest.raises(ArtifactError, match=r"sha256 of decoder.onnx is .*the manifest records 0000"):
         asym_runtime.load(folder, backend="onnxruntime-cpu")
     # verify_onnx=False is the documented way to skip the hash (the file itself is intact)

@@ -106,6 +106,17 @@ def test_the_cache_is_keyed_by_the_graph_digest(tiny_artifact, copy_artifact, tm
     assert np.abs(second - first).max() > 1e-2
 
 
+def _cached_decode(artifact, cache, seed):
+    """A plain decode of one seeded latent by a fresh OpenVINO load on ``cache`` (each call loads)."""
+    z = np.random.default_rng(seed).standard_normal((1, 4, 8, 8)).astype(np.float32)
+
+    def decode():
+        with asym_runtime.load(artifact, backend="openvino", graphs="decoder_uncond", cache_dir=cache) as rt:
+            return rt.decode(z)
+
+    return decode
+
+
 def test_a_damaged_cached_blob_is_never_run(tiny_artifact, tmp_path, caplog):
     """The second load imports the cached blob (logged); a blob with 4 KiB flipped in the middle
     (OpenVINO itself imports such a blob and computes wrong numbers: up to 1.96 off on a [-1, 1]
@@ -113,11 +124,7 @@ def test_a_damaged_cached_blob_is_never_run(tiny_artifact, tmp_path, caplog):
     import logging
 
     cache = tmp_path / "cache"
-    z = np.random.default_rng(7).standard_normal((1, 4, 8, 8)).astype(np.float32)
-
-    def decode():
-        with asym_runtime.load(tiny_artifact, backend="openvino", graphs="decoder_uncond", cache_dir=cache) as rt:
-            return rt.decode(z)
+    decode = _cached_decode(tiny_artifact, cache, seed=7)
 
     clean = decode()
     (blob,) = cache.rglob("compiled-*.blob")
@@ -158,11 +165,7 @@ def test_the_cache_keeps_within_its_size_limit(tiny_artifact, tmp_path, monkeypa
     import time
 
     cache = tmp_path / "cache"
-    z = np.random.default_rng(9).standard_normal((1, 4, 8, 8)).astype(np.float32)
-
-    def decode():
-        with asym_runtime.load(tiny_artifact, backend="openvino", graphs="decoder_uncond", cache_dir=cache) as rt:
-            return rt.decode(z)
+    decode = _cached_decode(tiny_artifact, cache, seed=9)
 
     want = decode()
     (ours,) = cache.rglob("compiled-*.blob")

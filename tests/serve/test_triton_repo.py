@@ -95,7 +95,7 @@ def test_engines_become_tensorrt_models_on_gpu_instances_only(with_engines, tmp_
     """The folder's engines are copied unchanged as ``<graph>_trt`` tensorrt models with the
     engines' profile as their batch limit; a repository of CPU instances leaves them out (a
     CPU-only Triton refuses a tensorrt model) and says so. The plan bytes are not an engine
-    (see tests/engine_entries.py): what is checked is the repository, not TensorRT."""
+    (see tests/manifest_edits.py): what is checked is the repository, not TensorRT."""
     manifest = read_manifest(with_engines)
     said = []
     gpu = tmp_path / "gpu"

@@ -1,7 +1,8 @@
-"""Engine entries in a copied artifact folder, for tests of what the runtime and the repository
-writer do with a folder that has engines. The bytes are not a TensorRT plan (nothing on a CPU
-machine can build or deserialize one): what these tests check is how engines are chosen,
-checked against the manifest and copied, never what TensorRT does with them."""
+"""Edits to a copied artifact folder's manifest, for tests of what the runtime and the
+repository writer do with it: any change to its JSON (``edit_manifest``), or engine entries
+(``add_engine_entries``). The engine bytes are not a TensorRT plan (nothing on a CPU machine can
+build or deserialize one): what those tests check is how engines are chosen, checked against the
+manifest and copied, never what TensorRT does with them."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ ENGINES_META = {
 
 
 def edit_manifest(folder: Path, change) -> None:
+    """Apply ``change`` to the folder's manifest data and write it back (its files untouched)."""
     path = folder / "manifest.json"
     data = json.loads(path.read_text())
     change(data)
