@@ -39,7 +39,6 @@ class Request:
 
     shape: Shape
     feed: dict[str, Any]
-    kind: str  # "numpy", "torch" or "torch-cuda:N"
 
 
 def _dims_text(spec: TensorSpec) -> str:
@@ -162,7 +161,7 @@ def check_inputs(call: str, specs: Sequence[TensorSpec], values: dict[str, Any],
                     f"{call}: {spec.name} values must lie in {allowed}{meaning}; got min {lo:.9g}, "
                     f"max {hi:.9g}"
                 )
-    return Request(shape, feed, next(iter(kinds.values())))
+    return Request(shape, feed)
 
 
 def _pixels(spec: TensorSpec, x: Any) -> str:
