@@ -119,6 +119,85 @@ def test_engines_become_tensorrt_models_on_gpu_instances_only(with_engines, tmp_
     assert "engines/encoder.plan" in note and "--kind gpu" in note
 
 
+def test_the_tensorrt_accelerator_builds_once_for_the_shape_limits(tiny_artifact, tmp_path):
+    """ONNX Runtime's TensorRT provider, left to size its optimization profile from the shapes
+    it has seen, builds the engine again for every request outside them: the accelerator gets
+    the folder's limits as an explicit profile (ONNX Runtime's ``name:AxBxC`` syntax), and the
+    repository check holds the profile to the limits."""
+    said = []
+    repo = tmp_path / "repo"
+    write_repository(tiny_artifact, repo, RepoOptions(form="portable", tensorrt_accelerator=True),
+                     progress=said.append)
+    want = {  # the tiny folder's limits: batch 1/1/4, 64x64 / 512x512 / 1024x1024, 4 latent channels
+        "encoder": ("image:1x3x64x64", "image:1x3x512x512", "image:4x3x1024x1024"),
+        "decoder": ("latent:1x4x8x8,image:1x3x64x64,mask:1x1x64x64",
+                    "latent:1x4x64x64,image:1x3x512x512,mask:1x1x512x512",
+                    "latent:4x4x128x128,image:4x3x1024x1024,mask:4x1x1024x1024"),
+        "decoder_uncond": ("latent:1x4x8x8", "latent:1x4x64x64", "latent:4x4x128x128"),
+    }
+    for graph, (lo, opt, hi) in want.items():
+        cfg = tconfig.parse_config((repo / graph / "config.pbtxt").read_text())
+        trt, cuda = cfg.optimization.execution_accelerators.gpu_execution_accelerator
+        assert (trt.name, cuda.name) == ("tensorrt", "cuda")  # TensorRT first, CUDA for what it leaves
+        assert dict(trt.parameters) == {
+            "precision_mode": "FP16", "max_workspace_size_bytes": str(4 << 30),
+            "trt_profile_min_shapes": lo, "trt_profile_opt_shapes": opt, "trt_profile_max_shapes": hi}
+    assert check_repository(repo, read_manifest(tiny_artifact)) == []
+    assert [m for m in said if "without --tensorrt-cache" in m]
+
+    text = (repo / "decoder" / "config.pbtxt").read_text()
+    (repo / "decoder" / "config.pbtxt").write_text(text.replace("4x3x1024x1024", "4x3x2048x2048"))
+    (problem,) = check_repository(repo)
+    assert "decoder/config.pbtxt" in problem and "trt_profile_max_shapes" in problem
+
+
+def test_the_tensorrt_cache_is_keyed_by_the_graph_files(tiny_artifact, tmp_path, capsys):
+    """ONNX Runtime names a cached engine by the graph's structure, not its weights: a repository
+    written again from an export with other weights at the same path would run engines built for
+    the old ones. Each graph's cache folder carries the sha256 of its files."""
+    repo = tmp_path / "repo"
+    assert main([str(tiny_artifact), "--out", str(repo), "--form", "portable", "--tensorrt-accelerator",
+                 "--tensorrt-cache", "/srv/trt-cache/"]) == 0
+    said = capsys.readouterr().out.splitlines()
+    paths = set()
+    for graph in GRAPHS:
+        cfg = tconfig.parse_config((repo / graph / "config.pbtxt").read_text())
+        params = cfg.optimization.execution_accelerators.gpu_execution_accelerator[0].parameters
+        trail = json.loads((repo / graph / "asym-export.json").read_text())
+        files = [trail["sha256"]["1/model.onnx"]] + [d for rel, d in trail["sha256"].items() if rel != "1/model.onnx"]
+        key = hashlib.sha256("\n".join(["fp16", *files]).encode()).hexdigest()[:16]
+        assert params["trt_engine_cache_enable"] == "1" and params["trt_timing_cache_enable"] == "1"
+        assert params["trt_engine_cache_path"] == f"/srv/trt-cache/{graph}-fp16-{key}"
+        assert params["trt_timing_cache_path"] == "/srv/trt-cache"
+        paths.add(params["trt_engine_cache_path"])
+    assert len(paths) == len(GRAPHS)
+    assert not [m for m in said if "without --tensorrt-cache" in m]
+
+    from asym_runtime.serving.repository import tensorrt_parameters
+
+    graph, limits = GRAPHS["decoder"], read_manifest(tiny_artifact).limits
+    a = tensorrt_parameters(graph, limits, "fp16", ["1" * 64, "2" * 64], "/c")["trt_engine_cache_path"]
+    assert a == tensorrt_parameters(graph, limits, "fp16", ["1" * 64, "2" * 64], "/c")["trt_engine_cache_path"]
+    assert a != tensorrt_parameters(graph, limits, "fp16", ["1" * 64, "3" * 64], "/c")["trt_engine_cache_path"]
+    assert a != tensorrt_parameters(graph, limits, "fp32", ["1" * 64, "2" * 64], "/c")["trt_engine_cache_path"]
+
+
+@pytest.mark.parametrize("opts, needle", [
+    (dict(tensorrt_cache="/srv/trt"), "needs --tensorrt-accelerator"),
+    (dict(tensorrt_accelerator=True, form="portable", tensorrt_cache="trt-cache"), "absolute path"),
+])
+def test_tensorrt_cache_mistakes_are_refused(tiny_artifact, tmp_path, opts, needle, capsys):
+    with pytest.raises(ValueError, match=needle):
+        write_repository(tiny_artifact, tmp_path / "repo", RepoOptions(**opts))
+    assert list(tmp_path.iterdir()) == []
+    args = [str(tiny_artifact), "--out", str(tmp_path / "repo"), "--tensorrt-cache", opts["tensorrt_cache"]]
+    if opts.get("tensorrt_accelerator"):
+        args += ["--tensorrt-accelerator", "--form", "portable"]
+    assert main(args) == 2
+    assert needle in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("opts, needle", [
     (dict(kind="cpu", gpus=[0]), "--gpus needs --kind gpu"),
     (dict(kind="cpu", tensorrt_accelerator=True), "--tensorrt-accelerator needs --kind gpu"),

@@ -192,7 +192,11 @@ def build_repo_parser():
     p.add_argument("--max-queue-delay-us", type=int, default=tconfig.DEFAULT_QUEUE_DELAY_US,
                    help=f"how long a request may wait for others to batch with (default {tconfig.DEFAULT_QUEUE_DELAY_US})")
     p.add_argument("--tensorrt-accelerator", action="store_true",
-                   help="run the ONNX models through ONNX Runtime's TensorRT provider (portable graphs, --kind gpu)")
+                   help="run the ONNX models through ONNX Runtime's TensorRT provider (portable graphs, --kind gpu); "
+                        "its optimization profile is the folder's shape limits")
+    p.add_argument("--tensorrt-cache", metavar="DIR",
+                   help="with --tensorrt-accelerator: an absolute folder on the server where the provider keeps "
+                        "its engines across restarts (one subfolder per graph, keyed by the graph's sha256)")
     p.add_argument("--force", action="store_true", help="replace an existing repository this tool wrote")
     add_debug(p)
     return p
@@ -226,7 +230,8 @@ def repo_main(argv: list[str] | None = None) -> int:
             opts = RepoOptions(precision=args.precision, form=args.form, engines=not args.no_engines,
                                instances=args.instances, kind=args.kind, gpus=gpus,
                                queue_delay_us=args.max_queue_delay_us,
-                               tensorrt_accelerator=args.tensorrt_accelerator, force=args.force)
+                               tensorrt_accelerator=args.tensorrt_accelerator,
+                               tensorrt_cache=args.tensorrt_cache, force=args.force)
             result = _repository.write_repository(args.dir, args.out, opts,
                                       progress=lambda m: print(f"asym-triton-repo: {m}", flush=True))
         except (ValueError, ArtifactError, FileExistsError) as e:

@@ -59,6 +59,7 @@ class RepoOptions:
     gpus: list[int] | None = None
     queue_delay_us: int = tconfig.DEFAULT_QUEUE_DELAY_US
     tensorrt_accelerator: bool = False
+    tensorrt_cache: str | None = None
     force: bool = False
 
 
@@ -99,6 +100,36 @@ def _onnx_entry(manifest: Manifest, role: str, opts: RepoOptions):
     return manifest.find(role, FORMAT_ONNX, opts.precision), "portable"
 
 
+def profile_text(limits: ShapeLimits, graph, corner: int) -> str:
+    """One corner (0 min, 1 opt, 2 max) of the graph's optimization profile in ONNX Runtime's
+    TensorRT-option syntax: ``name:1x4x8x8,name2:...``."""
+    return ",".join(f"{name}:{'x'.join(str(d) for d in shapes[corner])}"
+                    for name, shapes in limits.profile(graph).items())
+
+
+def tensorrt_parameters(graph, limits: ShapeLimits, precision: str, digests, cache: str | None) -> dict[str, str]:
+    """The TensorRT execution accelerator's parameters for one graph.
+
+    The profile is the folder's shape limits, given explicitly: without it ONNX Runtime's TensorRT
+    provider sizes the profile from the shapes it has seen and builds the engine again whenever a
+    request falls outside them (minutes for x2, on the request's time); with it, one engine covering
+    every allowed shape is built when the model loads. ``cache`` (an absolute path on the server):
+    engines and timing caches are kept there across restarts. ONNX Runtime names cached engines by
+    the graph's structure, not its weights, so each graph gets its own folder keyed by the sha256 of
+    its files: a repository written again from another export never runs engines built for other
+    weights.
+    """
+    params = {"precision_mode": precision.upper(), "max_workspace_size_bytes": str(4 << 30)}
+    for corner, key in enumerate(("trt_profile_min_shapes", "trt_profile_opt_shapes", "trt_profile_max_shapes")):
+        params[key] = profile_text(limits, graph, corner)
+    if cache is not None:
+        key = hashlib.sha256("\n".join([precision, *digests]).encode()).hexdigest()[:16]
+        params.update({"trt_engine_cache_enable": "1",
+                       "trt_engine_cache_path": f"{cache.rstrip('/')}/{graph.name}-{precision}-{key}",
+                       "trt_timing_cache_enable": "1", "trt_timing_cache_path": cache.rstrip("/") or "/"})
+    return params
+
+
 def _trail(manifest: Manifest, model: RepoModel, limits: ShapeLimits, form: str | None) -> bytes:
     return json.dumps({
         "artifact": str(Path(manifest.root).resolve()), "generation": manifest.generation,
@@ -116,6 +147,13 @@ def write_repository(artifact: str | os.PathLike, out: str | os.PathLike, opts: 
         raise ValueError(f"precision {opts.precision!r}: fp32 or fp16")
     if opts.form not in FORMS:
         raise ValueError(f"form {opts.form!r}: choose one of {', '.join(FORMS)}")
+    if opts.tensorrt_cache is not None:
+        if not opts.tensorrt_accelerator:
+            raise ValueError("--tensorrt-cache is where the TensorRT accelerator keeps its engines; it needs "
+                             "--tensorrt-accelerator")
+        if not opts.tensorrt_cache.startswith("/"):
+            raise ValueError(f"--tensorrt-cache {opts.tensorrt_cache!r}: give an absolute path as the Triton server "
+                             "sees it (a relative one would be taken from the server's working folder)")
     if opts.kind != "gpu" and (opts.gpus or opts.tensorrt_accelerator):
         # Triton ignores a GPU accelerator and GPU ids on CPU instances: refuse rather than write
         # a repository that silently does something else than asked
@@ -132,6 +170,9 @@ def write_repository(artifact: str | os.PathLike, out: str | os.PathLike, opts: 
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
     result = RepoResult(out)
     manifest_json = json.dumps(manifest.data, sort_keys=True, separators=(",", ":"))
+    if opts.tensorrt_accelerator and opts.tensorrt_cache is None:
+        say("TensorRT accelerator without --tensorrt-cache: the server builds each graph's engine again "
+            "at every model load (minutes for x2)")
     try:
         search = CONV_SEARCH[CUDA_PROVIDER_OPTIONS[opts.precision]["cudnn_conv_algo_search"]]
         for graph in GRAPHS.values():
@@ -155,8 +196,8 @@ def write_repository(artifact: str | os.PathLike, out: str | os.PathLike, opts: 
                 files[f"1/{loc}"] = _write(stage / graph.name / "1" / loc, data, digest)
             accel = []
             if opts.tensorrt_accelerator:
-                accel = [("tensorrt", {"precision_mode": opts.precision.upper(),
-                                       "max_workspace_size_bytes": str(4 << 30)})]
+                accel = [("tensorrt", tensorrt_parameters(graph, manifest.limits, opts.precision, source.digests,
+                                                          opts.tensorrt_cache))]
             if opts.kind == "gpu":
                 # the runtime's CUDA provider options for this precision: Triton's onnxruntime
                 # backend hands a "cuda" accelerator's parameters to the provider as they are.
@@ -265,6 +306,14 @@ def check_repository(repo: str | os.PathLike, manifest: Manifest | None = None) 
                      tconfig.config_problems(cfg, graph, max_batch=limits.max_batch, name=name, backend=backend)]
         if cfg.max_batch_size != limits.max_batch:
             problems.append(f"{where}/config.pbtxt: max_batch_size {cfg.max_batch_size}, the limits say {limits.max_batch}")
+        for acc in cfg.optimization.execution_accelerators.gpu_execution_accelerator:
+            if acc.name != "tensorrt":
+                continue
+            for corner, key in enumerate(("trt_profile_min_shapes", "trt_profile_opt_shapes", "trt_profile_max_shapes")):
+                want = profile_text(limits, graph, corner)
+                if acc.parameters.get(key) != want:
+                    problems.append(f"{where}/config.pbtxt: the tensorrt accelerator's {key} is "
+                                    f"{acc.parameters.get(key)!r}, the limits say {want!r}")
         actual = {}
         for rel, digest in trail["sha256"].items():
             path = model_dir / rel
