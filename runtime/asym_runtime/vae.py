@@ -42,9 +42,10 @@ class AsymVAE:
         self.precision = precision
         #: the shapes this runtime accepts (manifest limits, narrowed by an engine's profile)
         self.limits = limits
-        #: "cpu" or "cuda:N": where the backend computes
+        #: "cpu" or "cuda:N": where the backend computes ("remote" for asym_runtime.remote())
         self.device = device
-        #: ONNX Runtime: "cuda" (the fused channels-last CUDA form) or "portable"; None for TensorRT
+        #: ONNX Runtime: "cuda" (the fused channels-last CUDA form) or "portable"; OpenVINO: "portable";
+        #: None for TensorRT
         self.graph_form = graph_form
         cfg = dict(manifest.model_config)
         cfg["scaling_factor"] = manifest.scaling_factor
