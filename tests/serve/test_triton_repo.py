@@ -109,6 +109,8 @@ def test_engines_become_tensorrt_models_on_gpu_instances_only(with_engines, tmp_
         assert (folder / "1" / "model.plan").read_bytes() == manifest.read_verified(f"engines/{graph}.plan")
     assert check_repository(gpu, manifest) == []
     assert not [m for m in said if "left out" in m]
+    (line,) = [m for m in said if m.startswith("decoder_trt:")]  # the GPU the engines were built on
+    assert "TensorRT 10.13.0.35, NVIDIA H100 80GB HBM3" in line, line
 
     said.clear()
     cpu = tmp_path / "cpu"

@@ -236,7 +236,7 @@ def write_repository(artifact: str | os.PathLike, out: str | os.PathLike, opts: 
                 limits = ShapeLimits.from_dict(engines_meta["profile"])
             name = graph.name + TRT_SUFFIX
             say(f"{name}: {entry.name} (TensorRT {engines_meta.get('tensorrt_version', '?')}, "
-                f"{engines_meta.get('device_name', '?')})")
+                f"{(engines_meta.get('device') or {}).get('name', '?')})")
             files = {"1/model.plan": _write(stage / name / "1" / "model.plan", manifest.read_verified(entry.name))}
             cfg = tconfig.build_config(graph, backend="tensorrt", name=name, max_batch=limits.max_batch,
                                        queue_delay_us=opts.queue_delay_us, instances=opts.instances, kind="gpu",
