@@ -236,8 +236,8 @@ class ShapeLimits:
             if v < lo:
                 raise ShapeOutOfLimitsError(
                     f"{axis} {v} is below this artifact's min_{axis} {lo} "
-                    f"(supported: {axis} {lo}..{hi}); re-export with a smaller --min-"
-                    f"{'batch' if axis == 'batch' else 'size'} to allow it"
+                    f"(supported: {axis} {lo}..{hi})"
+                    + ("" if axis == "batch" else "; re-export with a smaller --min-size to allow it")
                 )
             if v > hi:
                 raise ShapeOutOfLimitsError(

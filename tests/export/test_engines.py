@@ -73,8 +73,8 @@ def test_what_is_missing_is_one_sentence():
     reason = tensorrt_unavailable_reason()
     assert "\n" not in reason and not reason.endswith(".")
     if importlib.util.find_spec("tensorrt") is None:
-        assert ("the tensorrt Python package is not installed (pip install 'asym-export[tensorrt]'" in reason
-                or "the tensorrt and cuda-python Python packages are not installed (pip install 'asym-export[tensorrt]'"
+        assert ("the tensorrt Python package is not installed (pip install -e '.[tensorrt]' in this project's folder" in reason
+                or "the tensorrt and cuda-python Python packages are not installed (pip install -e '.[tensorrt]' in this project's folder"
                 in reason)
     with pytest.raises(BackendUnavailableError, match="tensorrt|GPU"):
         require_tensorrt()

@@ -19,7 +19,7 @@ HW_LEVELS = ("none", "ampere_plus", "same_compute_capability")
 #: (TensorRT support matrix: 8 -> 9/10 and 10 -> 11); within one major any later release.
 _CROSS_MAJOR = {(8, 9), (8, 10), (10, 11)}
 
-INSTALL_HINT = ("pip install 'asym-export[tensorrt]' (tensorrt and cuda-python) on a machine with an "
+INSTALL_HINT = ("pip install -e '.[tensorrt]' in this project's folder (tensorrt and cuda-python) on a machine with an "
                 "NVIDIA GPU")
 
 
