@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -109,8 +110,10 @@ def _options(args):
     limits = ShapeLimits.from_sizes(args.min_size, args.opt_size, args.max_size,
                                     min_batch=1, opt_batch=args.opt_batch, max_batch=args.max_batch)
     shapes = None  # the export's default for these limits
-    if args.verify_shapes:
+    if args.verify_shapes is not None:
         shapes = tuple(parse_shape(s) for s in args.verify_shapes.split(",") if s.strip())
+        if not shapes:
+            raise AsymInputError(f"--verify-shapes {args.verify_shapes!r} names no shape; give BxHxW[,BxHxW...]")
         for s in shapes:  # a verified shape the runtime would refuse proves nothing a user can run
             try:
                 limits.check(s.batch, s.height, s.width)
@@ -118,11 +121,11 @@ def _options(args):
                 raise AsymInputError(f"--verify-shapes {s}: {e}") from None
     engine = _engine_options(args)
     atol = FP32_MAX_ABS if args.atol is None else args.atol
-    if not atol > 0:
-        raise AsymInputError(f"--atol {args.atol} must be positive")
+    if not 0 < atol < math.inf:
+        raise AsymInputError(f"--atol {args.atol} must be a positive finite number")
     headroom = DEFAULT_HEADROOM if args.fp16_headroom is None else args.fp16_headroom
-    if not headroom >= 1:
-        raise AsymInputError(f"--fp16-headroom {args.fp16_headroom} must be at least 1")
+    if not 1 <= headroom < math.inf:
+        raise AsymInputError(f"--fp16-headroom {args.fp16_headroom} must be a finite number of at least 1")
     if args.seed < 0:
         raise AsymInputError(f"--seed {args.seed} must be >= 0")
     return ExportOptions(

@@ -21,6 +21,7 @@ import ctypes
 import functools
 import importlib.util
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -59,8 +60,8 @@ class EngineOptions:
         if not isinstance(self.opt_level, int) or not 0 <= self.opt_level <= 5:
             raise AsymInputError(f"--opt-level {self.opt_level!r}: the builder optimization level is 0..5 "
                                  "(3 is TensorRT's default; higher builds longer and may run faster)")
-        if self.workspace_gib is not None and not self.workspace_gib > 0:
-            raise AsymInputError(f"--workspace-gib {self.workspace_gib!r} must be positive")
+        if self.workspace_gib is not None and not 0 < self.workspace_gib < math.inf:
+            raise AsymInputError(f"--workspace-gib {self.workspace_gib!r} must be a positive finite number")
         if self.hardware_compat not in HARDWARE_COMPAT:
             raise AsymInputError(f"--hardware-compat {self.hardware_compat!r}: choose one of "
                                  f"{', '.join(HARDWARE_COMPAT)}")

@@ -53,6 +53,12 @@ def test_tiny_export_end_to_end(tmp_path):
     (["--variant", "tiny", "--random-weights", "--verify-shapes", "5x64x64"], ["--verify-shapes 5x64x64", "batch 5"]),
     (["--variant", "tiny", "--random-weights", "--min-size", "128", "--verify-shapes", "1x64x96"],
      ["--verify-shapes 1x64x96", "height 64"]),
+    # an empty list verified the export shape only; inf passed the checks and failed after the
+    # whole export, writing the manifest (JSON has no Infinity)
+    (["--variant", "tiny", "--random-weights", "--verify-shapes", ","], ["--verify-shapes ','", "names no shape"]),
+    (["--variant", "tiny", "--random-weights", "--atol", "inf"], ["--atol inf", "finite"]),
+    (["--variant", "tiny", "--random-weights", "--fp16-headroom", "inf"], ["--fp16-headroom inf", "finite"]),
+    (["--variant", "tiny", "--random-weights", "--engines", "--workspace-gib", "inf"], ["--workspace-gib inf", "finite"]),
 ])
 def test_bad_arguments_exit_2(tmp_path, args, needles, capsys):
     code = main([*args, "--out", str(tmp_path / "o")])
