@@ -42,6 +42,14 @@ def _as_list(images: Any, what: str) -> list[Image.Image]:
     return items
 
 
+def _pixels(v: Any, name: str, what: str) -> int:
+    """An integer number of pixels; strings, bools and fractions are refused, not coerced (a
+    string size would otherwise be read digit by digit, '88' as 8x8)."""
+    if isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)):
+        return int(v)
+    raise AsymInputError(f"{what}: {name}={v!r} must be an integer number of pixels, got {type(v).__name__}")
+
+
 def _target(size: Any, width: int | None, height: int | None, what: str) -> tuple[int, int] | None:
     """(height, width) to resize to, from ``width=``/``height=`` or a square ``size``; None: keep.
 
@@ -52,16 +60,19 @@ def _target(size: Any, width: int | None, height: int | None, what: str) -> tupl
     if width is not None or height is not None:
         if width is None or height is None:
             raise AsymInputError(f"{what}: pass both width= and height= (or size=N for a square)")
-        return int(height), int(width)
+        return _pixels(height, "height", what), _pixels(width, "width", what)
     if size is None:
         return None
-    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
+    if isinstance(size, (int, np.integer)) and not isinstance(size, (bool, np.bool_)):
         return int(size), int(size)
     try:
-        a, b = (int(v) for v in size)
+        if isinstance(size, (str, bytes)):
+            raise TypeError
+        a, b = size
     except (TypeError, ValueError):
         raise AsymInputError(f"{what}: size={size!r} must be one number (a square) or a square pair; "
                              "for other shapes pass width= and height=") from None
+    a, b = _pixels(a, "size", what), _pixels(b, "size", what)
     if a != b:
         raise AsymInputError(
             f"{what}: size={tuple(size)!r} is ambiguous (PIL orders sizes (width, height), numpy "
@@ -115,9 +126,21 @@ def masks_to_batch(masks: Image.Image | Iterable[Image.Image], size: Any = None,
 
 def batch_to_images(batch: Any) -> list[Image.Image]:
     """Decoded float batch [B, 3, H, W] (about [-1, 1]; numpy or torch) -> RGB PIL images."""
+    try:
+        arrays.kind_of(batch)
+    except (TypeError, ValueError):
+        raise AsymInputError(f"batch_to_images: expected a numpy array or a torch tensor, got "
+                             f"{type(batch).__name__}") from None
+    if arrays.is_torch(batch) and batch.is_floating_point():
+        batch = batch.detach().float()  # bfloat16 has no numpy dtype
     x = arrays.to_numpy(batch)
     if x.ndim != 4 or x.shape[1] != 3:
         raise AsymInputError(f"batch_to_images: expected [batch, 3, height, width], got shape {tuple(x.shape)}")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise AsymInputError(f"batch_to_images: expected a float batch (the decoder's output, about [-1, 1]), "
+                             f"got dtype {x.dtype}")
+    if not np.isfinite(x).all():  # NaN would become black pixels without a word
+        raise AsymInputError("batch_to_images: the batch contains NaN or Inf; there is no image to make of it")
     x = np.clip(x.astype(np.float32) / 2.0 + 0.5, 0.0, 1.0)
     x = (x.transpose(0, 2, 3, 1) * 255.0).round().astype(np.uint8)
     return [Image.fromarray(im) for im in x]

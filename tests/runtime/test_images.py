@@ -107,6 +107,17 @@ def test_round_trip_through_the_runtime_gives_the_diffusers_pixels(tiny_rt, tiny
     (lambda: asym_runtime.images_to_batch(_photo(96, 60)), r"96x60 .* multiples of 8. Pass width=96, height=56"),
     (lambda: asym_runtime.images_to_batch(_photo(), width=0, height=0), r"positive multiples of 8"),
     (lambda: asym_runtime.images_to_batch(_photo(), size=-8), r"positive multiples of 8"),
+    # sizes are integers: a string was read digit by digit ('88' resized to 8x8 without a word),
+    # a fraction truncated
+    (lambda: asym_runtime.images_to_batch(_photo(), size="88"), r"size='88' must be one number"),
+    (lambda: asym_runtime.masks_to_batch(_mask(), size=("64", "64")), r"size='64' must be an integer"),
+    (lambda: asym_runtime.images_to_batch(_photo(), width="abc", height=64), r"width='abc' must be an integer"),
+    (lambda: asym_runtime.images_to_batch(_photo(), width=64.9, height=64), r"width=64.9 must be an integer"),
+    (lambda: asym_runtime.masks_to_batch(_mask(), width=64, height=True), r"height=True must be an integer"),
+    # a decoded batch with NaN came out as black pixels; a list raised AttributeError
+    (lambda: asym_runtime.batch_to_images(np.full((1, 3, 8, 8), np.nan, np.float32)), r"contains NaN or Inf"),
+    (lambda: asym_runtime.batch_to_images([[0.0]]), r"numpy array or a torch tensor, got list"),
+    (lambda: asym_runtime.batch_to_images(np.zeros((1, 3, 8, 8), np.uint8)), r"float batch"),
 ])
 def test_helper_errors_say_what_to_do(call, message):
     with pytest.raises(AsymInputError, match=message):
@@ -129,3 +140,11 @@ def test_every_wide_pil_mode_is_refused_by_both_helpers(mode, helper):
     assert image.mode == mode
     with pytest.raises(AsymInputError, match=rf"PIL mode '{mode}' .* would be clipped to 0..255"):
         getattr(asym_runtime, helper)(image)
+
+
+def test_batch_to_images_takes_bfloat16_tensors():
+    """torch's bfloat16 has no numpy dtype: the helper widens it instead of failing in .numpy()."""
+    torch = pytest.importorskip("torch")
+    x = torch.linspace(-1, 1, 3 * 8 * 8).reshape(1, 3, 8, 8)
+    want = np.asarray(asym_runtime.batch_to_images(x.to(torch.bfloat16).float())[0])
+    assert np.array_equal(np.asarray(asym_runtime.batch_to_images(x.to(torch.bfloat16))[0]), want)
