@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -56,6 +57,20 @@ def _contenders(text: str, what: str, allowed) -> list[str]:
         out.append(t)
     _parse_list(",".join(out), what, allowed)
     return list(dict.fromkeys(out))
+
+
+def _output_problem(path: Path, flag: str) -> str | None:
+    """Why ``path`` cannot be written (checked before minutes of measuring), or None."""
+    if path.is_dir():
+        return f"{flag} {path} is a folder; name a file"
+    parent = path.parent
+    while not parent.exists():  # the writer makes missing folders
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{flag} {path}: {parent} is a file, not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{flag} {path}: cannot write into {parent}"
+    return None
 
 
 def _parse_list(text: str, what: str, allowed=None) -> list[str]:
@@ -148,9 +163,16 @@ def _main(args, argv) -> int:
             raise ValueError(f"unknown variant {args.variant!r}; choose one of {', '.join(VARIANTS)}")
         graphs = _parse_list(args.graphs, "--graphs", list(BENCH_GRAPHS))
         sizes = [parse_size(s) for s in _parse_list(args.sizes, "--sizes")]
-        batches = [int(b) for b in _parse_list(args.batches, "--batches")]
+        try:
+            batches = [int(b) for b in _parse_list(args.batches, "--batches")]
+        except ValueError as e:
+            raise ValueError(f"--batches {args.batches!r}: comma-separated integers ({e})") from None
         if any(b < 1 for b in batches) or args.repeats < 1 or args.warmup < 0:
             raise ValueError("--batches and --repeats must be >= 1, --warmup >= 0")
+        for path, flag in ((args.json, "--json"), (args.plot, "--plot")):
+            problem = path is not None and _output_problem(path, flag)
+            if problem:
+                raise ValueError(problem)
         import torch
 
         if args.reference:
@@ -200,6 +222,9 @@ def _main(args, argv) -> int:
     print(table(result))
     for s in result["skipped"]:
         print(f"skipped {s['graph']} {s['shape']}: {s['reason']}")
+    if not result["rows"]:
+        print("asym-bench: error: nothing was measured", file=sys.stderr)
+        return EXIT_FAILED
     try:
         if args.json:
             write_json_atomic(args.json, result)

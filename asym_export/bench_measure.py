@@ -94,6 +94,10 @@ def run_benchmark(variant: str, folder: Path, *, backends: list[str], graphs: li
     manifest = asym_runtime.read_manifest(folder)
     if manifest.variant != variant:
         raise ValueError(f"{folder} holds variant {manifest.variant}, not {variant}")
+    if not any(manifest.limits.contains(Shape(b, h, w)) for b in batches for h, w in sizes):
+        # refused before minutes of loading: every timing would be skipped
+        raise ValueError(f"no batch x size asked for lies inside {folder}'s shape limits ({manifest.limits}); "
+                         "choose --sizes and --batches inside them")
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     peak = measured_peak_tflops(device)
@@ -129,7 +133,7 @@ def run_benchmark(variant: str, folder: Path, *, backends: list[str], graphs: li
             for h, w in sizes:
                 shape = Shape(batch, h, w)
                 if not manifest.limits.contains(shape):
-                    skipped.append({"graph": graph, "shape": str(shape), "reason": "outside the shape limits"})
+                    skipped.append({"graph": graph, "shape": str(shape), "reason": f"outside the shape limits ({manifest.limits})"})
                     continue
                 feed = make_feed(BENCH_GRAPHS[graph].spec, shape, seed, manifest.scaling_factor)
                 tflop = {True: graph_tflop(variant, graph, shape, exported=True),

@@ -61,9 +61,22 @@ def test_bf16_contenders_are_compared_with_torch_bf16(tiny_artifact, tmp_path, c
 
 
 def test_shapes_outside_the_limits_are_skipped_not_run(tiny_artifact, capsys):
-    assert main(["--variant", "tiny", "--artifact", str(tiny_artifact), "--sizes", "32", "--graphs", "decode",
+    assert main(["--variant", "tiny", "--artifact", str(tiny_artifact), "--sizes", "32,64", "--graphs", "decode",
                  "--repeats", "1", "--backends", "onnxruntime-cpu/fp32"]) == 0
-    assert "skipped decode 1x32x32: outside the shape limits" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "skipped decode 1x32x32: outside the shape limits (batch 1/1/4, size 64x64" in out
+    assert "skipped decode 1x64x64" not in out
+
+
+def test_nothing_inside_the_limits_is_refused_before_loading(tiny_artifact, capsys):
+    """Every timing would be skipped: it used to load every backend, print an empty table and exit 0."""
+    assert main(["--variant", "tiny", "--artifact", str(tiny_artifact), "--sizes", "2048",
+                 "--backends", "onnxruntime-cpu/fp32"]) == 2
+    captured = capsys.readouterr()
+    assert "no batch x size asked for lies inside" in captured.err and "1024x1024" in captured.err
+    assert "loading" not in captured.out
+    assert main(["--variant", "tiny", "--artifact", str(tiny_artifact), "--sizes", "64", "--batches", "9",
+                 "--backends", "onnxruntime-cpu/fp32"]) == 2
 
 
 def test_a_failing_implicit_export_is_an_error_not_a_traceback(monkeypatch, capsys):
@@ -76,12 +89,16 @@ def test_a_failing_implicit_export_is_an_error_not_a_traceback(monkeypatch, caps
     assert "asym-bench: error: onnx_fp32 verification failed" in err and "latent_mean: max abs" in err
 
 
-def test_results_that_cannot_be_written_are_an_error(tiny_artifact, tmp_path, capsys):
+def test_results_that_cannot_be_written_are_refused_before_measuring(tiny_artifact, tmp_path, capsys):
     (tmp_path / "a-file").write_text("")
-    target = tmp_path / "a-file" / "b.json"  # its folder is a file
-    assert main(["--variant", "tiny", "--artifact", str(tiny_artifact), "--sizes", "64", "--graphs", "encode",
-                 "--repeats", "1", "--backends", "onnxruntime-cpu/fp32", "--json", str(target)]) == 1
-    assert "asym-bench: error: cannot write the results" in capsys.readouterr().err
+    common = ["--variant", "tiny", "--artifact", str(tiny_artifact), "--sizes", "64", "--graphs", "encode",
+              "--repeats", "1", "--backends", "onnxruntime-cpu/fp32"]
+    assert main([*common, "--json", str(tmp_path / "a-file" / "b.json")]) == 2  # its folder is a file
+    captured = capsys.readouterr()
+    assert "--json" in captured.err and "is a file, not a folder" in captured.err
+    assert "loading" not in captured.out  # refused before any backend loaded
+    assert main([*common, "--plot", str(tmp_path)]) == 2
+    assert "--plot" in capsys.readouterr().err
     assert (tmp_path / "a-file").read_text() == ""
 
 
@@ -95,6 +112,8 @@ def test_results_that_cannot_be_written_are_an_error(tiny_artifact, tmp_path, ca
     (["--reference", "onnxruntime-cpu/fp32"], "unknown onnxruntime-cpu/fp32"),
     (["--backends", "onnxruntime-cuda/fp16/cudagraph,torch-compile/fp16"], "need a GPU"),
     (["--backends", "tensorrt"], "need a GPU"),
+    (["--batches", "x"], "--batches 'x': comma-separated integers"),
+    (["--batches", ","], "--batches: empty list"),
 ])
 def test_bad_arguments_exit_2(argv, msg, capsys):
     assert main(argv) == 2
