@@ -17,7 +17,7 @@ from .errors import (  # noqa: F401
     IncompatibleEngineError,
     ShapeOutOfLimitsError,
 )
-from .api import BACKENDS, AsymVAE, LatentDistribution, VAEConfig, load  # noqa: F401
+from .api import BACKENDS, AsymVAE, LatentDistribution, VAEConfig, check_loadable, load  # noqa: F401
 from . import images  # noqa: F401
 from .images import batch_to_images, images_to_batch, masks_to_batch  # noqa: F401
 from .manifest import Manifest, generation_folder, read_manifest  # noqa: F401

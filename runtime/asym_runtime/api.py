@@ -91,22 +91,7 @@ def load(path: str | os.PathLike, backend: str = "auto", precision: str | None =
         BackendUnavailableError: the forced backend cannot run on this machine.
         ValueError: an unknown ``backend`` or ``precision``.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    if precision is not None and precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r}: choose fp32, fp16, bf16 (OpenVINO) or None (the folder's default)")
-    if precision == "bf16" and backend != "openvino":
-        raise ValueError("precision 'bf16' runs on backend='openvino' only (the FP32 graphs in BF16 on a CPU)")
-    if backend == "openvino" and precision not in (None, "fp32", "bf16"):
-        raise ValueError(f"precision {precision!r}: OpenVINO runs fp32 or bf16")
-    if graph_form not in GRAPH_FORMS:
-        raise ValueError(f"graph_form {graph_form!r}: choose one of {', '.join(GRAPH_FORMS)}")
-    if isinstance(graphs, str):  # load(dir, graphs="decoder"): one name, not its letters
-        graphs = (graphs,)
-    wanted = tuple(GRAPHS) if graphs is None else tuple(dict.fromkeys(graphs))
-    unknown = [g for g in wanted if g not in GRAPHS]
-    if unknown or not wanted:
-        raise ValueError(f"graphs {list(graphs or [])!r}: choose from {', '.join(GRAPHS)}")
+    wanted = _check_arguments(backend, precision, graph_form, graphs)
     for attempt in range(1, _LOAD_ATTEMPTS + 1):
         manifest = None
         try:
@@ -122,6 +107,75 @@ def load(path: str | os.PathLike, backend: str = "auto", precision: str | None =
                 raise
             log.info("%s was replaced by a new export while loading; loading the new artifact", path)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _check_arguments(backend: str, precision: str | None, graph_form: str, graphs) -> tuple[str, ...]:
+    """load()'s arguments checked (ValueError saying what is allowed); the wanted graphs."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: choose fp32, fp16, bf16 (OpenVINO) or None (the folder's default)")
+    if precision == "bf16" and backend != "openvino":
+        raise ValueError("precision 'bf16' runs on backend='openvino' only (the FP32 graphs in BF16 on a CPU)")
+    if backend == "openvino" and precision not in (None, "fp32", "bf16"):
+        raise ValueError(f"precision {precision!r}: OpenVINO runs fp32 or bf16")
+    if graph_form not in GRAPH_FORMS:
+        raise ValueError(f"graph_form {graph_form!r}: choose one of {', '.join(GRAPH_FORMS)}")
+    if graph_form == "cuda" and backend in ("onnxruntime-cpu", "openvino"):
+        raise ValueError(f"graph_form 'cuda' runs on ONNX Runtime's CUDA provider only, not backend={backend!r} "
+                         "(which runs the portable graphs)")
+    if isinstance(graphs, str):  # load(dir, graphs="decoder"): one name, not its letters
+        graphs = (graphs,)
+    wanted = tuple(GRAPHS) if graphs is None else tuple(dict.fromkeys(graphs))
+    unknown = [g for g in wanted if g not in GRAPHS]
+    if unknown or not wanted:
+        raise ValueError(f"graphs {list(graphs or [])!r}: choose from {', '.join(GRAPHS)}")
+    return wanted
+
+
+def check_loadable(path: str | os.PathLike, backend: str = "auto", precision: str | None = None, *,
+                   graphs: Iterable[str] | None = None, graph_form: str = "auto", device_id: int = 0) -> Manifest:
+    """Refuse what :func:`load` with these arguments would refuse, without starting a backend:
+    the arguments, the manifest, whether the backend can run on this machine, the graphs (or
+    engines) of that precision, and every file it would read (no link, regular, size and sha256,
+    the hash streamed). For launchers that hand the folder to another process (``asym-serve``):
+    a bad folder or backend is refused before that process starts. Raises as :func:`load` does;
+    returns the manifest."""
+    wanted = _check_arguments(backend, precision, graph_form, graphs)
+    manifest = read_manifest(path)
+    names: list[str] = []
+    if backend == "openvino":
+        from .backends import openvino as ov_backend
+
+        reason = ov_backend.unavailable_reason() or (ov_backend.bf16_reason() if precision == "bf16" else None)
+        if reason:
+            raise BackendUnavailableError(reason)
+        names += _onnx_entries(manifest, "fp32", wanted).values()
+    else:
+        engines = _engine_entries(manifest, precision, wanted) if backend in ("auto", "tensorrt") else None
+        if backend == "tensorrt":
+            reason = trt_backend.unavailable_reason(device_id)
+            if reason:
+                raise BackendUnavailableError(reason)
+            if engines is None:
+                raise ArtifactError(_no_engines(manifest, precision))
+            names += engines.values()
+        else:
+            if engines is not None and trt_backend.unavailable_reason(device_id) is None:
+                names += engines.values()
+            cuda = backend == "onnxruntime-cuda" or (backend in ("auto", "onnxruntime") and cuda_provider_available())
+            if backend == "onnxruntime-cuda" and not cuda_provider_available():
+                raise BackendUnavailableError(_NO_CUDA_PROVIDER)
+            if graph_form == "cuda" and not cuda:
+                raise BackendUnavailableError(f"graph_form 'cuda' needs ONNX Runtime's CUDA provider: {_NO_CUDA_PROVIDER}")
+            names += _onnx_entries(manifest, precision or "fp32", wanted).values()
+            if cuda:
+                names += (_cuda_entries(manifest, precision or "fp32", wanted, graph_form) or {}).values()
+    for name in dict.fromkeys(names):
+        manifest.check_file(name)
+        for e in manifest.companions(name):
+            manifest.check_file(e.name)
+    return manifest
 
 
 #: How often load() starts over when an export replaces the folder under it.
@@ -144,12 +198,7 @@ def _load(manifest: Manifest, backend: str, precision: str | None, verify_onnx: 
             if reason:
                 raise BackendUnavailableError(reason)
             if engines is None:
-                raise ArtifactError(
-                    f"{manifest.root} has no TensorRT engines"
-                    + (f" of precision {precision}" if precision else "")
-                    + " (engines/*.plan); build them with asym-export --engines "
-                    "on a machine with a GPU, or use backend='onnxruntime'"
-                )
+                raise ArtifactError(_no_engines(manifest, precision))
             return _load_tensorrt(manifest, engines, device_id, cuda_graph)
         if engines is not None:
             if reason:
@@ -162,6 +211,16 @@ def _load(manifest: Manifest, backend: str, precision: str | None, verify_onnx: 
 
     return _load_onnxruntime(manifest, backend, precision or "fp32", verify_onnx, device_id, wanted,
                              cuda_graph=cuda_graph, graph_form=graph_form, provider_options=provider_options)
+
+
+def _no_engines(manifest: Manifest, precision: str | None) -> str:
+    return (f"{manifest.root} has no TensorRT engines" + (f" of precision {precision}" if precision else "")
+            + " (engines/*.plan); build them with asym-export --engines on a machine with a GPU, or use "
+            "backend='onnxruntime'")
+
+
+_NO_CUDA_PROVIDER = ("the installed onnxruntime has no CUDA provider; install onnxruntime-gpu (and only it) "
+                     "to run ONNX Runtime on a GPU")
 
 
 def _load_openvino(manifest: Manifest, precision: str, wanted: tuple[str, ...], cache_dir) -> AsymVAE:
@@ -305,6 +364,10 @@ def _load_onnxruntime(manifest: Manifest, backend: str, precision: str, verify: 
         devices = ["cuda"]
     else:
         devices = ["cuda", "cpu"] if cuda_provider_available() else ["cpu"]
+    if graph_form == "cuda":  # insisting on the CUDA form: no fallback to the CPU's portable graphs
+        devices = [d for d in devices if d == "cuda"]
+        if not devices:
+            raise BackendUnavailableError(f"graph_form 'cuda' needs ONNX Runtime's CUDA provider: {_NO_CUDA_PROVIDER}")
     if cuda_graph and "cuda" not in devices:
         if backend == "onnxruntime-cpu":
             raise ValueError("cuda_graph needs a GPU backend (TensorRT or ONNX Runtime CUDA), not onnxruntime-cpu")

@@ -231,6 +231,18 @@ class Manifest:
         log.debug("verified %s (%d bytes)", name, len(data))
         return data
 
+    def check_file(self, name: str) -> Path:
+        """Check ``name`` as :meth:`read_verified` does (no link, a regular file, size, sha256)
+        without holding its bytes (the hash is streamed), and return its path: for checks ahead
+        of a load that another process makes (asym-serve), which checks again what it reads."""
+        entry = self._entry(name)
+        path = refuse_links(self.root, f"{self.generation}/{name}")
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise ArtifactError(f"{path} is not a regular file; an artifact folder holds regular files only")
+        self._check(name, st.st_size, sha256_file(path) if st.st_size == entry.size else "")
+        return path
+
     def verify_file(self, name: str) -> Path:
         """Check ``name`` (size, sha256, a regular file, no link) and return its path, for
         tools that hand the path to another program. The runtime itself uses the bytes."""

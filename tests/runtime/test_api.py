@@ -177,6 +177,38 @@ def test_onnxruntime_cuda_requested_without_it_says_so(tiny_artifact):
         asym_runtime.load(tiny_artifact, backend="onnxruntime-cuda")
 
 
+def test_graph_form_cuda_insists_on_the_cuda_provider(tiny_artifact):
+    """'cuda' insists on the CUDA form: it ran the portable graphs on the CPU without a word."""
+    with pytest.raises(ValueError, match="graph_form 'cuda' runs on ONNX Runtime's CUDA provider only"):
+        asym_runtime.load(tiny_artifact, backend="onnxruntime-cpu", graph_form="cuda")
+    with pytest.raises(ValueError, match="graph_form 'cuda'"):
+        asym_runtime.load(tiny_artifact, backend="openvino", graph_form="cuda")
+    if not cuda_provider_available():
+        with pytest.raises(BackendUnavailableError, match="graph_form 'cuda' needs ONNX Runtime's CUDA provider"):
+            asym_runtime.load(tiny_artifact, graph_form="cuda")
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(backend="directml"), dict(precision="int8"), dict(backend="openvino", precision="fp16"),
+    dict(backend="tensorrt"), dict(backend="onnxruntime-cuda"), dict(backend="onnxruntime-cpu", graph_form="cuda"),
+    dict(graphs=("vae",)), dict(precision="fp16"), dict(), dict(backend="openvino"),
+])
+def test_check_loadable_refuses_what_load_refuses(tiny_artifact, kwargs):
+    """asym-serve checks a folder with check_loadable before Triton starts and the models load
+    it there: both must agree, without check_loadable starting a backend."""
+    try:
+        with asym_runtime.load(tiny_artifact, **kwargs):
+            loaded = None
+    except (ValueError, ArtifactError, BackendUnavailableError) as e:
+        loaded = e
+    if loaded is None:
+        assert asym_runtime.check_loadable(tiny_artifact, **kwargs).variant == "tiny"
+    else:
+        with pytest.raises(type(loaded)) as checked:
+            asym_runtime.check_loadable(tiny_artifact, **kwargs)
+        assert str(checked.value) == str(loaded)
+
+
 def test_a_precision_the_folder_lacks_names_the_ones_it_has(tiny_artifact, copy_artifact):
     import json
 

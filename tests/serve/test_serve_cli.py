@@ -153,3 +153,36 @@ def test_a_model_that_fails_to_load_is_named_with_its_reason(tiny_artifact, tmp_
     assert err[1] == "failed to load 'decoder' version 1: Internal: ImportError: numpy is not the one asym-serve runs"
     assert not [ln for ln in err if "At:" in ln or "model.py(17)" in ln]
     assert err[-1] == "error: creating server: Internal - failed to load all models"
+
+
+@pytest.mark.parametrize("argv, needle", [
+    # each was found only inside Triton before (a model that failed to load: exit 1 after a start)
+    (["--backend", "openvino", "--precision", "fp16"], "precision 'fp16': OpenVINO runs fp32 or bf16"),
+    (["--backend", "onnxruntime-cuda"], "has no CUDA provider"),
+    (["--address", "999.1.1.1"], "--address '999.1.1.1' is no address this machine can listen on"),
+    (["--start-timeout", "-5"], "--start-timeout -5.0: seconds, > 0"),
+    (["--kind", "gpu", "--gpus", "-1"], "--gpus '-1': comma-separated GPU ids"),
+])
+def test_asym_serve_refuses_before_triton_starts(argv, needle, tiny_artifact, tmp_path, capsys):
+    """--tritonserver names nothing: a check that let these through would fail on that instead."""
+    assert cli.serve_main([str(tiny_artifact), "--tritonserver", str(tmp_path / "nowhere"), *argv]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith("asym-serve: error: ") and needle in line, line
+
+
+def test_asym_serve_refuses_a_damaged_folder_before_triton_starts(tiny_artifact, tmp_path, capsys):
+    import shutil
+
+    from asym_runtime import read_manifest
+
+    folder = tmp_path / "copy"
+    shutil.copytree(tiny_artifact, folder)
+    manifest = read_manifest(folder)
+    (data,) = manifest.companions("decoder.onnx")
+    path = manifest.path(data.name)
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 1
+    path.write_bytes(bytes(raw))
+    assert cli.serve_main([str(folder), "--tritonserver", str(tmp_path / "nowhere")]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert f"sha256 of {data.name}" in line and "changed after export" in line, line

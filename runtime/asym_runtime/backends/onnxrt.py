@@ -223,7 +223,7 @@ class OnnxRuntimeBackend(Backend):
             raise BackendUnavailableError(
                 "the installed onnxruntime has no CUDA provider; install onnxruntime-gpu "
                 "(and only it) to run ONNX Runtime on a GPU"
-            )
+            )  # api._NO_CUDA_PROVIDER says the same
         if self._from_bytes and self._source is None:
             raise BackendUnavailableError(f"{self.path.name}: the checked bytes were released after the first "
                                           "activation; load the artifact again")

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import sys
 from pathlib import Path
 
 from ..cliutil import EXIT_FAILED, EXIT_OK, EXIT_USAGE, OneLineParser, add_debug, exit_codes, guarded, parse
 from ..errors import ArtifactError, BackendUnavailableError
+from ..api import check_loadable
 from ..manifest import MANIFEST_NAME, read_manifest
 from ..names import BACKENDS, PRECISIONS
 from ..specs import GRAPHS
@@ -23,9 +25,12 @@ from .server import ServeOptions
 def _gpu_ids(text: str) -> list[int]:
     """``--gpus 0,1`` -> [0, 1]; anything else is a ValueError saying what is allowed."""
     try:
-        return [int(g) for g in text.split(",") if g.strip()]
+        ids = [int(g) for g in text.split(",") if g.strip()]
     except ValueError:
-        raise ValueError(f"--gpus {text!r}: comma-separated GPU ids, e.g. 0,1") from None
+        ids = []
+    if not ids or any(i < 0 for i in ids):
+        raise ValueError(f"--gpus {text!r}: comma-separated GPU ids (0, 1, ...), e.g. 0,1")
+    return ids
 
 
 # --------------------------------------------------------------------------- asym-serve
@@ -83,8 +88,15 @@ def serve_main(argv: list[str] | None = None) -> int:
     def body() -> int:
         try:
             opts = _serve_options(args)
+            # what every model instance's load() would refuse, refused here, before Triton starts
+            # (a bad folder or backend was a model that failed to load inside Triton: exit 1)
             manifest = read_manifest(opts.artifact)
-        except (ValueError, ArtifactError) as e:
+            has_uncond = any(e.role == "decoder_uncond" for e in manifest.files.values())
+            for graph in opts.graphs:  # as each model loads it (model.py): a folder without the plain
+                # decoder decodes plainly through the conditional one
+                check_loadable(opts.artifact, opts.backend, opts.precision, device_id=(opts.gpus or [0])[0],
+                               graphs=("decoder",) if graph == "decoder_uncond" and not has_uncond else (graph,))
+        except (ValueError, ArtifactError, BackendUnavailableError) as e:
             print(f"asym-serve: error: {e}", file=sys.stderr)
             return EXIT_USAGE
         server = _server.TritonServer(opts)
@@ -142,6 +154,13 @@ def _serve_options(args) -> ServeOptions:
         raise ValueError(f"--max-batch {args.max_batch}: at least 1")
     if args.exit_timeout < 0:
         raise ValueError(f"--exit-timeout {args.exit_timeout}: seconds, >= 0")
+    if not 0 < args.start_timeout < float("inf"):
+        raise ValueError(f"--start-timeout {args.start_timeout}: seconds, > 0")
+    try:
+        socket.getaddrinfo(args.address, None)
+    except (socket.gaierror, UnicodeError) as e:
+        raise ValueError(f"--address {args.address!r} is no address this machine can listen on ({e}); "
+                         "e.g. 127.0.0.1, 0.0.0.0 or a host name") from None
     if args.max_queue_delay_us < 0:
         raise ValueError(f"--max-queue-delay-us {args.max_queue_delay_us}: must be >= 0")
     if args.precision == "bf16" and args.backend != "openvino":
