@@ -101,6 +101,16 @@ def candidates(manifest: Manifest, backends: list | None = None) -> list[Candida
     return out
 
 
+def _why_not(name: BackendName) -> str:
+    if name.backend == "tensorrt":
+        return " (TensorRT runs engines, which asym-export --engines builds on a GPU)"
+    if name.precision == "bf16" and name.backend != "openvino":
+        return " (bf16 is OpenVINO's compute precision on the FP32 graphs)"
+    if name.option == "portable" and name.backend != "onnxruntime-cuda":
+        return " (/portable is onnxruntime-cuda's choice of the standard graphs over the CUDA form)"
+    return ""
+
+
 def default_shapes(manifest: Manifest) -> list[Shape]:
     shapes = manifest.data.get("verification", {}).get("shapes") or [manifest.data.get("export_shape", "2x64x64")]
     return [parse_shape(s) for s in shapes]
@@ -137,6 +147,14 @@ def run_parity(root: str | Path, *, backends: list[str] | None = None, shapes: l
             result.skipped_shapes.append((s, f"outside the folder's shape limits ({manifest.limits})"))
     if not usable:
         raise ParityError("no comparison shape lies inside the folder's shape limits; pass --shapes")
+    chosen = candidates(manifest, backends)
+    if backends:  # a name that selects nothing is the name's or the folder's doing, not the machine's
+        offered = candidates(manifest)
+        for b in backends:
+            name = b if isinstance(b, BackendName) else parse_backend_name(b, PARITY_BACKENDS)
+            if not any(c.selected_by(name) for c in offered):
+                raise ParityError(f"--backends {name}: {root} offers nothing it names{_why_not(name)}; it offers "
+                                  f"{', '.join(c.label for c in offered)}")
 
     vae = reference_from_manifest(manifest, reference_cache).to(reference_device)
     sf = manifest.scaling_factor
@@ -152,7 +170,7 @@ def run_parity(root: str | Path, *, backends: list[str] | None = None, shapes: l
 
         torch.cuda.empty_cache()
 
-    for cand in candidates(manifest, backends):
+    for cand in chosen:
         opts = (provider_options or {}).get(cand.precision) if cand.backend == "onnxruntime-cuda" else None
         try:
             rt = asym_runtime.load(root, backend=cand.backend, precision=cand.precision,
@@ -233,8 +251,10 @@ def _main(args) -> int:
 
     try:
         backends = None
-        if args.backends:
+        if args.backends is not None:
             backends = []
+            if not args.backends.strip(", "):
+                raise AsymInputError(f"--backends {args.backends!r} names no backend")
             for b in (b.strip() for b in args.backends.split(",") if b.strip()):
                 try:
                     name = parse_backend_name(b, PARITY_BACKENDS)
@@ -248,14 +268,18 @@ def _main(args) -> int:
             lim = read_manifest(args.dir).limits
             shapes = list(dict.fromkeys([lim.min, lim.opt, lim.max]))
         else:
-            shapes = [parse_shape(s) for s in args.shapes.split(",") if s.strip()] if args.shapes else None
+            shapes = [parse_shape(s) for s in args.shapes.split(",") if s.strip()] if args.shapes is not None else None
+            if shapes == []:
+                raise AsymInputError(f"--shapes {args.shapes!r} names no shape; give BxHxW[,BxHxW...] or limits")
         if args.reference_device == "cuda":
             import torch
 
             if not torch.cuda.is_available():
                 raise AsymInputError("--reference-device cuda: torch sees no CUDA GPU here")
-        if args.atol is not None and not args.atol > 0:
-            raise AsymInputError(f"--atol {args.atol} must be positive")
+        if args.atol is not None and not 0 < args.atol < float("inf"):
+            raise AsymInputError(f"--atol {args.atol} must be a positive finite number")
+        if args.seed is not None and args.seed < 0:
+            raise AsymInputError(f"--seed {args.seed} must be >= 0")
         result = run_parity(args.dir, backends=backends, shapes=shapes, fp32_max_abs=args.atol, seed=args.seed,
                             reference_device=args.reference_device)
     except (ArtifactError, AsymInputError, ParityError, ReferenceWeightsError, WeightsError) as e:

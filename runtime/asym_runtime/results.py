@@ -115,6 +115,8 @@ def _noise(shape: tuple[int, ...], generator: Any, ref: Any) -> Any:
             noise = torch.randn(shape, generator=gens, device=rand_device, dtype=torch.float32)
         noise = noise.to(device)
         return noise if arrays.is_torch(ref) else noise.cpu().numpy()
+    if isinstance(generator, (int, np.integer)) and not isinstance(generator, bool) and generator < 0:
+        raise AsymInputError(f"sample: seed {generator} must be >= 0 (numpy seeds are non-negative integers)")
     if generator is None or isinstance(generator, (int, np.integer)):
         generator = np.random.default_rng(generator)
     if not isinstance(generator, np.random.Generator):

@@ -47,11 +47,20 @@ def test_parity_refuses_a_reference_that_is_not_the_exported_one(tiny_artifact, 
     (["{tiny}", "--backends", "openvino-gpu"], "--backends openvino-gpu: choose from"),
     (["{tiny}", "--shapes", "1x60x64"], "multiples of 8"),
     (["{tiny}", "--shapes", "8x64x64"], "no comparison shape lies inside"),
+    # names that select nothing in the folder were "no backend could run on this machine" (exit 1)
+    (["{tiny}", "--backends", "tensorrt"], "--backends tensorrt: {tiny} offers nothing it names (TensorRT runs engines"),
+    (["{tiny}", "--backends", "onnxruntime-cpu/bf16"], "(bf16 is OpenVINO's compute precision"),
+    (["{tiny}", "--backends", "onnxruntime-cpu/fp32/portable"], "it offers onnxruntime-cpu/fp32, onnxruntime-cpu/fp16"),
+    # empty lists ran the defaults; a negative seed was an unexpected error
+    (["{tiny}", "--backends", ","], "--backends ',' names no backend"),
+    (["{tiny}", "--shapes", ","], "--shapes ',' names no shape"),
+    (["{tiny}", "--seed", "-1"], "--seed -1 must be >= 0"),
+    (["{tiny}", "--atol", "inf"], "--atol inf must be a positive finite number"),
 ])
 def test_parity_usage_errors_exit_2(tiny_artifact, tmp_path, capsys, argv, message):
     argv = [a.format(missing=tmp_path / "nope", tiny=tiny_artifact) for a in argv]
     assert main(argv) == EXIT_USAGE
-    assert message in capsys.readouterr().err
+    assert message.format(tiny=tiny_artifact) in capsys.readouterr().err
 
 
 def test_a_backend_that_could_not_run_is_named_in_the_verdict(tiny_artifact, capsys):

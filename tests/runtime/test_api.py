@@ -105,6 +105,8 @@ def test_sample_with_a_numpy_generator(tiny_rt):
     np.testing.assert_allclose(a, dist.mean + dist.std * noise, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="generator must be"):
         dist.sample("seed")
+    with pytest.raises(asym_runtime.AsymInputError, match="sample: seed -1 must be >= 0"):
+        dist.sample(-1)  # numpy's own 'expected non-negative integer' named no seed
 
 
 def test_torch_tensors_in_give_torch_tensors_out(tiny_rt):
