@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 #: numpy dtypes accepted as input and converted to float32 (the graphs' I/O dtype).
-_NP_FLOATS = (np.float16, np.float32, np.float64)
+_NP_FLOATS = (np.float16, np.float32, np.float64, np.longdouble)
 
 
 def torch_module():
@@ -59,7 +59,8 @@ def is_floating(x: Any) -> bool:
 def to_float32(x: Any) -> Any:
     """Contiguous float32 with the same kind and device; no copy when it already is one."""
     if isinstance(x, np.ndarray):
-        return np.ascontiguousarray(x, dtype=np.float32)
+        with np.errstate(over="ignore"):  # beyond float32's range becomes Inf, which the checks name
+            return np.ascontiguousarray(x, dtype=np.float32)
     torch = torch_module()
     return x.detach().to(torch.float32).contiguous()
 

@@ -98,7 +98,7 @@ def check_inputs(call: str, specs: Sequence[TensorSpec], values: dict[str, Any],
         if not arrays.is_floating(x):
             raise AsymInputError(
                 f"{call}: {spec.name} has dtype {arrays.dtype_name(x)}; a floating dtype is "
-                "required (float32; float16/float64 are converted). Images go in as floats in "
+                "required (float32; float16/float64/longdouble are converted). Images go in as floats in "
                 "[-1, 1]: asym_runtime.images converts uint8/PIL images"
             )
 
@@ -150,6 +150,10 @@ def check_inputs(call: str, specs: Sequence[TensorSpec], values: dict[str, Any],
         if math.isnan(lo) or math.isnan(hi):
             raise AsymInputError(f"{call}: {spec.name} contains NaN")
         if math.isinf(lo) or math.isinf(hi):
+            olo, ohi = arrays.min_max(values[spec.name])  # the caller's own values, wider than float32?
+            if not (math.isinf(olo) or math.isinf(ohi)):
+                raise AsymInputError(f"{call}: {spec.name} has values beyond float32's range (min {olo:.4g}, max "
+                                     f"{ohi:.4g}); the graphs compute in float32")
             raise AsymInputError(f"{call}: {spec.name} contains Inf")
         if spec.value_range is not None and spec.name in RANGE_SLACK:
             slack = RANGE_SLACK[spec.name]

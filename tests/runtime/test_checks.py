@@ -79,6 +79,10 @@ BAD_DECODES = [
     ("nan-latent-plain", dict(latent=_nan(G["latent"])), AsymInputError, r"latent contains NaN"),
     ("plus-inf-latent", _with(latent=_pinf(G["latent"])), AsymInputError, r"latent contains Inf"),
     ("plus-inf-latent-plain", dict(latent=_pinf(G["latent"])), AsymInputError, r"latent contains Inf"),
+    # float64 past float32's range became Inf on conversion: it was reported as Inf, with numpy's
+    # overflow warning
+    ("f64-beyond-f32", dict(latent=_reach(G["latent"].astype(np.float64), 1e300)), AsymInputError,
+     r"latent has values beyond float32's range \(min .*, max 1e\+300\)"),
     # the documented bound is [-1, 1] with slack 0.5: just past it either way is refused
     ("image-above-1.5", _with(image=_reach(G["image"], 1.6)), AsymInputError,
      r"image values must lie in \[-1, 1\] \(checked with slack 0.5\); got min .*, max 1.60000002"),
@@ -113,6 +117,25 @@ def test_bad_decode_input_is_refused_before_the_backend(spied, kwargs, error, me
         rt.decode(**kwargs)
     assert isinstance(e.value, ValueError)
     assert str(e.value).startswith("decode: ")
+    assert calls == []
+
+
+def test_wide_floats_are_converted_quietly_or_named(spied):
+    """longdouble is converted like float64 (it was refused as 'not a floating dtype'); a value
+    float32 cannot hold is named, with no numpy overflow warning on the way."""
+    import warnings
+
+    from asym_runtime.checks import check_inputs
+    from asym_runtime.specs import DECODER_UNCOND
+
+    rt, calls = spied
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        req = check_inputs("decode", DECODER_UNCOND.inputs, {"latent": G["latent"].astype(np.longdouble)}, rt.limits)
+        np.testing.assert_array_equal(req.feed["latent"], G["latent"])
+        with pytest.raises(AsymInputError, match="beyond float32's range"):
+            rt.decode(_reach(G["latent"].astype(np.float64), -1e300))
     assert calls == []
 
 
