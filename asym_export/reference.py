@@ -58,9 +58,14 @@ def reference_from_manifest(manifest: Manifest, cache: dict | None = None):
 
 
 def _build_from_manifest(manifest: Manifest):
-    from .variants import get_variant
+    from asym_runtime.errors import ArtifactError
+
+    from .variants import VARIANTS, get_variant
     from .weights import load_reference, random_model, state_dict_digest
 
+    if manifest.variant not in VARIANTS:  # the runtime runs any variant; the reference needs its model
+        raise ArtifactError(f"{manifest.root}: variant {manifest.variant!r} is not one this asym-export can "
+                            f"rebuild the reference of ({', '.join(VARIANTS)})")
     variant = get_variant(manifest.variant)
     w = manifest.data["weights"]
     source = w.get("source")

@@ -42,6 +42,17 @@ def test_parity_refuses_a_reference_that_is_not_the_exported_one(tiny_artifact, 
     assert "not the weights this folder was exported from" in capsys.readouterr().err
 
 
+def test_parity_refuses_a_variant_it_cannot_rebuild(tiny_artifact, copy_artifact, capsys):
+    """The schema takes any variant name (the runtime needs only the model config); the reference
+    needs the model: an unknown one was an unexpected ValueError, exit 1."""
+    folder = copy_artifact(tiny_artifact)
+    data = json.loads((folder / "manifest.json").read_text())
+    data["variant"] = "x9"
+    (folder / "manifest.json").write_text(json.dumps(data))
+    assert main([str(folder)]) == EXIT_USAGE
+    assert "variant 'x9' is not one this asym-export can rebuild the reference of" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["{missing}"], "is not a folder"),
     (["{tiny}", "--backends", "openvino-gpu"], "--backends openvino-gpu: choose from"),
