@@ -169,6 +169,13 @@ def _main(args, argv) -> int:
             raise ValueError(f"--batches {args.batches!r}: comma-separated integers ({e})") from None
         if any(b < 1 for b in batches) or args.repeats < 1 or args.warmup < 0:
             raise ValueError("--batches and --repeats must be >= 1, --warmup >= 0")
+        if args.artifact is None:  # the implicit export's limits: refuse before minutes of exporting
+            from asym_runtime.specs import Shape, ShapeLimits
+
+            default = ShapeLimits()
+            if not any(default.contains(Shape(b, h, w)) for b in batches for h, w in sizes):
+                raise ValueError(f"no batch x size asked for lies inside the shape limits of the export "
+                                 f"made without --artifact ({default}); choose --sizes and --batches inside them")
         for path, flag in ((args.json, "--json"), (args.plot, "--plot")):
             problem = path is not None and _output_problem(path, flag)
             if problem:

@@ -63,6 +63,7 @@ def plot(result: dict, path: Path) -> Path:
         ax.legend(fontsize=8)
     fig.suptitle(f"asym-bench on {result['machine']['device']}", fontsize=9)
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

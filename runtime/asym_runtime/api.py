@@ -135,46 +135,56 @@ def _check_arguments(backend: str, precision: str | None, graph_form: str, graph
 
 def check_loadable(path: str | os.PathLike, backend: str = "auto", precision: str | None = None, *,
                    graphs: Iterable[str] | None = None, graph_form: str = "auto", device_id: int = 0) -> Manifest:
-    """Refuse what :func:`load` with these arguments would refuse, without starting a backend:
-    the arguments, the manifest, whether the backend can run on this machine, the graphs (or
-    engines) of that precision, and every file it would read (no link, regular, size and sha256,
-    the hash streamed). For launchers that hand the folder to another process (``asym-serve``):
-    a bad folder or backend is refused before that process starts. Raises as :func:`load` does;
-    returns the manifest."""
+    """Refuse what :func:`load` with these arguments would refuse, without starting a backend,
+    raising as it does: the arguments, the manifest, whether the backend can run here (TensorRT:
+    the package, a GPU, and the engines' record against this GPU and TensorRT version), the graphs
+    or engines of that precision, and every file the chosen backend reads (no link, a regular
+    file, size and sha256, the hash streamed; an ONNX graph's data files as the graph names them).
+    ``"auto"`` checks what load() would pick: compatible engines where TensorRT runs, else the ONNX
+    graphs. What it cannot see without a session: whether ONNX Runtime's CUDA provider starts on
+    the GPU. For launchers that hand the folder to another process (``asym-serve``): a bad
+    folder or backend is refused before that process starts. Returns the manifest."""
     wanted = _check_arguments(backend, precision, graph_form, graphs)
     manifest = read_manifest(path)
-    names: list[str] = []
     if backend == "openvino":
         from .backends import openvino as ov_backend
 
         reason = ov_backend.unavailable_reason() or (ov_backend.bf16_reason() if precision == "bf16" else None)
         if reason:
             raise BackendUnavailableError(reason)
-        names += _onnx_entries(manifest, "fp32", wanted).values()
-    else:
-        engines = _engine_entries(manifest, precision, wanted) if backend in ("auto", "tensorrt") else None
+        for name in _onnx_entries(manifest, "fp32", wanted).values():
+            manifest.check_graph(name)
+        return manifest
+    if backend in ("auto", "tensorrt"):
+        engines = _engine_entries(manifest, precision, wanted)
+        reason = trt_backend.unavailable_reason(device_id) if backend == "tensorrt" or engines else None
         if backend == "tensorrt":
-            reason = trt_backend.unavailable_reason(device_id)
             if reason:
                 raise BackendUnavailableError(reason)
             if engines is None:
                 raise ArtifactError(_no_engines(manifest, precision))
-            names += engines.values()
-        else:
-            if engines is not None and trt_backend.unavailable_reason(device_id) is None:
-                names += engines.values()
-            cuda = backend == "onnxruntime-cuda" or (backend in ("auto", "onnxruntime") and cuda_provider_available())
-            if backend == "onnxruntime-cuda" and not cuda_provider_available():
-                raise BackendUnavailableError(_NO_CUDA_PROVIDER)
-            if graph_form == "cuda" and not cuda:
-                raise BackendUnavailableError(f"graph_form 'cuda' needs ONNX Runtime's CUDA provider: {_NO_CUDA_PROVIDER}")
-            names += _onnx_entries(manifest, precision or "fp32", wanted).values()
-            if cuda:
-                names += (_cuda_entries(manifest, precision or "fp32", wanted, graph_form) or {}).values()
+        if engines is not None and not reason:
+            try:
+                _engine_record(manifest, device_id)
+            except (IncompatibleEngineError, BackendUnavailableError):
+                if backend == "tensorrt":
+                    raise
+            else:  # TensorRT runs these: the ONNX graphs are not read
+                for name in engines.values():
+                    manifest.check_file(name)
+                return manifest
+    precision = precision or "fp32"
+    portable = _onnx_entries(manifest, precision, wanted)
+    cuda = backend == "onnxruntime-cuda" or (backend in ("auto", "onnxruntime") and cuda_provider_available())
+    if backend == "onnxruntime-cuda" and not cuda_provider_available():
+        raise BackendUnavailableError(_NO_CUDA_PROVIDER)
+    if graph_form == "cuda" and not cuda:
+        raise BackendUnavailableError(f"graph_form 'cuda' needs ONNX Runtime's CUDA provider: {_NO_CUDA_PROVIDER}")
+    names = list(portable.values())
+    if cuda:  # the CUDA form first, as load() tries the CUDA provider first
+        names = list((_cuda_entries(manifest, precision, wanted, graph_form) or {}).values()) + names
     for name in dict.fromkeys(names):
-        manifest.check_file(name)
-        for e in manifest.companions(name):
-            manifest.check_file(e.name)
+        manifest.check_graph(name)
     return manifest
 
 
@@ -314,8 +324,9 @@ def _intersect(a: ShapeLimits, b: ShapeLimits | None) -> ShapeLimits:
     return ShapeLimits(**kw)
 
 
-def _load_tensorrt(manifest: Manifest, engines: dict[str, str], device_id: int,
-                   cuda_graph: bool) -> AsymVAE:
+def _engine_record(manifest: Manifest, device_id: int) -> tuple[dict, dict]:
+    """The folder's ``engines`` record, checked against this GPU and TensorRT (IncompatibleEngineError
+    if built for others), and the GPU's description. Needs TensorRT to be available."""
     import tensorrt as trt  # present: unavailable_reason() said so
 
     meta = manifest.data.get("engines")
@@ -329,6 +340,14 @@ def _load_tensorrt(manifest: Manifest, engines: dict[str, str], device_id: int,
         meta, variant=manifest.variant, tensorrt_version=trt.__version__,
         compute_capability=dev["compute_capability"], device_name=dev["name"],
     )
+    return meta, dev
+
+
+def _load_tensorrt(manifest: Manifest, engines: dict[str, str], device_id: int,
+                   cuda_graph: bool) -> AsymVAE:
+    import tensorrt as trt  # present: unavailable_reason() said so
+
+    meta, dev = _engine_record(manifest, device_id)
     limits = manifest.limits
     if isinstance(meta.get("profile"), dict):
         limits = _intersect(limits, ShapeLimits.from_dict(meta["profile"]))

@@ -237,11 +237,22 @@ class Manifest:
         of a load that another process makes (asym-serve), which checks again what it reads."""
         entry = self._entry(name)
         path = refuse_links(self.root, f"{self.generation}/{name}")
-        st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode):
-            raise ArtifactError(f"{path} is not a regular file; an artifact folder holds regular files only")
-        self._check(name, st.st_size, sha256_file(path) if st.st_size == entry.size else "")
+        try:
+            st = os.stat(path)
+            if not stat.S_ISREG(st.st_mode):
+                raise ArtifactError(f"{path} is not a regular file; an artifact folder holds regular files only")
+            digest = sha256_file(path) if st.st_size == entry.size else ""
+        except OSError as e:  # EACCES ...: the load would fail the same way
+            raise ArtifactError(f"{path}: cannot be read ({e.strerror})") from None
+        self._check(name, st.st_size, digest)
         return path
+
+    def check_graph(self, name: str) -> None:
+        """:meth:`check_file` for graph ``name`` and every external data file it names (as
+        :meth:`graph_source` finds them: from the graph's own tensors, each listed here)."""
+        model = self.read_verified(name)
+        for _, rel in self._external_files(name, model):
+            self.check_file(rel)
 
     def verify_file(self, name: str) -> Path:
         """Check ``name`` (size, sha256, a regular file, no link) and return its path, for
@@ -256,9 +267,18 @@ class Manifest:
         generation folder to a file the manifest lists, and is read and hashed like the graph.
         """
         model = self.read_verified(name)
-        base = posixpath.dirname(name)
         external: dict[str, bytes] = {}
         digests = [self.files[name].sha256]
+        for loc, rel in self._external_files(name, model):
+            external[loc] = self.read_verified(rel)
+            digests.append(self.files[rel].sha256)
+        return GraphSource(name, model, external, tuple(digests))
+
+    def _external_files(self, name: str, model: bytes) -> list[tuple[str, str]]:
+        """(location as the graph writes it, listed file name) of every external data file graph
+        ``name`` reads; each must resolve inside the generation folder to a listed file."""
+        base = posixpath.dirname(name)
+        out = []
         for loc in external_locations(model, f"{self.root}/{name}"):
             rel = posixpath.normpath(posixpath.join(base, loc))
             if posixpath.isabs(loc) or rel == ".." or rel.startswith("../") or "\\" in loc:
@@ -266,9 +286,8 @@ class Manifest:
             if rel not in self.files:
                 raise ArtifactError(f"{self.root}: {name} reads external data from {loc!r}, which {MANIFEST_NAME} "
                                     "does not list (size, sha256); the folder cannot be checked")
-            external[loc] = self.read_verified(rel)
-            digests.append(self.files[rel].sha256)
-        return GraphSource(name, model, external, tuple(digests))
+            out.append((loc, rel))
+        return out
 
     def _check(self, name: str, size: int, digest: str) -> None:
         entry = self.files[name]

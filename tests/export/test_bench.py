@@ -14,7 +14,7 @@ from asym_runtime.specs import Shape
 
 
 def test_bench_end_to_end_on_tiny(tiny_artifact, tmp_path, capsys):
-    out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
+    out_json, out_png = tmp_path / "bench.json", tmp_path / "plots" / "bench.png"  # a folder to make
     code = main(["--variant", "tiny", "--artifact", str(tiny_artifact), "--sizes", "64,64x96",
                  "--batches", "1,2", "--warmup", "0", "--repeats", "2", "--json", str(out_json),
                  "--plot", str(out_png)])
@@ -77,6 +77,10 @@ def test_nothing_inside_the_limits_is_refused_before_loading(tiny_artifact, caps
     assert "loading" not in captured.out
     assert main(["--variant", "tiny", "--artifact", str(tiny_artifact), "--sizes", "64", "--batches", "9",
                  "--backends", "onnxruntime-cpu/fp32"]) == 2
+    # without --artifact: refused before the implicit export, against the limits it would have
+    assert main(["--variant", "tiny", "--sizes", "2048", "--backends", "onnxruntime-cpu/fp32"]) == 2
+    captured = capsys.readouterr()
+    assert "the export made without --artifact" in captured.err and "exporting" not in captured.out
 
 
 def test_a_failing_implicit_export_is_an_error_not_a_traceback(monkeypatch, capsys):

@@ -195,20 +195,40 @@ def test_graph_form_cuda_insists_on_the_cuda_provider(tiny_artifact):
     dict(backend="tensorrt"), dict(backend="onnxruntime-cuda"), dict(backend="onnxruntime-cpu", graph_form="cuda"),
     dict(graphs=("vae",)), dict(precision="fp16"), dict(), dict(backend="openvino"),
 ])
-def test_check_loadable_refuses_what_load_refuses(tiny_artifact, kwargs):
+@pytest.mark.parametrize("folder", ["tiny_artifact", "with_engines"])
+def test_check_loadable_refuses_what_load_refuses(request, folder, kwargs):
     """asym-serve checks a folder with check_loadable before Triton starts and the models load
-    it there: both must agree, without check_loadable starting a backend."""
+    it there: both must agree, without check_loadable starting a backend. The folder with
+    engines takes the engine branches as far as this machine goes (tests/runtime/test_gpu.py
+    has engines built for other TensorRT versions refused by both)."""
+    path = request.getfixturevalue(folder)
     try:
-        with asym_runtime.load(tiny_artifact, **kwargs):
+        with asym_runtime.load(path, **kwargs):
             loaded = None
     except (ValueError, ArtifactError, BackendUnavailableError) as e:
         loaded = e
     if loaded is None:
-        assert asym_runtime.check_loadable(tiny_artifact, **kwargs).variant == "tiny"
+        assert asym_runtime.check_loadable(path, **kwargs).variant == "tiny"
     else:
         with pytest.raises(type(loaded)) as checked:
-            asym_runtime.check_loadable(tiny_artifact, **kwargs)
+            asym_runtime.check_loadable(path, **kwargs)
         assert str(checked.value) == str(loaded)
+
+
+def test_check_loadable_reads_the_data_files_the_graph_names(tiny_artifact, copy_artifact):
+    """A data file is found from the graph's own tensors, as load() finds it (not from the
+    manifest's hint): a damaged one is refused by both."""
+    folder = copy_artifact(tiny_artifact)
+    m = asym_runtime.read_manifest(folder)
+    (data,) = m.companions("encoder.onnx")
+    path = m.path(data.name)
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 1
+    path.write_bytes(bytes(raw))
+    for check in (asym_runtime.check_loadable, asym_runtime.load):
+        with pytest.raises(ArtifactError, match=f"sha256 of {data.name}"):
+            check(folder, graphs=("encoder",))
+    asym_runtime.check_loadable(folder, graphs=("decoder",))  # only what is loaded is read
 
 
 def test_a_precision_the_folder_lacks_names_the_ones_it_has(tiny_artifact, copy_artifact):

@@ -157,6 +157,9 @@ def test_foreign_or_tampered_engines_are_refused(trt_artifact, tmp_path, caplog)
     (folder / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(IncompatibleEngineError, match="built with TensorRT 1.0.0.0"):
         asym_runtime.load(folder, backend="tensorrt")
+    with pytest.raises(IncompatibleEngineError, match="built with TensorRT 1.0.0.0"):
+        asym_runtime.check_loadable(folder, backend="tensorrt")  # as load() refuses it (asym-serve's check)
+    asym_runtime.check_loadable(folder)  # "auto" goes on to ONNX Runtime, as load() does
     with caplog.at_level(logging.WARNING, logger="asym_runtime"):
         with asym_runtime.load(folder) as rt:
             assert rt.backend.startswith("onnxruntime")

@@ -92,10 +92,11 @@ def serve_main(argv: list[str] | None = None) -> int:
             # (a bad folder or backend was a model that failed to load inside Triton: exit 1)
             manifest = read_manifest(opts.artifact)
             has_uncond = any(e.role == "decoder_uncond" for e in manifest.files.values())
-            for graph in opts.graphs:  # as each model loads it (model.py): a folder without the plain
-                # decoder decodes plainly through the conditional one
-                check_loadable(opts.artifact, opts.backend, opts.precision, device_id=(opts.gpus or [0])[0],
-                               graphs=("decoder",) if graph == "decoder_uncond" and not has_uncond else (graph,))
+            # the graphs the models load (model.py: a folder without the plain decoder decodes
+            # plainly through the conditional one); the device checks on the first GPU
+            graphs = {("decoder" if g == "decoder_uncond" and not has_uncond else g) for g in opts.graphs}
+            check_loadable(opts.artifact, opts.backend, opts.precision, device_id=(opts.gpus or [0])[0],
+                           graphs=[g for g in GRAPHS if g in graphs])
         except (ValueError, ArtifactError, BackendUnavailableError) as e:
             print(f"asym-serve: error: {e}", file=sys.stderr)
             return EXIT_USAGE
