@@ -124,9 +124,11 @@ def tensorrt_parameters(graph, limits: ShapeLimits, precision: str, digests, cac
         params[key] = profile_text(limits, graph, corner)
     if cache is not None:
         key = hashlib.sha256("\n".join([precision, *digests]).encode()).hexdigest()[:16]
-        params.update({"trt_engine_cache_enable": "1",
-                       "trt_engine_cache_path": f"{cache.rstrip('/')}/{graph.name}-{precision}-{key}",
-                       "trt_timing_cache_enable": "1", "trt_timing_cache_path": cache.rstrip("/") or "/"})
+        folder = f"{cache.rstrip('/')}/{graph.name}-{precision}-{key}"
+        # the timing cache in the graph's own folder too: Triton loads models in parallel, and one
+        # shared file would be written by several builds at once
+        params.update({"trt_engine_cache_enable": "1", "trt_engine_cache_path": folder,
+                       "trt_timing_cache_enable": "1", "trt_timing_cache_path": folder})
     return params
 
 
@@ -313,7 +315,8 @@ def check_repository(repo: str | os.PathLike, manifest: Manifest | None = None) 
                 want = profile_text(limits, graph, corner)
                 if acc.parameters.get(key) != want:
                     problems.append(f"{where}/config.pbtxt: the tensorrt accelerator's {key} is "
-                                    f"{acc.parameters.get(key)!r}, the limits say {want!r}")
+                                    f"{acc.parameters.get(key)!r}, the limits say {want!r} (a repository "
+                                    "from before explicit profiles: write it again)")
         actual = {}
         for rel, digest in trail["sha256"].items():
             path = model_dir / rel
