@@ -142,7 +142,7 @@ def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(tmp_path,
 
 @pytest.mark.parametrize("argv, code, needle", [
     (["--variant", "x3", "--random-weights", "--out", "o"], 2, "unknown variant 'x3'"),
-    (["--variant", "tiny", "--random-weights", "--atol", "0", "--out", "o"], 2, "--atol 0.0 must be positive"),
+    (["--variant", "tiny", "--random-weights", "--atol", "0", "--out", "o"], 2, "--atol 0.0 must be a positive"),
     (["--variant", "tiny", "--random-weights", "--fp16-headroom", "0.5", "--out", "o"], 2, "--fp16-headroom 0.5"),
     (["--variant", "tiny", "--random-weights", "--seed", "-1", "--out", "o"], 2, "--seed -1 must be >= 0"),
     (["--variant", "tiny", "--random-weights", "--opt-level", "3", "--out", "o"], 2, "--opt-level"),

@@ -100,6 +100,7 @@ def test_a_second_interrupt_while_triton_drains_kills_it(tmp_path):
     drains: it must be killed before the interrupt goes on, or it keeps the ports with nobody left
     to stop it. A process that ignores SIGTERM stands in for a draining Triton; stop() is real."""
     import _thread
+    import signal
     import subprocess
     import sys
     import threading
@@ -116,16 +117,39 @@ def test_a_second_interrupt_while_triton_drains_kills_it(tmp_path):
     s = server.TritonServer(server.ServeOptions(artifact=tmp_path))
     s.process, s.workspace, s._own_workspace = child, tmp_path / "ws", True
     s.workspace.mkdir()
-    timer = threading.Timer(1.0, _thread.interrupt_main)  # the second Ctrl-C, while stop() waits
-    timer.start()
+    # The second Ctrl-C, while stop() waits, repeated every 0.5 s until stop() has acted on one: a
+    # CI run saw stop() wait out its timeout after a single interrupt_main, which CPython drops when
+    # it lands in a finalizer that garbage collection runs just then, and which does nothing while
+    # SIGINT is ignored or left to the OS (so Python's own handler is set for the duration).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    done = threading.Event()
+
+    def ctrl_c():
+        delay = 1.0
+        while not done.wait(delay) and child.poll() is None:
+            _thread.interrupt_main()
+            delay = 0.5
+
+    firer = threading.Thread(target=ctrl_c, daemon=True)
+    firer.start()
     started = time.monotonic()
     try:
         with pytest.raises(KeyboardInterrupt):
             s.stop(timeout_s=60)
+        survived = child.poll() is None  # stop() must have killed it before the interrupt went on
     finally:
-        timer.cancel()
+        done.set()
+        while True:  # one more may have fired just as stop() raised
+            try:
+                firer.join()
+                time.sleep(0.01)  # lets a pending one be raised here
+                break
+            except KeyboardInterrupt:
+                continue
+        signal.signal(signal.SIGINT, previous)
         if child.poll() is None:
             child.kill()
+    assert not survived, "the interrupt left the server running"
     assert time.monotonic() - started < 30, "stop() waited out its timeout instead of killing"
     assert child.returncode == -9  # SIGKILL, not the SIGTERM it ignores
     assert not (tmp_path / "ws").exists()
