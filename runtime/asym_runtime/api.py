@@ -20,7 +20,7 @@ from typing import Iterable
 
 from .backends import tensorrt as trt_backend
 from .backends.base import Backend
-from .backends.onnxrt import OnnxRuntimeBackend, cuda_provider_available
+from .backends.onnxrt import NO_CUDA_PROVIDER, OnnxRuntimeBackend, cuda_provider_available
 from .errors import ArtifactError, BackendUnavailableError, IncompatibleEngineError
 from .manifest import FORMAT_ONNX, FORMAT_ONNX_CUDA, FORMAT_PLAN, MANIFEST_NAME, ArtifactMissing, Manifest, read_manifest
 # load()'s backend, precision and graph-form names, with their written form BACKEND/PRECISION
@@ -147,22 +147,12 @@ def check_loadable(path: str | os.PathLike, backend: str = "auto", precision: st
     wanted = _check_arguments(backend, precision, graph_form, graphs)
     manifest = read_manifest(path)
     if backend == "openvino":
-        from .backends import openvino as ov_backend
-
-        reason = ov_backend.unavailable_reason() or (ov_backend.bf16_reason() if precision == "bf16" else None)
-        if reason:
-            raise BackendUnavailableError(reason)
+        _require_openvino(precision)
         for name in _onnx_entries(manifest, "fp32", wanted).values():
             manifest.check_graph(name)
         return manifest
     if backend in ("auto", "tensorrt"):
-        engines = _engine_entries(manifest, precision, wanted)
-        reason = trt_backend.unavailable_reason(device_id) if backend == "tensorrt" or engines else None
-        if backend == "tensorrt":
-            if reason:
-                raise BackendUnavailableError(reason)
-            if engines is None:
-                raise ArtifactError(_no_engines(manifest, precision))
+        engines, reason = _tensorrt_engines(manifest, backend, precision, wanted, device_id)
         if engines is not None and not reason:
             try:
                 _engine_record(manifest, device_id)
@@ -177,9 +167,9 @@ def check_loadable(path: str | os.PathLike, backend: str = "auto", precision: st
     portable = _onnx_entries(manifest, precision, wanted)
     cuda = backend == "onnxruntime-cuda" or (backend in ("auto", "onnxruntime") and cuda_provider_available())
     if backend == "onnxruntime-cuda" and not cuda_provider_available():
-        raise BackendUnavailableError(_NO_CUDA_PROVIDER)
+        raise BackendUnavailableError(NO_CUDA_PROVIDER)
     if graph_form == "cuda" and not cuda:
-        raise BackendUnavailableError(f"graph_form 'cuda' needs ONNX Runtime's CUDA provider: {_NO_CUDA_PROVIDER}")
+        raise BackendUnavailableError(_NO_CUDA_FORM)
     names = list(portable.values())
     if cuda:  # the CUDA form first, as load() tries the CUDA provider first
         names = list((_cuda_entries(manifest, precision, wanted, graph_form) or {}).values()) + names
@@ -202,13 +192,8 @@ def _generation_of(path) -> str | None:
 def _load(manifest: Manifest, backend: str, precision: str | None, verify_onnx: bool, device_id: int,
           cuda_graph: bool, wanted: tuple[str, ...], graph_form: str, provider_options: dict | None) -> AsymVAE:
     if backend in ("auto", "tensorrt"):
-        engines = _engine_entries(manifest, precision, wanted)
-        reason = trt_backend.unavailable_reason(device_id) if backend == "tensorrt" or engines else None
+        engines, reason = _tensorrt_engines(manifest, backend, precision, wanted, device_id)
         if backend == "tensorrt":
-            if reason:
-                raise BackendUnavailableError(reason)
-            if engines is None:
-                raise ArtifactError(_no_engines(manifest, precision))
             return _load_tensorrt(manifest, engines, device_id, cuda_graph)
         if engines is not None:
             if reason:
@@ -223,22 +208,40 @@ def _load(manifest: Manifest, backend: str, precision: str | None, verify_onnx: 
                              cuda_graph=cuda_graph, graph_form=graph_form, provider_options=provider_options)
 
 
-def _no_engines(manifest: Manifest, precision: str | None) -> str:
-    return (f"{manifest.root} has no TensorRT engines" + (f" of precision {precision}" if precision else "")
-            + " (engines/*.plan); build them with asym-export --engines on a machine with a GPU, or use "
-            "backend='onnxruntime'")
+def _tensorrt_engines(manifest: Manifest, backend: str, precision: str | None, wanted: tuple[str, ...],
+                      device_id: int) -> tuple[dict[str, str] | None, str | None]:
+    """For backend "auto" or "tensorrt": the folder's engines of ``precision`` (None: none) and
+    why TensorRT cannot run here (None: it can; only asked where it matters). A forced
+    "tensorrt" raises instead: BackendUnavailableError, or ArtifactError without engines."""
+    engines = _engine_entries(manifest, precision, wanted)
+    reason = trt_backend.unavailable_reason(device_id) if backend == "tensorrt" or engines else None
+    if backend == "tensorrt":
+        if reason:
+            raise BackendUnavailableError(reason)
+        if engines is None:
+            raise ArtifactError(
+                f"{manifest.root} has no TensorRT engines" + (f" of precision {precision}" if precision else "")
+                + " (engines/*.plan); build them with asym-export --engines on a machine with a GPU, or use "
+                "backend='onnxruntime'")
+    return engines, reason
 
 
-_NO_CUDA_PROVIDER = ("the installed onnxruntime has no CUDA provider; install onnxruntime-gpu (and only it) "
-                     "to run ONNX Runtime on a GPU")
-
-
-def _load_openvino(manifest: Manifest, precision: str, wanted: tuple[str, ...], cache_dir) -> AsymVAE:
+def _require_openvino(precision: str | None) -> None:
+    """BackendUnavailableError unless OpenVINO runs here (and, for bf16, the CPU has BF16 units)."""
     from .backends import openvino as ov_backend
 
     reason = ov_backend.unavailable_reason() or (ov_backend.bf16_reason() if precision == "bf16" else None)
     if reason:
         raise BackendUnavailableError(reason)
+
+
+_NO_CUDA_FORM = f"graph_form 'cuda' needs ONNX Runtime's CUDA provider: {NO_CUDA_PROVIDER}"
+
+
+def _load_openvino(manifest: Manifest, precision: str, wanted: tuple[str, ...], cache_dir) -> AsymVAE:
+    from .backends import openvino as ov_backend
+
+    _require_openvino(precision)
     if cache_dir is None or cache_dir is True:
         cache_dir = ov_backend.default_cache_dir()
     backends: dict[str, Backend] = {}
@@ -386,7 +389,7 @@ def _load_onnxruntime(manifest: Manifest, backend: str, precision: str, verify: 
     if graph_form == "cuda":  # insisting on the CUDA form: no fallback to the CPU's portable graphs
         devices = [d for d in devices if d == "cuda"]
         if not devices:
-            raise BackendUnavailableError(f"graph_form 'cuda' needs ONNX Runtime's CUDA provider: {_NO_CUDA_PROVIDER}")
+            raise BackendUnavailableError(_NO_CUDA_FORM)
     if cuda_graph and "cuda" not in devices:
         if backend == "onnxruntime-cpu":
             raise ValueError("cuda_graph needs a GPU backend (TensorRT or ONNX Runtime CUDA), not onnxruntime-cpu")

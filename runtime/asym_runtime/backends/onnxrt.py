@@ -100,6 +100,11 @@ def provider_options(device: str, device_id: int = 0, precision: str = "fp32",
     return {}
 
 
+#: why ONNX Runtime cannot run on a GPU here, when the installed package has no CUDA provider
+NO_CUDA_PROVIDER = ("the installed onnxruntime has no CUDA provider; install onnxruntime-gpu (and only it) "
+                    "to run ONNX Runtime on a GPU")
+
+
 def cuda_provider_available() -> bool:
     """Whether the installed onnxruntime has the CUDA provider (onnxruntime-gpu); says nothing
     about a GPU being present: a session that cannot start it falls back to the CPU."""
@@ -220,10 +225,7 @@ class OnnxRuntimeBackend(Backend):
         except ImportError:  # pragma: no cover - a dependency of the package
             raise BackendUnavailableError("onnxruntime is not installed (pip install onnxruntime)") from None
         if self.device == "cuda" and not cuda_provider_available():
-            raise BackendUnavailableError(
-                "the installed onnxruntime has no CUDA provider; install onnxruntime-gpu "
-                "(and only it) to run ONNX Runtime on a GPU"
-            )  # api._NO_CUDA_PROVIDER says the same
+            raise BackendUnavailableError(NO_CUDA_PROVIDER)
         if self._from_bytes and self._source is None:
             raise BackendUnavailableError(f"{self.path.name}: the checked bytes were released after the first "
                                           "activation; load the artifact again")
