@@ -142,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="timed interleaved rounds (default 5)")
     p.add_argument("--json", type=Path, metavar="FILE", help="write the full result (every timing) as JSON")
     p.add_argument("--plot", type=Path, metavar="FILE", help="write a PNG of latency against resolution")
+    p.add_argument("--kernels", action="store_true",
+                   help="GPU only: after the timings, record every row's CUDA kernels for 3 more calls (torch's "
+                        "profiler) and print where the GPU time goes: busy time against the latency, kernels per "
+                        "call, milliseconds per kind of work (convolution, norm, elementwise, layout ...), the "
+                        "costliest kernels; also in --json")
     return p
 
 
@@ -194,6 +199,8 @@ def _main(args, argv) -> int:
             gpu_only = [b for b in backends if b.split("/")[0] in GPU_BACKENDS or b.endswith("/cudagraph")]
             if gpu_only:
                 raise ValueError(f"--backends {','.join(gpu_only)}: need a GPU")
+            if args.kernels:
+                raise ValueError("--kernels records CUDA kernels and needs a GPU; torch sees none here")
     except ValueError as e:
         print(f"asym-bench: error: {e}", file=sys.stderr)
         return 2
@@ -214,7 +221,7 @@ def _main(args, argv) -> int:
                                 ConsoleProgress())
             result = run_benchmark(args.variant, folder, backends=backends, graphs=graphs, sizes=sizes,
                                    batches=batches, warmup=args.warmup, repeats=args.repeats,
-                                   reference=reference)
+                                   reference=reference, kernels=args.kernels)
     except VerificationError as e:  # the implicit export did not verify: show what failed
         print(e.report.table(), file=sys.stderr)
         print(f"asym-bench: error: {e}", file=sys.stderr)
@@ -227,6 +234,10 @@ def _main(args, argv) -> int:
         return EXIT_FAILED
     result["command"] = "asym-bench " + " ".join(argv if argv is not None else sys.argv[1:])
     print(table(result))
+    if args.kernels:
+        from .bench_kernels import kernel_table
+
+        print("\nGPU kernels per call:\n" + kernel_table(result))
     for s in result["skipped"]:
         print(f"skipped {s['graph']} {s['shape']}: {s['reason']}")
     if not result["rows"]:

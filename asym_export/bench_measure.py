@@ -47,6 +47,7 @@ class Row:
     ratio_vs_compile: float | None = None  # torch-compile/fp16 median / this median, when it ran (VERSUS)
     datasheet_share: float | None = None  # of the GPU's datasheet dense FP16 peak, when known
     ratio_vs_torch_bf16: float | None = None  # diffusers/bf16 median / this median, when it ran (VERSUS)
+    kernels: dict | None = None  # GPU work per call (bench_kernels.summarise), with kernels=True
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,11 +81,13 @@ def measure(backends: list[Contender], graph: str, shape: Shape, feed: dict, *, 
 def run_benchmark(variant: str, folder: Path, *, backends: list[str], graphs: list[str],
                   sizes: list[tuple[int, int]], batches: list[int], warmup: int, repeats: int,
                   reference: str, seed: int = 0, progress=print, provider_options: dict | None = None,
-                  reference_cache: dict | None = None) -> dict:
+                  reference_cache: dict | None = None, kernels: bool = False) -> dict:
     """Load every backend, measure every graph x shape, return the JSON-ready result.
 
     ``backends`` and ``reference``: contender names, ``BACKEND/PRECISION[/OPTION]``
-    (:data:`~asym_export.bench_contenders.RUNTIME_CONTENDERS`, ``TORCH_CONTENDERS``)."""
+    (:data:`~asym_export.bench_contenders.RUNTIME_CONTENDERS`, ``TORCH_CONTENDERS``).
+    ``kernels`` (GPU only): after every timing, record each row's GPU kernels for a few more
+    calls (:mod:`~asym_export.bench_kernels`); recorded last, so the profiler cannot slow a timing."""
     import torch
 
     import asym_runtime
@@ -99,6 +102,8 @@ def run_benchmark(variant: str, folder: Path, *, backends: list[str], graphs: li
         raise ValueError(f"no batch x size asked for lies inside {folder}'s shape limits ({manifest.limits}); "
                          "choose --sizes and --batches inside them")
     cuda = torch.cuda.is_available()
+    if kernels and not cuda:
+        raise ValueError("recording GPU kernels needs a CUDA GPU; torch sees none")
     device = "cuda" if cuda else "cpu"
     peak = measured_peak_tflops(device)
     name = device_name(device)
@@ -128,6 +133,7 @@ def run_benchmark(variant: str, folder: Path, *, backends: list[str], graphs: li
 
     rows: list[Row] = []
     skipped = []
+    to_profile = []  # (row, contender, graph, feed), recorded after every timing
     for graph in graphs:
         for batch in batches:
             for h, w in sizes:
@@ -155,6 +161,18 @@ def run_benchmark(variant: str, folder: Path, *, backends: list[str], graphs: li
                                     batch / med, fl, fl / med, fl / med / peak["tflops"], ref_median / med,
                                     datasheet_share=fl / med / sheet if sheet else None,
                                     **{field: m / med for field, m in versus.items()}))
+                    if kernels:
+                        to_profile.append((rows[-1], b, graph, feed))
+    if to_profile:
+        from .bench_kernels import profile_calls
+
+        for row, b, graph, feed in to_profile:
+            progress(f"kernels: {graph} {row.shape} {b.name} ...")
+            try:
+                row.kernels = profile_calls(b.calls[graph], feed)
+            except RuntimeError as e:  # the timings stand without it
+                row.kernels = {"error": str(e)}
+                progress(f"  not recorded: {e}")
     for b in loaded:
         if b.close:
             b.close()

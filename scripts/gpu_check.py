@@ -21,7 +21,9 @@ Steps (a failing step is recorded and the check goes on; the exit code is 1 if a
   5. ``pytest -m gpu`` (TensorRT engines, ONNX Runtime CUDA: FP16 islands on real FP16 kernels,
      threads raced, TF32 off for FP32); the step fails, saying so, where pytest is missing;
   6. asym-bench at --sizes (default 512,1024), every graph, with diffusers FP16 (reference),
-     torch.compile FP16 and every runtime configuration, interleaved.
+     torch.compile FP16 and every runtime configuration, interleaved; for the conditional
+     decode also every contender's CUDA kernels (``asym-bench --kernels``: GPU busy time against
+     latency, launches, milliseconds per kind of work), to show where a gap to torch.compile is.
 
 Writes into --report: gpu_check.json (everything, with verdicts), bench.json, bench.png,
 parity.txt, pytest.xml (the GPU tests' results). Needs a CUDA GPU, a CUDA build of torch, and
@@ -370,7 +372,9 @@ def parity(artifact: Path, backends: list[str], options: dict | None, cache: dic
 
 
 def bench(artifact: Path, sizes: list[tuple[int, int]], repeats: int, options: dict | None, have: dict,
-          cache: dict, report_dir: Path, graphs: list[str], previous: dict | None = None) -> dict:
+          cache: dict, report_dir: Path, graphs: list[str], previous: dict | None = None,
+          kernels: bool = False) -> dict:
+    from asym_export.bench_kernels import kernel_table
     from asym_export.bench_measure import run_benchmark
     from asym_export.bench_report import plot, table
     from asym_export.artifact import write_json_atomic
@@ -383,8 +387,10 @@ def bench(artifact: Path, sizes: list[tuple[int, int]], repeats: int, options: d
         backends.append("tensorrt")
     res = run_benchmark("x2", artifact, backends=backends, graphs=graphs,
                         sizes=sizes, batches=[1], warmup=1, repeats=repeats, reference="diffusers/fp16",
-                        progress=say, provider_options=options, reference_cache=cache)
+                        progress=say, provider_options=options, reference_cache=cache, kernels=kernels)
     res["command"] = "scripts/gpu_check.py (asym-bench, in process)"
+    if kernels:
+        print("GPU kernels per call:\n" + kernel_table(res), flush=True)
     if previous:  # one table for both parts (the decode first, so its numbers come early)
         res["rows"] = previous["rows"] + res["rows"]
         res["backends"] = previous["backends"] + res["backends"]
@@ -493,7 +499,7 @@ def main() -> int:
     backends = (["onnxruntime-cuda"] if have["onnxruntime_cuda"] else []) + (["tensorrt"] if have["tensorrt"] else [])
     # the conditional decode's timings first (the headline), then parity, then the other graphs
     res = step("bench_decode", lambda: bench(artifact, sizes, args.repeats, options, have, cache, report_dir,
-                                             ["decode"]))
+                                             ["decode"], kernels=True))
     summary["parity"] = step("parity", lambda: parity(artifact, backends, options, cache, report_dir))
     if "pytest" not in skip:
         def tests():
@@ -518,7 +524,7 @@ def main() -> int:
     if res:
         summary["verdicts"] = verdicts(res)
         summary["bench_rows"] = [{k: r[k] for k in ("graph", "shape", "backend", "first_call_s", "median_s",
-                                                    "ratio_vs_reference", "ratio_vs_compile", "tflops")}
+                                                    "ratio_vs_reference", "ratio_vs_compile", "tflops", "kernels")}
                                  for r in res["rows"]]
     summary["total_s"] = round(time.perf_counter() - T0, 1)
     (report_dir / "gpu_check.json").write_text(json.dumps(summary, indent=2, default=str))
