@@ -71,6 +71,16 @@ def check_inputs(call: str, specs: Sequence[TensorSpec], values: dict[str, Any],
             ) from None
         except ValueError as e:
             raise AsymInputError(f"{call}: {spec.name} is {e}") from None
+    torch = arrays.torch_module()
+    for spec in specs:
+        x = values[spec.name]
+        if arrays.is_torch(x) and x.requires_grad and torch.is_grad_enabled():
+            # the graphs run outside autograd: an output would silently carry no gradient
+            raise AsymInputError(
+                f"{call}: {spec.name} requires grad, but no gradient can flow back through the exported "
+                "graphs (inference only); call under torch.no_grad() or torch.inference_mode(), or pass "
+                f"{spec.name}.detach(); where gradients are needed, use diffusers' AsymmetricAutoencoderKL"
+            )
     if len(set(kinds.values())) > 1:
         raise AsymInputError(
             f"{call}: inputs must all be numpy arrays or all torch tensors on one device; got "

@@ -56,6 +56,11 @@ class RuntimeAsymmetricAutoencoderKL(AsymmetricAutoencoderKL):
         # them alone is a plain decode there (vae(x) passes the image without a mask), so here too
         if image is None or mask is None:
             image = mask = None
+        else:
+            # diffusers' blends broadcast an image or mask of batch 1 over the latents' batch (the
+            # inpainting pipeline passes one mask for several images, or one image for several
+            # masks); the runtime takes one batch for all three, so repeat it here
+            image, mask = (_over_batch(t, z.shape[0]) for t in (image, mask))
         dec = self.runtime.decode(z, image=image, mask=mask).to(z.dtype)
         if not return_dict:
             return (dec,)
@@ -74,3 +79,32 @@ class RuntimeAsymmetricAutoencoderKL(AsymmetricAutoencoderKL):
 
     def __repr__(self) -> str:
         return f"RuntimeAsymmetricAutoencoderKL({self.runtime!r})"
+
+    # No weights to save or load: a pipeline saved with this VAE would come back with a VAE of
+    # random weights (or not at all), so saving and loading say so instead.
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        raise NotImplementedError(
+            f"RuntimeAsymmetricAutoencoderKL holds no weights (it runs the exported graphs in "
+            f"{self.runtime.manifest.root}), so it cannot be saved as a diffusers model; to save the "
+            "pipeline, put its PyTorch VAE back first (pipe.vae = the original) and keep the artifact "
+            "folder beside the saved pipeline")
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        raise NotImplementedError(
+            "RuntimeAsymmetricAutoencoderKL is not loaded from diffusers weights: use "
+            "asym_runtime.load(artifact_folder).as_diffusers()")
+
+    @classmethod
+    def from_config(cls, *args, **kwargs):
+        raise NotImplementedError(
+            "RuntimeAsymmetricAutoencoderKL is not built from a config: use "
+            "asym_runtime.load(artifact_folder).as_diffusers()")
+
+
+def _over_batch(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """``t`` with a batch of 1 repeated to ``batch`` (a view); any other batch as it is (the
+    runtime names a mismatch)."""
+    if t.ndim == 4 and t.shape[0] == 1 and batch > 1:
+        return t.expand(batch, *t.shape[1:])
+    return t

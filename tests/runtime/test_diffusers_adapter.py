@@ -135,3 +135,73 @@ def test_encode_and_decode_run_the_offload_hook_as_diffusers_vae_does(tiny_rt, t
 
     assert hook_calls(copy.deepcopy(tiny_vae)) == 2  # diffusers' VAE: once per call
     assert hook_calls(tiny_rt.as_diffusers()) == 2
+
+
+def test_an_image_or_mask_of_batch_1_is_broadcast_as_diffusers_does(tiny_rt, tiny_vae):
+    """The inpainting pipeline passes one mask for several images (or one image for several
+    masks): diffusers' blends broadcast it; the adapter repeats it for the runtime."""
+    from asym_runtime.errors import AsymInputError
+
+    adapter = tiny_rt.as_diffusers()
+    f = {k: torch.from_numpy(v) for k, v in feed("decoder", Shape(2, 64, 64), seed=34).items()}
+    z, image, mask = f["latent"], f["image"], f["mask"]
+    with torch.no_grad():
+        for kw in (dict(image=image, mask=mask[:1]), dict(image=image[1:], mask=mask),
+                   dict(image=image[:1], mask=mask[:1])):
+            got = adapter.decode(z, **kw).sample
+            # the same decode with batch-2 inputs (diffusers' own fails when both have batch 1:
+            # its condition encoder's features are looked up by the latents' shape)
+            want = tiny_vae.decode(z, **{k: v.expand(2, -1, -1, -1) for k, v in kw.items()}).sample
+            assert got.shape == want.shape == (2, 3, 64, 64)
+            np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-4, rtol=0)
+            if kw["image"].shape[0] != kw["mask"].shape[0]:  # what diffusers' own broadcast gives
+                np.testing.assert_allclose(got.numpy(), tiny_vae.decode(z, **kw).sample.numpy(), atol=1e-4, rtol=0)
+        # the broadcast mask is not one of the two: each latent got the mask it was given
+        assert not np.allclose(adapter.decode(z, image=image, mask=mask[:1]).sample.numpy(),
+                               adapter.decode(z, image=image, mask=mask[1:]).sample.numpy(), atol=1e-3)
+        three = {k: torch.from_numpy(v) for k, v in feed("decoder", Shape(3, 64, 64), seed=35).items()}
+        with pytest.raises(AsymInputError, match="batch sizes disagree"):
+            adapter.decode(z, image=three["image"], mask=mask)
+
+
+def test_the_adapter_is_neither_saved_nor_loaded_as_diffusers_weights(tiny_rt, pipe, tmp_path):
+    """It holds no weights: saving it wrote a config and an empty state dict, which loaded back
+    as a VAE of random weights (AsymmetricAutoencoderKL.from_pretrained) or not at all."""
+    from asym_runtime.diffusers_adapter import RuntimeAsymmetricAutoencoderKL
+
+    adapter = tiny_rt.as_diffusers()
+    with pytest.raises(NotImplementedError, match="holds no weights") as e:
+        adapter.save_pretrained(tmp_path / "vae")
+    assert str(tiny_rt.manifest.root) in str(e.value) and "put its PyTorch VAE back" in str(e.value)
+    assert not (tmp_path / "vae").exists()
+    original = pipe.vae
+    try:
+        pipe.vae = adapter
+        with pytest.raises(NotImplementedError, match="holds no weights"):
+            pipe.save_pretrained(tmp_path / "pipe")
+    finally:
+        pipe.vae = original
+    for load in (RuntimeAsymmetricAutoencoderKL.from_pretrained, RuntimeAsymmetricAutoencoderKL.from_config):
+        with pytest.raises(NotImplementedError, match=r"asym_runtime.load\(artifact_folder\).as_diffusers\(\)"):
+            load(tmp_path)
+    assert not (tmp_path / "vae").exists()
+
+
+def test_inputs_that_require_grad_are_refused_not_silently_cut(tiny_rt):
+    """The graphs run outside autograd: the output carried no gradient, and a loss mixing the
+    VAE's output with other terms lost the VAE's part without a word."""
+    from asym_runtime.errors import AsymInputError
+
+    adapter = tiny_rt.as_diffusers()
+    f = {k: torch.from_numpy(v) for k, v in feed("decoder", Shape(1, 64, 64), seed=36).items()}
+    z = f["latent"].clone().requires_grad_(True)
+    for call in (lambda: adapter.decode(z), lambda: tiny_rt.decode(z),
+                 lambda: tiny_rt.decode(f["latent"], image=f["image"].requires_grad_(True), mask=f["mask"])):
+        with pytest.raises(AsymInputError, match="requires grad, but no gradient can flow back"):
+            call()
+    f["image"].requires_grad_(False)
+    with torch.no_grad():
+        adapter.decode(z)
+    with torch.inference_mode():
+        tiny_rt.decode(z)
+    tiny_rt.decode(z.detach())
