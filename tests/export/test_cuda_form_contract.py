@@ -79,6 +79,7 @@ def test_each_fused_norm_has_its_portable_norms_attributes_in_the_kernels_contra
         assert {"groups", "activation", "epsilon", "channels_last"} <= set(a), (n.name, a)
         assert a["channels_last"] == 1, n.name
         assert (a["groups"], a["activation"], a["epsilon"]) == (want["groups"], want["activation"], want["epsilon"]), n.name
+        assert arrays[n.input[1]].dtype == arrays[n.input[2]].dtype == np.float32, n.name  # FP16 graphs too
         np.testing.assert_array_equal(arrays[n.input[1]], want["gamma"].astype(np.float32))
         np.testing.assert_array_equal(arrays[n.input[2]], want["beta"].astype(np.float32))
         if n.op_type == "SkipGroupNorm":
