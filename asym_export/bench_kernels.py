@@ -42,8 +42,7 @@ KINDS = (
 
 
 def kind_of(name: str) -> str:
-    """The kind of work a GPU kernel (or copy) does, read from its name; "other" when no
-    pattern matches."""
+    """The kind of work a GPU kernel does, read from its name; "other" when no pattern matches."""
     for kind, pattern in KINDS:
         if pattern.search(name):
             return kind
@@ -73,11 +72,14 @@ def summarise(events: list[dict], calls: int, top: int = 12) -> dict:
     work = [e for e in events if e.get("ph") == "X" and e.get("cat") in GPU_CATEGORIES and "dur" in e]
     kernels = [e for e in work if e["cat"] == "kernel"]
     per_name: dict[str, list[float]] = {}
+    kind_by_name: dict[str, str] = {}  # copies go by their category, kernels by their name
     per_kind: dict[str, float] = {}
     for e in work:
         name = e["cat"] if e["cat"] != "kernel" else str(e.get("name", "?"))
         per_name.setdefault(name, []).append(float(e["dur"]))
-        kind = "copy" if e["cat"] != "kernel" else kind_of(name)
+        if name not in kind_by_name:
+            kind_by_name[name] = "copy" if e["cat"] != "kernel" else kind_of(name)
+        kind = kind_by_name[name]
         per_kind[kind] = per_kind.get(kind, 0.0) + float(e["dur"])
     busy = _busy_us([(float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in work])
     ranked = sorted(per_name.items(), key=lambda kv: -sum(kv[1]))[:top]
@@ -87,7 +89,7 @@ def summarise(events: list[dict], calls: int, top: int = 12) -> dict:
         "kernel_ms": round(sum(float(e["dur"]) for e in kernels) / calls / 1000, 4),
         "launches": round(len(kernels) / calls, 2),
         "kinds": {k: round(v / calls / 1000, 4) for k, v in sorted(per_kind.items(), key=lambda kv: -kv[1])},
-        "top": [{"name": n[:160], "kind": kind_of(n) if n not in GPU_CATEGORIES else "copy",
+        "top": [{"name": n[:160], "kind": kind_by_name[n],
                  "ms": round(sum(d) / calls / 1000, 4), "count": round(len(d) / calls, 2)} for n, d in ranked],
     }
 

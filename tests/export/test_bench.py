@@ -118,19 +118,11 @@ def test_results_that_cannot_be_written_are_refused_before_measuring(tiny_artifa
     (["--reference", "onnxruntime-cpu/fp32"], "unknown onnxruntime-cpu/fp32"),
     (["--batches", "x"], "--batches 'x': comma-separated integers"),
     (["--batches", ","], "--batches: empty list"),
+    pytest.param(["--reference", "diffusers/fp16"], "needs a GPU", marks=no_gpu),
+    pytest.param(["--backends", "onnxruntime-cuda/fp16/cudagraph,torch-compile/fp16"], "need a GPU", marks=no_gpu),
+    pytest.param(["--backends", "tensorrt"], "need a GPU", marks=no_gpu),
 ])
 def test_bad_arguments_exit_2(argv, msg, capsys):
-    assert main(argv) == 2
-    assert msg in capsys.readouterr().err
-
-
-@no_gpu
-@pytest.mark.parametrize("argv, msg", [
-    (["--reference", "diffusers/fp16"], "needs a GPU"),
-    (["--backends", "onnxruntime-cuda/fp16/cudagraph,torch-compile/fp16"], "need a GPU"),
-    (["--backends", "tensorrt"], "need a GPU"),
-])
-def test_gpu_contenders_are_refused_without_a_gpu(argv, msg, capsys):
     assert main(argv) == 2
     assert msg in capsys.readouterr().err
 
