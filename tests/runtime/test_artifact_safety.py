@@ -146,3 +146,118 @@ def test_a_load_that_an_export_overtakes_loads_the_new_artifact(tiny_artifact, c
         assert rt.manifest.generation == new_gen
         assert rt.decode(LATENT).shape == (1, 3, 64, 64)
     assert done
+
+
+def test_a_linked_folder_inside_the_generation_is_refused(tiny_artifact, copy_artifact, tmp_path):
+    """Not only the file itself: a folder on the way to it that is a link (engines/ -> elsewhere)
+    is refused too, or the link's target would be read as the artifact's."""
+    from asym_runtime.files import refuse_links
+
+    folder = copy_artifact(tiny_artifact)
+    m = read_manifest(folder)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "decoder.plan").write_bytes(b"plan")
+    os.symlink(elsewhere, m.folder / "engines")
+    with pytest.raises(ArtifactError, match=r"engines is a symbolic link"):
+        refuse_links(m.root, f"{m.generation}/engines/decoder.plan")
+    assert refuse_links(m.root, f"{m.generation}/decoder_uncond.onnx") == m.path("decoder_uncond.onnx")
+
+
+def _external(name: str, location: str | None):
+    from onnx import TensorProto
+
+    t = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=[1], data_location=TensorProto.EXTERNAL)
+    if location is not None:
+        t.external_data.add(key="location", value=location)
+    t.external_data.add(key="offset", value="0")
+    return t
+
+
+def _model_with_external_tensors_everywhere():
+    """A model whose tensors keep their data outside it in every place ONNX allows one: an
+    initializer, a sparse initializer, a node attribute (t and tensors), a sparse attribute, a
+    subgraph's initializer and node, and a function's node."""
+    from onnx import AttributeProto, FunctionProto, GraphProto, ModelProto, NodeProto, SparseTensorProto, helper
+
+    sub = GraphProto(name="body", initializer=[_external("sub_init", "sub_init.bin")])
+    sub.node.append(helper.make_node("Constant", [], ["c"], value=_external("sub_attr", "sub_attr.bin")))
+    node = NodeProto(op_type="If", input=["cond"], output=["y"])
+    node.attribute.append(helper.make_attribute("then_branch", sub))
+    const = helper.make_node("Constant", [], ["k"], value=_external("attr_t", "attr_t.bin"))
+    listed = NodeProto(op_type="Custom", output=["z"])
+    listed.attribute.append(AttributeProto(name="tensors", type=AttributeProto.TENSORS,
+                                           tensors=[_external("attr_ts", "attr_ts.bin")]))
+    sparse_attr = NodeProto(op_type="Constant", output=["s"])
+    sparse_attr.attribute.append(AttributeProto(
+        name="sparse_value", type=AttributeProto.SPARSE_TENSOR,
+        sparse_tensor=SparseTensorProto(values=_external("sa_v", "sparse_attr_values.bin"),
+                                        indices=_external("sa_i", "sparse_attr_indices.bin"), dims=[4])))
+    graph = GraphProto(name="g", node=[const, node, listed, sparse_attr],
+                       initializer=[_external("init", "init.bin")],
+                       sparse_initializer=[SparseTensorProto(values=_external("si_v", "sparse_values.bin"),
+                                                             indices=_external("si_i", "sparse_indices.bin"),
+                                                             dims=[4])])
+    fn = FunctionProto(name="f", domain="local",
+                       node=[helper.make_node("Constant", [], ["f"], value=_external("fn_attr", "function.bin"))])
+    return ModelProto(graph=graph, functions=[fn])
+
+
+def test_external_data_is_found_wherever_a_graph_can_keep_a_tensor():
+    """Every place a tensor may read external data is looked at; a location missed here would be
+    opened by ONNX Runtime unchecked."""
+    from asym_runtime.onnx_data import external_locations
+
+    model = _model_with_external_tensors_everywhere()
+    assert sorted(external_locations(model.SerializeToString(), "m.onnx")) == sorted([
+        "init.bin", "sparse_values.bin", "sparse_indices.bin", "attr_t.bin", "attr_ts.bin",
+        "sparse_attr_values.bin", "sparse_attr_indices.bin", "sub_init.bin", "sub_attr.bin", "function.bin"])
+
+
+def test_external_data_without_a_location_or_a_model_that_is_not_onnx_is_refused():
+    from onnx import GraphProto, ModelProto
+
+    from asym_runtime.onnx_data import external_locations
+
+    model = ModelProto(graph=GraphProto(initializer=[_external("w", None)]))
+    with pytest.raises(ArtifactError, match=r"m.onnx: tensor 'w' is external but names no location"):
+        external_locations(model.SerializeToString(), "m.onnx")
+    with pytest.raises(ArtifactError, match=r"m.onnx is not an ONNX model"):
+        external_locations(b"\xff\xff\xff not protobuf", "m.onnx")
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("case", ["ok", "expect_size", "max_size", "fifo", "folder", "missing"])
+def test_read_regular_checks_size_before_reading_and_closes_its_descriptor(tmp_path, case):
+    from asym_runtime.errors import ArtifactMissing
+    from asym_runtime.files import read_regular
+
+    path = tmp_path / "f.bin"
+    if case == "fifo":
+        os.mkfifo(path)
+    elif case == "folder":
+        path.mkdir()
+    elif case != "missing":
+        path.write_bytes(b"0123456789")
+    kwargs, error = {
+        "ok": ({"expect_size": 10, "max_size": 10}, None),
+        "expect_size": ({"expect_size": 11}, r"f.bin is 10 bytes, the manifest records 11"),
+        "max_size": ({"max_size": 9}, r"f.bin is 10 bytes, more than the 9 a manifest may have"),
+        "fifo": ({}, r"f.bin is not a regular file"),
+        "folder": ({}, r"f.bin is not a regular file"),
+        "missing": ({}, None),
+    }[case]
+    before = _open_fds()
+    for _ in range(3):
+        if case == "ok":
+            assert read_regular(path, **kwargs) == b"0123456789"
+        elif case == "missing":
+            with pytest.raises(ArtifactMissing):
+                read_regular(path)
+        else:
+            with pytest.raises(ArtifactError, match=error):
+                read_regular(path, **kwargs)
+    assert _open_fds() == before, "read_regular left a file descriptor open"
