@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import asym_runtime
-from asym_export.artifact import STAGING_PREFIX, ArtifactWriter, OutputBusyError
+from asym_export.artifact import STAGING_PREFIX, ArtifactWriter, OutputBusyError, OutputDirError
 from asym_export.cli import main
 from asym_runtime.manifest import GENERATION_PREFIX, read_manifest
 
@@ -221,3 +221,199 @@ def test_a_manifest_of_another_schema_keeps_its_generation(tmp_path):
     with ArtifactWriter(out):
         pass
     assert sorted(p.name for p in out.iterdir()) == [".lock", "gen-20300101T000000Z-0123abcd", "manifest.json"]
+
+
+# --------------------------------------------------------------------------- the writer's own guarantees
+
+def _fields(artifact: Path) -> dict:
+    """A real export's manifest fields, less what write_manifest fills in itself."""
+    return {k: v for k, v in read_manifest(artifact).data.items() if k not in ("schema_version", "generation", "files")}
+
+
+def _stage(w: ArtifactWriter, name: str, data: bytes, mode: int = 0o600) -> None:
+    """Stage ``name`` as ONNX's external-data writer does: a file only its owner can read."""
+    fd = os.open(w.stage_path(name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def _publish_one(w: ArtifactWriter, name: str) -> None:
+    w.publish(name, role="external_data", fmt="onnx_external_data", precision="fp32")
+
+
+def test_every_file_and_folder_is_on_disk_before_the_manifest_switches(tiny_artifact, tmp_path, monkeypatch):
+    """The manifest vouches for files: each must be fsynced, the generation renamed into place and
+    the folder's entries fsynced, all before manifest.json is replaced (a power cut after the
+    switch must not find a manifest naming files that never reached the disk)."""
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace, real_rename = os.fsync, os.replace, os.rename
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst, *a, **k):
+        events.append(("replace", str(dst)))
+        return real_replace(src, dst, *a, **k)
+
+    def rename(src, dst, *a, **k):
+        events.append(("rename", str(dst)))
+        return real_rename(src, dst, *a, **k)
+
+    out = tmp_path / "out"
+    with ArtifactWriter(out) as w:
+        staging = w.staging
+        for name in ("a.bin", "sub/b.bin"):
+            _stage(w, name, name.encode() * 100)
+            _publish_one(w, name)
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(os, "replace", replace)
+        monkeypatch.setattr(os, "rename", rename)
+        w.write_manifest(_fields(tiny_artifact))
+        monkeypatch.undo()
+    gen = out / read_manifest(out).generation
+    switch = events.index(("replace", str(out / "manifest.json")))
+    before = events[:switch]
+    assert ("rename", str(gen)) in before
+    # publish() fsynced the files before write_manifest; write_manifest fsyncs the folders
+    synced = [p for e, p in before if e == "fsync"]
+    for d in (staging / "sub", staging, out):
+        assert str(d) in synced, (d, synced)
+    last_out_sync = max(i for i, e in enumerate(before) if e == ("fsync", str(out)))
+    assert last_out_sync > before.index(("rename", str(gen))), "the folder's entries were not fsynced after the rename"
+
+
+def test_publish_fsyncs_the_staged_file(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd))[1])
+    with ArtifactWriter(tmp_path / "out") as w:
+        _stage(w, "a.bin", b"x" * 10)
+        _publish_one(w, "a.bin")
+        assert str(w.staging / "a.bin") in synced
+
+
+def test_published_files_and_folders_are_readable_by_others(tiny_artifact, tmp_path):
+    """ONNX's external-data writer and mkdtemp make owner-only files and folders; a served artifact
+    is read by another user (Triton's): the writer gives files and folders the umask's modes."""
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "out"
+        with ArtifactWriter(out) as w:
+            _stage(w, "sub/a.bin", b"data", mode=0o600)
+            _publish_one(w, "sub/a.bin")
+            w.write_manifest(_fields(tiny_artifact))
+    finally:
+        os.umask(old)
+    gen = out / read_manifest(out).generation
+    assert oct(os.stat(gen / "sub" / "a.bin").st_mode & 0o777) == oct(0o644)
+    assert oct(os.stat(gen).st_mode & 0o777) == oct(0o755)
+    assert oct(os.stat(out / "manifest.json").st_mode & 0o777) == oct(0o644)
+
+
+@pytest.mark.parametrize("what", ["missing", "symlink", "folder"])
+def test_only_a_staged_regular_file_can_be_published(tmp_path, what):
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"not the export's")
+    with ArtifactWriter(tmp_path / "out") as w:
+        p = w.stage_path("a.bin")
+        if what == "symlink":
+            os.symlink(outside, p)
+        elif what == "folder":
+            p.mkdir()
+        with pytest.raises(FileNotFoundError, match="nothing staged under a.bin"):
+            _publish_one(w, "a.bin")
+        assert w.entries == {}
+
+
+def test_files_staged_but_not_published_stay_out_of_the_generation(tiny_artifact, tmp_path):
+    out = tmp_path / "out"
+    with ArtifactWriter(out) as w:
+        _stage(w, "a.bin", b"a")
+        _publish_one(w, "a.bin")
+        _stage(w, "twin/emulation.onnx", b"an intermediate file")
+        w.write_manifest(_fields(tiny_artifact))
+    m = read_manifest(out)
+    assert sorted(p.relative_to(m.folder).as_posix() for p in m.folder.rglob("*") if p.is_file()) == ["a.bin"]
+    assert list(m.files) == ["a.bin"]
+
+
+def test_the_switch_leaves_no_temporary_manifest_and_a_new_export_removes_killed_ones(tiny_artifact, tmp_path):
+    out = tmp_path / "out"
+    with ArtifactWriter(out) as w:
+        _stage(w, "a.bin", b"a")
+        _publish_one(w, "a.bin")
+        w.write_manifest(_fields(tiny_artifact))
+    gen = read_manifest(out).generation
+    assert sorted(p.name for p in out.iterdir()) == [".lock", gen, "manifest.json"]
+    # what an export killed inside write_json_atomic leaves, next to files that are not the writer's
+    (out / ".manifest.json.k1ll3d.tmp").write_text("{}")
+    (out / "notes.txt").write_text("the user's")
+    (out / ".manifest.json.k1ll3d").write_text("not a name the writer makes")
+    with ArtifactWriter(out):
+        pass
+    assert sorted(p.name for p in out.iterdir()) == [".lock", ".manifest.json.k1ll3d", gen, "manifest.json",
+                                                      "notes.txt"]
+
+
+def test_a_reexport_over_a_schema_1_folder_removes_only_the_files_its_manifest_listed(tiny_artifact, tmp_path):
+    """Version 1 kept the files beside the manifest; the new generation replaces them. Only
+    listed names inside the folder are removed: not the user's other files, not a listed
+    ``../`` name or a link."""
+    out = tmp_path / "out"
+    (out / "engines").mkdir(parents=True)
+    for name in ("decoder.onnx", "engines/decoder.plan", "mine.txt", "target.txt"):
+        (out / name).write_text(name)
+    (tmp_path / "outside.txt").write_text("outside")
+    os.symlink(out / "target.txt", out / "link.onnx")
+    listed = ["decoder.onnx", "engines/decoder.plan", "../outside.txt", "link.onnx", "absent.onnx"]
+    (out / "manifest.json").write_text(json.dumps({"schema_version": 1, "files": {n: {} for n in listed}}))
+    with ArtifactWriter(out) as w:
+        _stage(w, "a.bin", b"a")
+        _publish_one(w, "a.bin")
+        w.write_manifest(_fields(tiny_artifact))
+    gen = read_manifest(out).generation
+    left = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    assert left == [".lock", "engines", gen, f"{gen}/a.bin", "link.onnx", "manifest.json", "mine.txt", "target.txt"]
+    assert (tmp_path / "outside.txt").read_text() == "outside"
+
+
+def test_previous_file_is_a_listed_regular_file_of_the_replaced_artifact(tiny_artifact, copy_artifact, tmp_path):
+    folder = copy_artifact(tiny_artifact)
+    m = read_manifest(folder)
+    name = "decoder_uncond.onnx"
+    with ArtifactWriter(tmp_path / "fresh") as w:  # nothing replaced
+        assert w.previous is None and w.previous_file(name) is None
+    with ArtifactWriter(folder) as w:
+        assert w.previous_file(name) == m.path(name)
+        assert w.previous_file("engines/decoder.plan") is None  # not listed
+    m.path(name).unlink()
+    os.symlink(m.path("decoder.onnx"), m.path(name))
+    with ArtifactWriter(folder) as w:
+        assert w.previous_file(name) is None  # a link is never reused
+
+
+@pytest.mark.parametrize("what", ["symlink", "file"])
+def test_out_must_be_a_real_folder(tmp_path, what):
+    real = tmp_path / "real"
+    real.mkdir()
+    out = tmp_path / "out"
+    if what == "symlink":
+        os.symlink(real, out)
+    else:
+        out.write_text("a file")
+    with pytest.raises(OutputDirError, match=rf"--out {out}: exists and is not a folder"):
+        ArtifactWriter(out).open()
+    assert list(real.iterdir()) == []  # nothing was written through the link
+
+
+def test_a_manifest_that_breaks_the_schema_switches_nothing(tiny_artifact, copy_artifact):
+    folder = copy_artifact(tiny_artifact)
+    before = snapshot(folder)
+    with ArtifactWriter(folder) as w:
+        _stage(w, "a.bin", b"a")
+        _publish_one(w, "a.bin")
+        with pytest.raises(RuntimeError, match="breaks the schema"):
+            w.write_manifest({**_fields(tiny_artifact), "scaling_factor": -1})
+    assert snapshot(folder) == before
+    assert debris(folder, read_manifest(folder).generation) == []
