@@ -88,7 +88,7 @@ def test_hub_offline_without_cache_names_both_ways_out(offline_hub):
     with pytest.raises(WeightsUnavailableError) as e:
         load_reference(get_variant("x2"))
     msg = str(e.value)
-    assert "cross-attention/asymmetric-autoencoder-kl-x-2" in msg
+    assert "cross-attention/asymmetric-autoencoder-kl-x-2" in msg and "it is not in the local cache" in msg
     assert "--weights" in msg and "--random-weights" in msg
 
 
@@ -145,3 +145,98 @@ def test_hub_errors_say_what_went_wrong(monkeypatch, raised, kind, words):
 def test_weights_and_random_exclude_each_other(saved_folder):
     with pytest.raises(WeightsError, match="exclude each other"):
         load_reference(TINY, str(saved_folder), random_weights=True)
+
+
+def test_a_variant_without_a_checkpoint_needs_weights_or_random():
+    with pytest.raises(WeightsError, match="variant tiny has no published checkpoint; pass --random-weights or --weights"):
+        load_reference(TINY)
+
+
+@pytest.mark.parametrize("content, words", [
+    ("{not json", "config.json is not readable JSON"),
+    ("[1, 2]", "config.json holds a JSON list; a diffusers config is a JSON object"),
+])
+def test_an_unusable_config_is_refused_in_one_sentence(saved_folder, content, words):
+    (saved_folder / "config.json").write_text(content)
+    with pytest.raises(WeightsError, match=words):
+        load_reference(TINY, str(saved_folder))
+
+
+def test_weights_that_are_a_file_are_refused(saved_folder):
+    f = saved_folder / "diffusion_pytorch_model.safetensors"
+    with pytest.raises(WeightsError, match=r"not a folder \(expected a diffusers folder with config.json\)"):
+        load_reference(TINY, str(f))
+
+
+def test_corrupt_weights_are_a_weights_error(saved_folder):
+    f = saved_folder / "diffusion_pytorch_model.safetensors"
+    f.write_bytes(f.read_bytes()[:1000])
+    with pytest.raises(WeightsError, match="cannot load weights from"):
+        load_reference(TINY, str(saved_folder))
+
+
+def test_safetensors_are_taken_over_pickle_in_the_same_folder(saved_folder, tiny_vae):
+    """A folder with both (hub repos often carry both): the safetensors are loaded, the pickle is
+    never unpickled, with or without --allow-pickle. The .bin here holds other weights, so
+    loading it would show in the digest."""
+    other, _ = load_reference(TINY, random_weights=True, seed=99)
+    other.save_pretrained(saved_folder / "other", safe_serialization=False)
+    shutil.move(saved_folder / "other" / "diffusion_pytorch_model.bin", saved_folder / "diffusion_pytorch_model.bin")
+    for allow in (False, True):
+        model, src = load_reference(TINY, str(saved_folder), allow_pickle=allow)
+        assert src.state_dict_sha256 == state_dict_digest(tiny_vae) != state_dict_digest(other)
+        assert set(src.files) == {"diffusion_pytorch_model.safetensors"}
+
+
+def test_a_loaded_folder_is_an_inference_model(saved_folder):
+    model, _ = load_reference(TINY, str(saved_folder))
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_the_digest_covers_names_dtypes_and_shapes_not_only_bytes():
+    def module(**tensors):
+        m = torch.nn.Module()
+        for k, v in tensors.items():
+            m.register_buffer(k, v)
+        return m
+
+    data = torch.arange(6, dtype=torch.float32)
+    base = state_dict_digest(module(w=data.reshape(2, 3)))
+    assert base == state_dict_digest(module(w=data.reshape(2, 3).clone()))
+    assert base != state_dict_digest(module(w=data.reshape(3, 2)))  # same bytes, other shape
+    assert base != state_dict_digest(module(v=data.reshape(2, 3)))  # other name
+    assert base != state_dict_digest(module(w=data.view(torch.int32).reshape(2, 3)))  # same bytes, other dtype
+
+
+@pytest.mark.parametrize("allow_pickle", [False, True])
+def test_the_download_asks_for_what_from_pretrained_loads_and_no_more(monkeypatch, saved_folder, allow_pickle):
+    """snapshot_download's patterns: config and the safetensors (whole or sharded), never the
+    variant files (fp16 copies that from_pretrained would not load) and no pickle unless allowed.
+    The hub is replaced by a function recording what it was asked for (no test machine reaches it)."""
+    import fnmatch
+
+    import huggingface_hub
+
+    asked = {}
+
+    def snapshot_download(repo_id, **kwargs):
+        asked.update(kwargs, repo_id=repo_id)
+        return str(saved_folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    load_reference(TINY, "org/x", revision="main", allow_pickle=allow_pickle)
+    assert asked["repo_id"] == "org/x" and asked["revision"] == "main"
+
+    def fetched(name):
+        return any(fnmatch.fnmatch(name, p) for p in asked["allow_patterns"])
+
+    for name in ("config.json", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json",
+                 "diffusion_pytorch_model-00001-of-00002.safetensors"):
+        assert fetched(name), name
+    for name in ("diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.fp16-00001-of-00002.safetensors",
+                 "README.md", "model.onnx"):
+        assert not fetched(name), name
+    for name in ("diffusion_pytorch_model.bin", "diffusion_pytorch_model.bin.index.json",
+                 "diffusion_pytorch_model-00001-of-00002.bin"):
+        assert fetched(name) == allow_pickle, name
