@@ -128,9 +128,11 @@ def batch_to_images(batch: Any) -> list[Image.Image]:
     """Decoded float batch [B, 3, H, W] (about [-1, 1]; numpy or torch) -> RGB PIL images."""
     try:
         arrays.kind_of(batch)
-    except (TypeError, ValueError):
+    except TypeError:
         raise AsymInputError(f"batch_to_images: expected a numpy array or a torch tensor, got "
                              f"{type(batch).__name__}") from None
+    except ValueError as e:  # a tensor, but one without readable dense data: say which
+        raise AsymInputError(f"batch_to_images: got {e}") from None
     if arrays.is_torch(batch) and batch.is_floating_point():
         batch = batch.detach().float()  # bfloat16 has no numpy dtype
     x = arrays.to_numpy(batch)

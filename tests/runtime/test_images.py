@@ -74,6 +74,37 @@ def test_square_sizes_may_be_one_number_or_a_pair():
     assert asym_runtime.masks_to_batch(_mask(), width=96, height=64).shape == (1, 1, 64, 96)
 
 
+def test_a_portrait_image_is_resized_to_a_landscape_size_of_the_same_numbers(processors):
+    """A 64x96 (width x height) photo asked for as width=96, height=64 must be resized, not taken
+    as it is: the size compare is in PIL's (width, height) order."""
+    got = asym_runtime.images_to_batch(_photo(64, 96), width=96, height=64)
+    want = processors[0].preprocess(_photo(64, 96), height=64, width=96).numpy()
+    assert got.shape == (1, 3, 64, 96)
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+    assert asym_runtime.masks_to_batch(_mask(64, 96), width=96, height=64).shape == (1, 1, 64, 96)
+
+
+def test_any_iterable_of_images_is_a_batch():
+    """The helpers take an iterable of images (a generator expression, an iterator), not only a
+    list or tuple: each item is one image of the batch."""
+    ims = [_photo(seed=0), _photo(seed=1)]
+    np.testing.assert_array_equal(asym_runtime.images_to_batch(im for im in ims), asym_runtime.images_to_batch(ims))
+    np.testing.assert_array_equal(asym_runtime.masks_to_batch(iter([_mask(), _mask()])),
+                                  asym_runtime.masks_to_batch([_mask(), _mask()]))
+
+
+def test_numpy_integer_sizes_are_taken_like_ints():
+    """Sizes computed with numpy (from an array's shape, ``np.int64``) are integers: taken as
+    ints, not refused as if they were strings or fractions."""
+    want = asym_runtime.images_to_batch(_photo(100, 70), width=96, height=64)
+    got = asym_runtime.images_to_batch(_photo(100, 70), width=np.int64(96), height=np.int64(64))
+    np.testing.assert_array_equal(got, want)
+    square = asym_runtime.masks_to_batch(_mask(100, 70), size=64)
+    np.testing.assert_array_equal(asym_runtime.masks_to_batch(_mask(100, 70), size=np.int64(64)), square)
+    pair = (np.int32(64), np.int32(64))
+    np.testing.assert_array_equal(asym_runtime.masks_to_batch(_mask(100, 70), size=pair), square)
+
+
 def test_round_trip_through_the_runtime_gives_the_diffusers_pixels(tiny_rt, tiny_vae):
     """PIL in, PIL out through the runtime = the same photo and mask through diffusers'
     processors and the reference model, pixel for pixel (up to one 8-bit level, rarely)."""
@@ -118,6 +149,21 @@ def test_round_trip_through_the_runtime_gives_the_diffusers_pixels(tiny_rt, tiny
     (lambda: asym_runtime.batch_to_images(np.full((1, 3, 8, 8), np.nan, np.float32)), r"contains NaN or Inf"),
     (lambda: asym_runtime.batch_to_images([[0.0]]), r"numpy array or a torch tensor, got list"),
     (lambda: asym_runtime.batch_to_images(np.zeros((1, 3, 8, 8), np.uint8)), r"float batch"),
+    # each of height and width must be a positive multiple of 8, not only one of them
+    (lambda: asym_runtime.images_to_batch(_photo(), width=0, height=64), r"size 64x0 is not allowed"),
+    (lambda: asym_runtime.masks_to_batch(_mask(), width=96, height=0), r"size 0x96 is not allowed"),
+    # a bool is not a size, also as size= (True would have been a 1x1 square)
+    (lambda: asym_runtime.images_to_batch(_photo(), size=True), r"size=True must be one number"),
+    # Inf, not only NaN: it would come out as a saturated pixel without a word
+    (lambda: asym_runtime.batch_to_images(np.full((1, 3, 8, 8), -np.inf, np.float32)), r"contains NaN or Inf"),
+    # rank is checked, not only the channel axis: a 5-D batch reached numpy's transpose
+    (lambda: asym_runtime.batch_to_images(np.zeros((1, 3, 8, 8, 1), np.float32)),
+     r"expected \[batch, 3, height, width\], got shape \(1, 3, 8, 8, 1\)"),
+    # a tensor without dense data is an input error too, not torch's own ValueError
+    (lambda: asym_runtime.batch_to_images(torch.zeros((1, 3, 8, 8)).to_sparse()),
+     r"^batch_to_images: got a sparse_coo tensor; only dense \(strided\) tensors hold pixels$"),
+    (lambda: asym_runtime.batch_to_images(torch.zeros((1, 3, 8, 8), device="meta")),
+     r"^batch_to_images: got a tensor on device 'meta'; only CPU and CUDA tensors carry data here$"),
 ])
 def test_helper_errors_say_what_to_do(call, message):
     with pytest.raises(AsymInputError, match=message):
@@ -130,6 +176,8 @@ _WIDE = {
     "I;16": lambda: Image.fromarray(np.full((64, 64), 60000, np.uint16)),
     "I;16B": lambda: Image.fromarray(np.full((64, 64), 60000, ">u2")),
     "F": lambda: Image.fromarray(np.full((64, 64), 0.8, np.float32)),
+    "I;16L": lambda: Image.new("I;16L", (64, 64), 60000),  # PIL's other 16-bit modes (Image.new makes them)
+    "I;16N": lambda: Image.new("I;16N", (64, 64), 60000),
 }
 
 
