@@ -109,6 +109,43 @@ def test_sample_with_a_numpy_generator(tiny_rt):
         dist.sample(-1)  # numpy's own 'expected non-negative integer' named no seed
 
 
+def test_sample_takes_generator_lists_as_diffusers_does(tiny_rt, tiny_vae):
+    """A one-generator list is that generator for the whole batch (diffusers' randn_tensor); a
+    list of any other length must have one generator per batch item, and says so."""
+    image = feed("encoder", Shape(2, 64, 96), seed=4)["image"]
+    dist = tiny_rt.encode(image)
+    got = dist.sample([torch.Generator().manual_seed(7)])
+    ref = diffusers_encode(tiny_vae, image).sample([torch.Generator().manual_seed(7)]).numpy()
+    np.testing.assert_allclose(got, ref, atol=ATOL, rtol=0)
+    with pytest.raises(asym_runtime.AsymInputError, match="sample: 3 generators for a batch of 2"):
+        dist.sample([torch.Generator().manual_seed(s) for s in range(3)])
+    with pytest.raises(asym_runtime.AsymInputError, match="sample: generator must be .*; got list"):
+        dist.sample([torch.Generator().manual_seed(1), np.random.default_rng(2)])  # not all torch generators
+
+
+def test_sample_without_a_generator_uses_torchs_rng_for_torch_results(tiny_rt, tiny_vae):
+    """For torch results, no generator means torch's global RNG, as in diffusers: after the same
+    torch.manual_seed the sample is diffusers' sample."""
+    image = feed("encoder", Shape(1, 64, 64), seed=8)["image"]
+    dist = tiny_rt.encode(torch.from_numpy(image))
+    ref_dist = diffusers_encode(tiny_vae, image)
+    with torch.random.fork_rng():
+        torch.manual_seed(11)
+        got = dist.sample()
+        torch.manual_seed(11)
+        ref = ref_dist.sample()
+    assert isinstance(got, torch.Tensor)
+    np.testing.assert_allclose(got.numpy(), ref.numpy(), atol=ATOL, rtol=0)
+
+
+def test_sample_takes_numpy_integer_seeds(tiny_rt):
+    """Seeds computed with numpy (np.int64) are seeds like ints, and a negative one is named too."""
+    dist = tiny_rt.encode(feed("encoder", Shape(2, 64, 96), seed=5)["image"])
+    np.testing.assert_array_equal(dist.sample(np.int64(3)), dist.sample(3))
+    with pytest.raises(asym_runtime.AsymInputError, match="sample: seed -1 must be >= 0"):
+        dist.sample(np.int64(-1))
+
+
 def test_torch_tensors_in_give_torch_tensors_out(tiny_rt):
     f = feed("decoder", Shape(1, 64, 64), seed=6)
     t = {k: torch.from_numpy(v) for k, v in f.items()}
@@ -141,6 +178,20 @@ def test_config_mirrors_diffusers(tiny_rt, tiny_vae):
     with pytest.raises(AttributeError, match="no 'nope'"):
         _ = tiny_rt.config.nope
     assert tiny_rt.variant == "tiny" and tiny_rt.limits == tiny_rt.manifest.limits
+
+
+def test_config_is_read_only_and_answers_like_a_dict(tiny_rt):
+    """The config is the manifest's: changing the dict it was made from, or the one to_dict()
+    returns, does not change it; ``in`` and get() answer as they do on a dict."""
+    src = {"scaling_factor": 0.5}
+    config = asym_runtime.VAEConfig(src)
+    src["scaling_factor"] = 2.0
+    assert config.scaling_factor == 0.5
+    copy = tiny_rt.config.to_dict()
+    copy["scaling_factor"] = 1.0
+    assert tiny_rt.config.scaling_factor == 0.18215
+    assert "scaling_factor" in tiny_rt.config and "nope" not in tiny_rt.config
+    assert tiny_rt.config.get("nope", 7) == 7 and tiny_rt.config.get("scaling_factor") == 0.18215
 
 
 @pytest.mark.skipif(cuda_provider_available(), reason="onnxruntime-gpu is installed: auto may pick CUDA")

@@ -49,6 +49,11 @@ def _pinf(a):
     return a
 
 
+def _torch(values):
+    """The same inputs as CPU torch tensors."""
+    return {k: torch.from_numpy(v) for k, v in values.items()}
+
+
 def _reach(a, value):
     """``a`` with one element set to ``value`` (past the image bound's slack, or on it)."""
     a = a.copy()
@@ -69,7 +74,8 @@ BAD_DECODES = [
     ("size-not-multiple-of-8", _with(image=G["image"][..., :92], mask=G["mask"][..., :92]), AsymInputError,
      r"image width 92 is not a multiple of 8"),
     ("image-size-vs-latent", _with(image=G["image"][..., :88], mask=G["mask"][..., :88]), AsymInputError,
-     r"sizes disagree: latent \(2, 4, 8, 12\) is 64x96 pixels, image \(2, 3, 64, 88\) is 64x88"),
+     r"sizes disagree: latent \(2, 4, 8, 12\) is 64x96 pixels, image \(2, 3, 64, 88\) is 64x88 pixels, mask "
+     r"\(2, 1, 64, 88\) is 64x88 pixels; image and mask must be 8x the latent's height and width$"),
     ("mask-size-vs-image", _with(mask=G["mask"][:, :, :56]), AsymInputError, r"sizes disagree: .*mask .* is 56x96"),
     ("batch", _with(image=G["image"][:1]), AsymInputError,
      r"batch sizes disagree: latent has 2, image has 1, mask has 2"),
@@ -88,7 +94,9 @@ BAD_DECODES = [
      r"image values must lie in \[-1, 1\] \(checked with slack 0.5\); got min .*, max 1.60000002"),
     ("image-below-minus-1.5", _with(image=_reach(G["image"], -1.6)), AsymInputError,
      r"image values must lie in \[-1, 1\] \(checked with slack 0.5\); got min -1.60000002"),
-    ("mask-above-1", _with(mask=G["mask"] * 255), AsymInputError, r"mask values must lie in \[0, 1\] .*max 255"),
+    # the message says what the mask means, not only its range
+    ("mask-above-1", _with(mask=G["mask"] * 255), AsymInputError,
+     r"mask values must lie in \[0, 1\] \(1 = repaint, 0 = keep\); got min 0, max 255$"),
     ("mask-below-0", _with(mask=G["mask"] - 0.5), AsymInputError, r"mask values must lie in \[0, 1\] .*min -0.5"),
     # one float32 ulp past 1: the message must show it, not round it back to "max 1"
     ("mask-one-ulp-above-1", _with(mask=np.nextafter(G["mask"], np.float32(2))), AsymInputError,
@@ -107,6 +115,21 @@ BAD_DECODES = [
     ("pil", _with(image=Image.new("RGB", (96, 64))), AsymInputError, r"got PIL.Image.Image; convert PIL images"),
     ("mixed-kinds", _with(image=torch.from_numpy(G["image"])), AsymInputError,
      r"must all be numpy arrays or all torch tensors"),
+    # rank is checked both ways: a latent with an extra trailing axis went on to the backend
+    ("latent-rank-5", dict(latent=G["latent"][..., None]), AsymInputError, r"latent has rank 5 .* must be rank 4"),
+    # complex is not floating: converting it to float32 would drop the imaginary part
+    ("complex-latent", dict(latent=G["latent"].astype(np.complex64)), AsymInputError,
+     r"latent has dtype complex64; a floating dtype is required"),
+    # tensors without readable dense data are input errors that say why, not errors from inside torch
+    ("sparse-latent", dict(latent=torch.from_numpy(G["latent"]).to_sparse()), AsymInputError,
+     r"latent is a sparse_coo tensor; only dense \(strided\) tensors hold pixels"),
+    ("meta-latent", dict(latent=torch.empty(G["latent"].shape, device="meta")), AsymInputError,
+     r"latent is a tensor on device 'meta'; only CPU and CUDA tensors carry data"),
+    # value ranges hold for torch tensors as for numpy arrays, at both ends
+    ("torch-mask-above-1", _torch(_with(mask=G["mask"] * 255)), AsymInputError,
+     r"mask values must lie in \[0, 1\] .*max 255"),
+    ("torch-image-below-minus-1.5", _torch(_with(image=_reach(G["image"], -1.6))), AsymInputError,
+     r"image values must lie in \[-1, 1\] \(checked with slack 0.5\); got min -1.60000002"),
 ]
 
 
@@ -146,6 +169,8 @@ BAD_ENCODES = [
     ("nan", _nan(G["image"]), AsymInputError, r"image contains NaN"),
     ("limit", np.zeros((1, 3, 64, 1040), np.float32), ShapeOutOfLimitsError, r"width 1040 is above .*max_width 1024"),
     ("float-torch-int", torch.zeros((1, 3, 64, 64), dtype=torch.int64), AsymInputError, r"dtype int64"),
+    ("torch-complex", torch.zeros((1, 3, 64, 64), dtype=torch.complex64), AsymInputError,
+     r"image has dtype complex64; a floating dtype is required"),
 ]
 
 
@@ -182,3 +207,38 @@ def test_soft_masks_and_slightly_overshooting_images_are_accepted(tiny_rt, tiny_
     np.testing.assert_allclose(got, want, atol=FP32_MAX_ABS, rtol=0)
     binary = tiny_rt.decode(f["latent"], image=image, mask=(soft >= 0.5).astype(np.float32))
     assert np.abs(got - binary).max() > 10 * FP32_MAX_ABS  # the soft values reached the graph
+
+
+def test_checked_inputs_are_contiguous_float32_of_the_callers_kind(tiny_rt):
+    """Request promises contiguous float32: the CUDA, TensorRT and CUDA-graph paths bind inputs
+    by pointer. ONNX Runtime on the CPU copies a strided array itself, so the decode tests above
+    cannot see a strided feed; the checked feed is looked at here."""
+    from asym_runtime.checks import check_inputs
+    from asym_runtime.specs import DECODER
+
+    channels_last = G["image"].transpose(0, 2, 3, 1).copy().transpose(0, 3, 1, 2)
+    values = {"latent": np.asfortranarray(G["latent"].astype(np.float64)), "image": channels_last, "mask": G["mask"]}
+    req = check_inputs("decode", DECODER.inputs, values, tiny_rt.limits)
+    assert req.shape == Shape(2, 64, 96)
+    for name, x in req.feed.items():
+        assert isinstance(x, np.ndarray) and x.dtype == np.float32 and x.flags.c_contiguous, name
+        np.testing.assert_array_equal(x, G[name])
+    tensors = _torch(G)
+    tensors["latent"] = tensors["latent"].transpose(2, 3).contiguous().transpose(2, 3)
+    tensors["image"] = tensors["image"].to(memory_format=torch.channels_last)
+    req = check_inputs("decode", DECODER.inputs, tensors, tiny_rt.limits)
+    for name, x in req.feed.items():
+        assert isinstance(x, torch.Tensor) and x.dtype == torch.float32 and x.is_contiguous(), name
+        np.testing.assert_array_equal(x.numpy(), G[name])
+
+
+def test_request_and_output_shapes_count_a_latent_dim_as_8_pixels():
+    """The CUDA and TensorRT backends size their output buffers from these two (no CPU test runs
+    those paths): a latent dim is 8 pixels, height and width are not swapped."""
+    from asym_runtime.checks import output_shapes, request_shape
+    from asym_runtime.specs import DECODER, DECODER_UNCOND, ENCODER
+
+    shape = request_shape(DECODER_UNCOND, {"latent": G["latent"]})
+    assert shape == Shape(2, 64, 96) == request_shape(DECODER, G) == request_shape(ENCODER, {"image": G["image"]})
+    assert output_shapes(DECODER, shape) == {"sample": (2, 3, 64, 96)}
+    assert output_shapes(ENCODER, shape) == {"latent_mean": (2, 4, 8, 12), "latent_logvar": (2, 4, 8, 12)}
