@@ -16,6 +16,7 @@ import pytest
 pytest.importorskip("tritonclient", reason="the serve extra is not installed (pip install -e '.[serve]')")
 
 from asym_runtime import read_manifest  # noqa: E402
+from asym_runtime.errors import ArtifactError  # noqa: E402
 from asym_runtime.serving import config as tconfig  # noqa: E402
 from asym_runtime.serving.cli import repo_main as main  # noqa: E402
 from asym_runtime.serving.repository import RepoOptions, check_repository, write_repository  # noqa: E402
@@ -265,3 +266,163 @@ def test_refuses_to_replace_a_foreign_folder_and_leaves_no_staging(tiny_artifact
     assert "consistent" in capsys.readouterr().out
     (tmp_path / "r" / "decoder" / "1" / "model.onnx").write_bytes(b"x")
     assert main(["--check", str(tmp_path / "r")]) == 1
+
+
+# --------------------------------------------------------------------------- refusals and the check, case by case
+# (a mutation run of repository.py: 39 mutants, 19 survived the tests above; each test below fails on one)
+
+def _drop_entries(folder: Path, keep) -> None:
+    from manifest_edits import edit_manifest
+
+    edit_manifest(folder, lambda d: d.update(files={n: e for n, e in d["files"].items() if keep(n, e)}))
+
+
+@pytest.mark.parametrize("opts, error, words", [
+    (RepoOptions(precision="bf16"), ValueError, "precision 'bf16': fp32 or fp16"),
+    (RepoOptions(form="nhwc"), ValueError, "form 'nhwc': choose one of auto, cuda, portable"),
+    (RepoOptions(tensorrt_accelerator=True), ValueError,  # auto picks the CUDA form on GPU instances
+     "the TensorRT accelerator runs the portable graphs; pass --form portable with it"),
+])
+def test_write_refuses_options_it_cannot_honour(tiny_artifact, tmp_path, opts, error, words):
+    with pytest.raises(error, match=words):
+        write_repository(tiny_artifact, tmp_path / "repo", opts)
+    assert not (tmp_path / "repo").exists() and not list(tmp_path.glob(".repo.staging-*"))
+
+
+def test_form_cuda_on_a_folder_without_it_is_refused_not_swapped(tiny_artifact, copy_artifact, tmp_path):
+    """--form cuda asks for the fused graphs; a folder exported without them must not quietly
+    give the portable ones."""
+    folder = copy_artifact(tiny_artifact)
+    _drop_entries(folder, lambda n, e: e["format"] != "onnx_cuda")
+    with pytest.raises(ArtifactError, match=r"has no fp16 CUDA-form graph for encoder"):
+        write_repository(folder, tmp_path / "repo", RepoOptions(form="cuda"))
+    result = write_repository(folder, tmp_path / "repo", RepoOptions(form="auto"))  # auto: the portable ones
+    assert {m.source for m in result.models} == {"encoder.fp16.onnx", "decoder.fp16.onnx", "decoder_uncond.fp16.onnx"}
+
+
+def test_encoder_and_decoder_are_required_the_plain_decoder_is_not(tiny_artifact, copy_artifact, tmp_path):
+    folder = copy_artifact(tiny_artifact)
+    _drop_entries(folder, lambda n, e: not (e["role"] == "decoder_uncond" and e.get("precision") == "fp32"))
+    result = write_repository(folder, tmp_path / "r1", RepoOptions(precision="fp32", kind="cpu"))
+    assert [m.name for m in result.models] == ["encoder", "decoder"]
+    _drop_entries(folder, lambda n, e: not (e["role"] == "decoder" and e.get("precision") == "fp32"))
+    with pytest.raises(ArtifactError, match=r"has no fp32 graph for decoder"):
+        write_repository(folder, tmp_path / "r2", RepoOptions(precision="fp32", kind="cpu"))
+
+
+def test_engines_can_be_left_out_and_keep_their_own_profile(with_engines, tmp_path):
+    """--no-engines leaves the tensorrt models out; with them, a tensorrt model's batch limit is
+    the engines' profile (they were built for it), not the folder's shape limits."""
+    from manifest_edits import edit_manifest
+
+    result = write_repository(with_engines, tmp_path / "none", RepoOptions(engines=False))
+    assert [m.name for m in result.models] == list(GRAPHS)
+    edit_manifest(with_engines, lambda d: d["engines"]["profile"].update(max_batch=2, opt_batch=1))
+    write_repository(with_engines, tmp_path / "repo")
+    cfg = tconfig.parse_config((tmp_path / "repo" / "decoder_trt" / "config.pbtxt").read_text())
+    assert cfg.max_batch_size == 2
+    assert tconfig.parse_config((tmp_path / "repo" / "decoder" / "config.pbtxt").read_text()).max_batch_size == 4
+    assert check_repository(tmp_path / "repo", read_manifest(with_engines)) == []
+
+
+def test_a_repository_failing_its_own_check_is_never_published(tiny_artifact, tmp_path, monkeypatch):
+    real = tconfig.config_text
+    monkeypatch.setattr(tconfig, "config_text", lambda cfg: real(cfg).replace("dims: 3", "dims: 5"))
+    with pytest.raises(AssertionError, match=r"fails its own check: .*input image has dims \[5, -1, -1\]"):
+        write_repository(tiny_artifact, tmp_path / "repo", RepoOptions(precision="fp32", kind="cpu"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_empty_folder_is_not_one_of_ours_to_replace(tiny_artifact, tmp_path):
+    (tmp_path / "repo").mkdir()
+    with pytest.raises(FileExistsError, match="is not a repository asym-triton-repo wrote"):
+        write_repository(tiny_artifact, tmp_path / "repo", RepoOptions(kind="cpu", force=True))
+
+
+def _retrail(model_dir: Path, change=None) -> None:
+    """Re-hash the model folder's files into its trail (what an edit by hand would need to pass
+    the sha256 check), after ``change(trail)``."""
+    path = model_dir / "asym-export.json"
+    trail = json.loads(path.read_text())
+    if change:
+        change(trail)
+    trail["sha256"] = {rel: _sha(model_dir / rel) for rel in trail["sha256"] if (model_dir / rel).is_file()}
+    path.write_text(json.dumps(trail))
+
+
+def _edit_graph(model_dir: Path, change) -> None:
+    import onnx
+
+    path = model_dir / "1" / "model.onnx"
+    m = onnx.load(str(path), load_external_data=False)
+    change(m)
+    path.write_bytes(m.SerializeToString())
+    _retrail(model_dir)
+
+
+def _rank_5(m):
+    m.graph.input[0].type.tensor_type.shape.dim.add().dim_value = 1
+
+
+def _channels(m):
+    m.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 4
+
+
+def _float16(m):
+    import onnx
+
+    m.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+
+
+def _rename(m):
+    m.graph.input[0].name = "pixels"
+
+
+@pytest.mark.parametrize("change, problem", [
+    (_rename, "encoder/1/model.onnx: inputs ['pixels'], the contract has ['image']"),
+    (_float16, "encoder/1/model.onnx: input image is not float32"),
+    (_rank_5, "encoder/1/model.onnx: input image has rank 5, the contract 4"),
+    (_channels, "encoder/1/model.onnx: input image has 4 channels, the contract 3"),
+], ids=["name", "dtype", "rank", "channels"])
+def test_check_reads_the_graph_s_own_inputs(tiny_artifact, tmp_path, change, problem):
+    repo = tmp_path / "repo"
+    write_repository(tiny_artifact, repo, RepoOptions(precision="fp32", kind="cpu"))
+    _edit_graph(repo / "encoder", change)
+    assert check_repository(repo) == [problem]
+
+
+def test_check_ignores_initializers_listed_as_graph_inputs(tiny_artifact, tmp_path):
+    """Graphs of IR version < 4 list their initializers among the inputs; those are not inputs."""
+    repo = tmp_path / "repo"
+    write_repository(tiny_artifact, repo, RepoOptions(precision="fp32", kind="cpu"))
+
+    def list_initializer(m):
+        init = m.graph.initializer[0]
+        m.graph.input.add(name=init.name).type.tensor_type.elem_type = init.data_type
+
+    _edit_graph(repo / "encoder", list_initializer)
+    assert check_repository(repo) == []
+
+
+def test_check_finds_missing_foreign_and_mislabelled_files(tiny_artifact, tmp_path):
+    manifest = read_manifest(tiny_artifact)
+    repo = tmp_path / "repo"
+    write_repository(tiny_artifact, repo, RepoOptions(precision="fp32", kind="cpu"))
+    (tmp_path / "empty").mkdir()
+    assert check_repository(tmp_path / "empty") == [f"{tmp_path / 'empty'} holds no model folders"]
+    data = next(rel for rel in json.loads((repo / "decoder" / "asym-export.json").read_text())["sha256"]
+                if rel != "1/model.onnx")
+    (repo / "decoder" / data).unlink()  # missing
+    other = repo / "encoder" / next(rel for rel in json.loads((repo / "encoder" / "asym-export.json").read_text())["sha256"]
+                                    if rel != "1/model.onnx")
+    other.write_bytes(other.read_bytes()[:-4] + b"\0\0\0\0")
+    _retrail(repo / "encoder")  # consistent with its trail, but not the folder's file
+    _retrail(repo / "decoder_uncond", lambda t: t.update(graph="vae"))
+    cfg = repo / "decoder" / "config.pbtxt"
+    cfg.write_text(cfg.read_text().replace("max_batch_size: 4", "max_batch_size: 2"))
+    assert sorted(check_repository(repo, manifest)) == sorted([
+        f"decoder: {data} is missing",
+        "decoder/config.pbtxt: max_batch_size 2, the limits say 4",
+        f"encoder: {other.relative_to(repo / 'encoder').as_posix()} is no file of {manifest.root}",
+        "decoder_uncond: asym-export.json names no graph of the contract",
+    ])
