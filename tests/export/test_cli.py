@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from cli_lines import said
@@ -191,3 +192,33 @@ def test_an_export_error_is_exit_1_one_line_and_debug_shows_it(tmp_path, monkeyp
     with pytest.raises(ExportError, match="rank 3"):
         main(argv + ["--debug"])
     assert [p.name for p in (tmp_path / "o").iterdir()] == [".lock"]
+
+
+def test_every_option_reaches_the_export_as_given():
+    """What the command line becomes (asym_export.cli._options): each flag lands in its field,
+    and the defaults are the documented ones. The end-to-end tests run with defaults, so a flag
+    dropped on the way (say --opt-batch, --revision or --no-cuda-form) would pass them."""
+    from asym_export.cli import _options, build_parser
+    from asym_export.engines import EngineOptions
+    from asym_export.export import ExportOptions
+    from asym_runtime.specs import Shape, ShapeLimits
+
+    def options(*argv):
+        return _options(build_parser().parse_args(["--out", "o", *argv]))
+
+    assert options("--variant", "x2") == ExportOptions(variant="x2", out=Path("o"))  # the documented defaults
+    got = options("--variant", "x1.5", "--weights", "org/vae", "--revision", "abc123", "--allow-pickle",
+                  "--min-size", "128x64", "--opt-size", "256", "--max-size", "512x768", "--max-batch", "3",
+                  "--opt-batch", "2", "--verify-shapes", "1x128x64, 3x512x768", "--atol", "2e-3",
+                  "--no-fp16", "--fp16-headroom", "8", "--no-cuda-form", "--engines", "--opt-level", "5",
+                  "--workspace-gib", "6", "--version-compatible", "--hardware-compat", "ampere_plus")
+    assert got == ExportOptions(
+        variant="x1.5", out=Path("o"), weights="org/vae", revision="abc123", allow_pickle=True,
+        limits=ShapeLimits(min_batch=1, opt_batch=2, max_batch=3, min_height=128, min_width=64, opt_height=256,
+                           opt_width=256, max_height=512, max_width=768),
+        verify_shapes=(Shape(1, 128, 64), Shape(3, 512, 768)), fp32_max_abs=2e-3, fp16=False, fp16_headroom=8.0,
+        cuda_form=False,
+        engine=EngineOptions(opt_level=5, workspace_gib=6.0, version_compatible=True, hardware_compat="ampere_plus"))
+    seeded = options("--variant", "tiny", "--random-weights", "--seed", "7", "--engines")
+    assert (seeded.random_weights, seeded.seed, seeded.weights) == (True, 7, None)
+    assert seeded.engine == EngineOptions()  # --engines alone: level 3, TensorRT's workspace, this GPU only
