@@ -126,10 +126,11 @@ def _check_arguments(backend: str, precision: str | None, graph_form: str, graph
                          "(which runs the portable graphs)")
     if isinstance(graphs, str):  # load(dir, graphs="decoder"): one name, not its letters
         graphs = (graphs,)
-    wanted = tuple(GRAPHS) if graphs is None else tuple(dict.fromkeys(graphs))
+    given = None if graphs is None else list(graphs)  # once: an iterator is read here only
+    wanted = tuple(GRAPHS) if given is None else tuple(dict.fromkeys(given))
     unknown = [g for g in wanted if g not in GRAPHS]
     if unknown or not wanted:
-        raise ValueError(f"graphs {list(graphs or [])!r}: choose from {', '.join(GRAPHS)}")
+        raise ValueError(f"graphs {given or []!r}: choose from {', '.join(GRAPHS)}")
     return wanted
 
 
@@ -178,7 +179,8 @@ def check_loadable(path: str | os.PathLike, backend: str = "auto", precision: st
     return manifest
 
 
-#: How often load() starts over when an export replaces the folder under it.
+#: How many times load() tries in all when exports replace the folder under it: the first try
+#: and up to two starts over on the new manifest.
 _LOAD_ATTEMPTS = 3
 
 

@@ -245,6 +245,9 @@ def test_graph_form_cuda_insists_on_the_cuda_provider(tiny_artifact):
     dict(backend="directml"), dict(precision="int8"), dict(backend="openvino", precision="fp16"),
     dict(backend="tensorrt"), dict(backend="onnxruntime-cuda"), dict(backend="onnxruntime-cpu", graph_form="cuda"),
     dict(graphs=("vae",)), dict(precision="fp16"), dict(), dict(backend="openvino"),
+    # each of these found a check_loadable or load branch that nothing else compared (mutation run):
+    dict(graph_form="cuda"), dict(backend="onnxruntime", graph_form="cuda"), dict(backend="openvino", precision="bf16"),
+    dict(graphs="decoder_uncond"), dict(graphs=()),
 ])
 @pytest.mark.parametrize("folder", ["tiny_artifact", "with_engines"])
 def test_check_loadable_refuses_what_load_refuses(request, folder, kwargs):
@@ -345,3 +348,83 @@ def test_graphs_picks_what_is_loaded(tiny_artifact, tiny_vae):
 def test_one_graph_name_as_a_string(tiny_artifact):
     with asym_runtime.load(tiny_artifact, backend="onnxruntime-cpu", graphs="decoder_uncond") as rt:
         assert sorted(rt.backends) == ["decoder_uncond"]
+
+
+@pytest.mark.parametrize("graphs", [(), []])
+def test_no_graphs_at_all_is_refused(tiny_artifact, graphs):
+    """An empty selection would load a VAE that can run nothing: refused with the names to choose
+    from, before the folder is read."""
+    for check in (asym_runtime.load, asym_runtime.check_loadable):
+        with pytest.raises(ValueError, match="choose from encoder, decoder, decoder_uncond"):
+            check(tiny_artifact, backend="onnxruntime-cpu", graphs=graphs)
+
+
+def test_graph_names_from_an_iterator_are_named_in_the_refusal(tmp_path):
+    """graphs= may be any iterable; the refusal shows what was given, not the emptied iterator
+    (it said "graphs []" for a generator). Checked before any folder is read."""
+    with pytest.raises(ValueError, match=r"^graphs \['decoder', 'vae'\]: choose from encoder, decoder, decoder_uncond$"):
+        asym_runtime.load(tmp_path / "nothing-here", graphs=(g for g in ["decoder", "vae"]))
+    with pytest.raises(ValueError, match=r"^graphs \[\]: choose from"):
+        asym_runtime.check_loadable(tmp_path / "nothing-here", graphs=iter(()))
+
+
+def test_auto_loads_the_plain_decoder_alone(tiny_artifact):
+    """graphs=("decoder_uncond",) with the default backend: no engines are wanted for it, so
+    "auto" goes on to ONNX Runtime (the engine lookup must not take "no engines" for "every
+    required engine is there")."""
+    with asym_runtime.load(tiny_artifact, graphs="decoder_uncond") as rt:
+        assert rt.backend.startswith("onnxruntime") and sorted(rt.backends) == ["decoder_uncond"]
+
+
+def test_a_graph_the_folder_lacks_is_refused_without_a_wrong_precision_hint(tiny_artifact, copy_artifact):
+    """A folder without decoder_uncond (exported before it existed), asked for that graph alone:
+    refused by name, not loaded as a VAE with no graphs; and since the folder does have FP32
+    graphs, no "pass precision=" advice that would not help."""
+    import json
+
+    folder = copy_artifact(tiny_artifact)
+    data = json.loads((folder / "manifest.json").read_text())
+    data["files"] = {n: e for n, e in data["files"].items()
+                     if e["role"] != "decoder_uncond" and not (e.get("data_of") or "").startswith("decoder_uncond")}
+    (folder / "manifest.json").write_text(json.dumps(data))
+    for check in (asym_runtime.load, asym_runtime.check_loadable):
+        with pytest.raises(ArtifactError) as e:
+            check(folder, backend="onnxruntime-cpu", graphs="decoder_uncond")
+        assert "has no fp32 ONNX graph for decoder_uncond (its manifest.json lists precisions: fp16, fp32)" in str(e.value)
+        assert "pass precision" not in str(e.value)
+
+
+@pytest.mark.skipif(cuda_provider_available(), reason="onnxruntime-gpu is installed: auto may pick CUDA")
+def test_cuda_graph_with_auto_runs_on_the_cpu_where_no_gpu_backend_can(tiny_artifact, caplog):
+    """Only a forced onnxruntime-cpu refuses cuda_graph=True; "auto" on a machine without a GPU
+    backend loads on the CPU (a service configured for GPUs still starts) and warns."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="asym_runtime"):
+        with asym_runtime.load(tiny_artifact, cuda_graph=True, graphs="decoder_uncond") as rt:
+            assert rt.backend == "onnxruntime-cpu"
+            assert rt.decode(feed("decoder", Shape(1, 64, 64))["latent"]).shape == (1, 3, 64, 64)
+    assert "cuda_graph: no GPU backend can run here" in caplog.text
+
+
+def test_check_loadable_refuses_openvino_where_it_is_not_installed(tiny_artifact, monkeypatch):
+    """OpenVINO is an extra: where it is missing, check_loadable(backend="openvino") refuses as
+    load() does, for every precision (None included), before anything is read. The missing
+    package is simulated by its own unavailable_reason(): this machine may have it installed."""
+    ov_backend = pytest.importorskip("asym_runtime.backends.openvino")
+    reason = "OpenVINO is not installed: pip install -e '.[openvino]'"
+    monkeypatch.setattr(ov_backend, "unavailable_reason", lambda: reason)
+    for precision in (None, "fp32", "bf16"):
+        for check in (asym_runtime.load, asym_runtime.check_loadable):
+            with pytest.raises(BackendUnavailableError, match=r"^OpenVINO is not installed"):
+                check(tiny_artifact, backend="openvino", precision=precision)
+
+
+def test_an_error_inside_the_with_block_propagates_and_the_vae_is_closed(tiny_artifact):
+    """The context manager closes the VAE on the way out and never swallows the caller's
+    exception (an __exit__ returning True would make a failed request look like a success)."""
+    with pytest.raises(KeyError, match="the caller's"):
+        with asym_runtime.load(tiny_artifact, backend="onnxruntime-cpu", graphs="decoder_uncond") as rt:
+            raise KeyError("the caller's")
+    with pytest.raises(RuntimeError, match="this AsymVAE is closed"):
+        rt.decode(feed("decoder", Shape(1, 64, 64))["latent"])

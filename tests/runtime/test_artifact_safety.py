@@ -148,6 +148,67 @@ def test_a_load_that_an_export_overtakes_loads_the_new_artifact(tiny_artifact, c
     assert done
 
 
+def _overtake(folder, monkeypatch, times):
+    """Make every load of ``folder`` overtaken by an export, ``times`` times in all: each time, between
+    the load's manifest read and its first file, a new generation is published and the one the
+    load read is removed. Returns the list of generations published."""
+    published = []
+    original = Manifest.read_verified
+
+    def overtaken(self, name):
+        if len(published) < times and self.generation == read_manifest(folder).generation:
+            new_gen = f"gen-20990101T0000{len(published):02d}Z-0000abcd"
+            shutil.copytree(self.folder, folder / new_gen)
+            edit_manifest(folder, lambda d: d.update(generation=new_gen))
+            shutil.rmtree(self.folder)
+            published.append(new_gen)
+        return original(self, name)
+
+    monkeypatch.setattr(Manifest, "read_verified", overtaken)
+    return published
+
+
+def test_a_load_overtaken_twice_still_loads_the_newest(tiny_artifact, copy_artifact, monkeypatch):
+    """The load starts over more than once (docs/contracts.md: 3 tries in all): two exports in a
+    row overtaking it still give the complete newest artifact."""
+    folder = copy_artifact(tiny_artifact)
+    published = _overtake(folder, monkeypatch, times=2)
+    with asym_runtime.load(folder, backend="onnxruntime-cpu", graphs=("decoder_uncond",)) as rt:
+        assert len(published) == 2 and rt.manifest.generation == published[-1]
+        assert rt.decode(LATENT).shape == (1, 3, 64, 64)
+
+
+@pytest.mark.parametrize("exports", [3, 100])
+def test_a_load_overtaken_every_time_gives_up_with_an_artifact_error(tiny_artifact, copy_artifact, monkeypatch,
+                                                                     exports):
+    """Exports that keep overtaking it: the load gives up after its 3 tries with the missing file's
+    ArtifactError (not an internal error, and not forever); a third export during one load is one
+    too many."""
+    folder = copy_artifact(tiny_artifact)
+    published = _overtake(folder, monkeypatch, times=exports)
+    with pytest.raises(ArtifactError, match="is listed in manifest.json but missing"):
+        _decode(folder)
+    assert len(published) == 3, published  # one per try
+
+
+def test_a_file_missing_without_a_new_export_is_not_retried(tiny_artifact, copy_artifact, monkeypatch, caplog):
+    """A file gone while the manifest still names the same generation is a broken folder, not an
+    export in progress: refused at once, without loading again or logging that it was replaced."""
+    import logging
+
+    import asym_runtime.api as api
+
+    folder = copy_artifact(tiny_artifact)
+    read_manifest(folder).path("decoder_uncond.onnx").unlink()
+    reads = []
+    monkeypatch.setattr(api, "read_manifest", lambda path: reads.append(path) or read_manifest(path))
+    with caplog.at_level(logging.INFO, logger="asym_runtime"):
+        with pytest.raises(ArtifactError, match="decoder_uncond.onnx is listed in manifest.json but missing"):
+            _decode(folder)
+    assert "replaced by a new export" not in caplog.text
+    assert len(reads) == 2  # the load's read, and the one that found the same generation
+
+
 def test_a_linked_folder_inside_the_generation_is_refused(tiny_artifact, copy_artifact, tmp_path):
     """Not only the file itself: a folder on the way to it that is a link (engines/ -> elsewhere)
     is refused too, or the link's target would be read as the artifact's."""
