@@ -227,3 +227,99 @@ def test_every_problem_is_listed_at_once():
         _check({}, variant="x2", tensorrt_version="11.0.0.1", compute_capability="8.0")
     msg = str(e.value)
     assert "variant" in msg and "TensorRT 10.13.0.35" in msg and "compute capability 9.0" in msg
+
+
+def test_engines_are_taken_only_when_every_required_graph_has_one_of_the_asked_precision(with_engines, tmp_path):
+    """Which engines "auto" and "tensorrt" consider (asym_runtime.api._engine_entries; TensorRT
+    itself cannot run here, so the choice is checked directly): the folder's FP16 engines for
+    precision None or "fp16", none for "fp32" (those run the FP32 ONNX graphs), none for a
+    selection with no engine at all, and none when a required graph (encoder, decoder) has no
+    engine although another has."""
+    import shutil
+
+    from asym_runtime.api import _engine_entries
+    from manifest_edits import add_engine_entries
+
+    every = ("encoder", "decoder", "decoder_uncond")
+    both = {"encoder": "engines/encoder.plan", "decoder": "engines/decoder.plan"}
+    m = read_manifest(with_engines)
+    assert _engine_entries(m, None, every) == both
+    assert _engine_entries(m, "fp16", every) == both
+    assert _engine_entries(m, "fp32", every) is None
+    assert _engine_entries(m, None, ("decoder_uncond",)) is None
+    assert _engine_entries(m, None, ("decoder", "decoder_uncond")) == {"decoder": "engines/decoder.plan"}
+
+    folder = tmp_path / "decoder-engine-only"
+    shutil.copytree(with_engines, folder)
+    shutil.rmtree(read_manifest(folder).folder / "engines")
+    edit_manifest(folder, lambda d: [d["files"].pop(n) for n in list(d["files"]) if n.startswith("engines/")])
+    add_engine_entries(folder, graphs=("decoder",))
+    m = read_manifest(folder)
+    assert _engine_entries(m, None, every) is None  # the encoder would have no engine
+    assert _engine_entries(m, None, ("decoder",)) == {"decoder": "engines/decoder.plan"}
+
+
+def test_the_engines_profile_and_the_manifests_limits_intersect():
+    """A TensorRT load serves only shapes both the engines' profile and the manifest allow
+    (asym_runtime.api._intersect, a pure function: no GPU needed to check it)."""
+    from asym_runtime.api import _intersect
+    from asym_runtime.specs import ShapeLimits
+
+    manifest = ShapeLimits()  # batch 1/1/4, sizes 64/512/1024
+    assert _intersect(manifest, None) is manifest
+    engines = ShapeLimits(max_batch=2, min_height=128, opt_height=256, max_height=512, opt_width=1024)
+    got = _intersect(manifest, engines)
+    assert (got.min_batch, got.opt_batch, got.max_batch) == (1, 1, 2)
+    assert (got.min_height, got.opt_height, got.max_height) == (128, 256, 512)
+    # the engines' opt at the top of the common range is kept, not replaced by the manifest's
+    assert (got.min_width, got.opt_width, got.max_width) == (64, 1024, 1024)
+    # ranges that only touch share that one size
+    touching = _intersect(ShapeLimits(opt_height=512, max_height=512),
+                          ShapeLimits(min_height=512, opt_height=768, max_height=1024))
+    assert (touching.min_height, touching.opt_height, touching.max_height) == (512, 512, 512)
+    with pytest.raises(ArtifactError, match=r"share no height"):
+        _intersect(ShapeLimits(opt_height=256, max_height=256),
+                   ShapeLimits(min_height=512, opt_height=512, max_height=1024))
+
+
+def test_a_manifest_listing_no_onnx_graphs_says_none(with_engines):
+    """The refusal lists the precisions the folder has, and says "none" rather than leave the
+    list empty when it has no ONNX graph at all (a manifest listing engines only)."""
+    edit_manifest(with_engines, lambda d: d.update(files={
+        n: e for n, e in d["files"].items() if e["format"] == "tensorrt_plan"}))
+    with pytest.raises(ArtifactError, match=r"has no fp32 ONNX graph for encoder, decoder \(its manifest.json "
+                                            r"lists precisions: none\)$"):
+        asym_runtime.load(with_engines, backend="onnxruntime-cpu")
+
+
+def test_the_precisions_named_are_those_of_the_onnx_graphs_not_the_engines(with_engines):
+    """A folder with FP16 engines but FP32 ONNX graphs only: asked for FP16 on ONNX Runtime, the
+    refusal names the ONNX graphs' precisions (fp32, with the hint to pass it), not the engines'."""
+    edit_manifest(with_engines, lambda d: d.update(files={
+        n: e for n, e in d["files"].items() if e["format"] == "tensorrt_plan" or e.get("precision") != "fp16"}))
+    with pytest.raises(ArtifactError, match=r"no fp16 ONNX graph for encoder, decoder \(its manifest.json lists "
+                                            r"precisions: fp32\); pass precision='fp32'"):
+        asym_runtime.load(with_engines, backend="onnxruntime-cpu", precision="fp16")
+
+
+def test_a_load_that_fails_part_way_ends_the_sessions_it_started(tiny_artifact, copy_artifact, monkeypatch):
+    """The encoder and decoder sessions are up when the plain decoder's graph turns out to break
+    its contract: the load fails with that ArtifactError and deactivates what it had started
+    (a service retrying loads must not keep the weights of failed ones)."""
+    import shutil
+
+    from asym_runtime.backends.onnxrt import OnnxRuntimeBackend
+    from asym_runtime.manifest import sha256_file
+
+    folder = copy_artifact(tiny_artifact)
+    gen = read_manifest(folder).folder
+    shutil.copyfile(gen / "encoder.onnx", gen / "decoder_uncond.onnx")  # reads encoder.onnx.data, listed
+    edit_manifest(folder, lambda d: d["files"]["decoder_uncond.onnx"].update(
+        sha256=sha256_file(gen / "decoder_uncond.onnx"), size=(gen / "decoder_uncond.onnx").stat().st_size))
+    started = []
+    activate = OnnxRuntimeBackend.activate
+    monkeypatch.setattr(OnnxRuntimeBackend, "activate", lambda self: started.append(self) or activate(self))
+    with pytest.raises(ArtifactError, match="decoder_uncond.onnx has inputs"):
+        asym_runtime.load(folder, backend="onnxruntime-cpu")
+    assert [b.graph.name for b in started] == ["encoder", "decoder", "decoder_uncond"]
+    assert not [b for b in started if b.active or b.session is not None]

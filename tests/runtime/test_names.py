@@ -40,3 +40,23 @@ def test_the_vocabulary_is_loads_own():
     with pytest.raises(AsymInputError, match="unknown backend 'diffusers'"):
         parse_backend_name("diffusers/fp32")  # a bench-only name needs the caller's backends
     assert parse_backend_name("diffusers/fp32", BACKENDS + ("diffusers",)).backend == "diffusers"
+
+
+@pytest.mark.parametrize("text, allowed", [
+    ("ort-cpu/fp32", "choose from " + ", ".join(BACKENDS)),
+    ("onnxruntime-cpu/fp8", "choose from fp32, fp16, bf16"),
+    ("onnxruntime-cuda/fp16/fast", "choose from portable, cudagraph"),
+    ("onnxruntime-cpu//portable", "(e.g. onnxruntime-cpu/fp32)"),
+])
+def test_a_bad_name_lists_the_allowed_names(text, allowed):
+    """The docstring promises an error "naming what is allowed": the list itself, not only the
+    word that was wrong (a mutant that dropped "; choose from ..." passed the test above)."""
+    with pytest.raises(AsymInputError) as e:
+        parse_backend_name(text)
+    assert allowed in str(e.value)
+
+
+def test_a_name_from_a_command_line_or_a_file_may_carry_surrounding_whitespace():
+    """asym-bench and asym-parity read names from arguments and files: a trailing newline or
+    space is not part of the name."""
+    assert parse_backend_name(" onnxruntime-cpu/fp32\n") == BackendName("onnxruntime-cpu", "fp32")

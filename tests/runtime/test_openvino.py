@@ -213,6 +213,38 @@ def test_the_cache_limit_comes_from_the_environment(monkeypatch, caplog, value, 
     assert ("is not a size in GiB (a number >= 0); using 10" in caplog.text) == bad
 
 
+def test_openvino_runs_the_portable_graphs_and_says_so(ov_fp32):
+    """What the loaded VAE reports is what ran: OpenVINO runs the portable FP32 graphs on the CPU."""
+    assert (ov_fp32.graph_form, ov_fp32.device) == ("portable", "cpu")
+    assert {b.name for b in ov_fp32.backends.values()} == {"openvino"}
+
+
+def test_cache_dir_true_is_the_default_cache(tiny_artifact, tmp_path, monkeypatch):
+    """cache_dir=True (load's signature takes a bool) means the default cache under
+    $XDG_CACHE_HOME, like None; only False turns the cache off."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    with asym_runtime.load(tiny_artifact, backend="openvino", graphs="decoder_uncond", cache_dir=True) as rt:
+        rt.decode(np.zeros((1, 4, 8, 8), np.float32))
+    assert list((tmp_path / "xdg" / "asym-export" / "openvino").rglob("compiled-*.blob"))
+
+
+def test_check_loadable_reads_the_files_openvino_would_run(tiny_artifact, copy_artifact):
+    """check_loadable(backend="openvino") checks every FP32 graph and data file as load() does: a
+    damaged data file is refused by both, before OpenVINO starts."""
+    from asym_runtime.errors import ArtifactError
+    from asym_runtime.manifest import read_manifest
+
+    folder = copy_artifact(tiny_artifact)
+    path = read_manifest(folder).path("decoder.onnx.data")
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 1
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ArtifactError, match="sha256 of decoder.onnx.data"):
+        asym_runtime.check_loadable(folder, backend="openvino")
+    with pytest.raises(ArtifactError, match="sha256 of decoder.onnx.data"):
+        asym_runtime.load(folder, backend="openvino", cache_dir=False)
+
+
 def test_bf16_needs_openvino_and_a_precision_it_runs():
     with pytest.raises(ValueError, match="precision 'bf16' runs on backend='openvino' only"):
         asym_runtime.load("unused", backend="onnxruntime-cpu", precision="bf16")
