@@ -64,9 +64,35 @@ def _export(tmp_root: Path, variant: str, **kw) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_artifact(tmp_path_factory) -> Path:
-    """A verified tiny artifact folder (FP32 and FP16 graphs, random weights, seed 0). Read-only."""
-    return _export(tmp_path_factory.mktemp("tiny"), "tiny")
+def onnx_cache_folder(tmp_path_factory) -> Path:
+    """Where tests/onnx_cache.py keeps exported graphs during this run (shared by the workers)."""
+    from onnx_cache import shared_folder
+
+    return shared_folder(tmp_path_factory)
+
+
+@pytest.fixture
+def reuse_onnx_exports(onnx_cache_folder, monkeypatch):
+    """Opt-in, for tests whose subject comes after ``torch.onnx.export``: export_artifact's graph
+    exports are served from tests/onnx_cache.py (real the first time for a model, copied after;
+    real whenever the test has replaced export code). Returns the cache (hits, misses)."""
+    from onnx_cache import OnnxExportCache, install
+
+    cache = OnnxExportCache(onnx_cache_folder)
+    install(cache, monkeypatch)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory, onnx_cache_folder) -> Path:
+    """A verified tiny artifact folder (FP32 and FP16 graphs, random weights, seed 0). Read-only.
+    Its graph exports go through tests/onnx_cache.py: the first worker to export them does it for
+    real, and the tests that opt in reuse them."""
+    from onnx_cache import OnnxExportCache, install
+
+    with pytest.MonkeyPatch.context() as mp:
+        install(OnnxExportCache(onnx_cache_folder), mp)
+        return _export(tmp_path_factory.mktemp("tiny"), "tiny")
 
 
 @pytest.fixture(scope="session")

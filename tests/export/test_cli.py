@@ -96,7 +96,7 @@ def test_offline_hub_exit_2(tmp_path):
     _one_line_error(r, 2, "--weights", "--random-weights")
 
 
-def test_local_weights_folder_end_to_end(tmp_path, tiny_vae):
+def test_local_weights_folder_end_to_end(tmp_path, tiny_vae, reuse_onnx_exports):
     tiny_vae.save_pretrained(tmp_path / "w")
     assert main(["--variant", "tiny", "--weights", str(tmp_path / "w"), "--no-cuda-form",
                  "--out", str(tmp_path / "o")]) == 0

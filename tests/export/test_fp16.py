@@ -10,11 +10,11 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper
+from onnx_cache import OnnxExportCache
 
 from asym_export import fp16, fp16_emulation
 from asym_export.export import ExportOptions, export_artifact
 from asym_export.feeds import CALIBRATION, CALIBRATION_SEED, make_feed
-from asym_export.onnx_export import onnx_from_model
 from asym_export.reference import reference_outputs
 from asym_export.variants import get_variant
 from asym_export.verify import FP16_TOLERANCE, VerificationError, VerificationReport
@@ -129,10 +129,11 @@ def overflow_weights(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def overflow_decoder(overflow_weights, tmp_path_factory):
+def overflow_decoder(overflow_weights, tmp_path_factory, onnx_cache_folder):
     vae, _ = load_reference(get_variant("tiny"), str(overflow_weights))
     path = tmp_path_factory.mktemp("ovdec") / "decoder.onnx"
-    onnx_from_model(vae, DECODER, path, variant="tiny", scaling_factor=0.18215)
+    # the export tests below export this decoder too: whichever comes first exports it for real
+    OnnxExportCache(onnx_cache_folder).export(vae, DECODER, path, variant="tiny", scaling_factor=0.18215)
     feeds = [make_feed(DECODER, s, CALIBRATION_SEED + i, 0.18215, mask=m) for i, (s, m) in enumerate(CALIBRATION)]
     ranges = fp16.activation_ranges(path, feeds)
     assert max(ranges.values()) > 65504  # the premise: FP32 activations beyond FP16's range
@@ -222,7 +223,7 @@ def test_real_fp16_kernels_overflow_without_islands_and_not_with_them(overflow_d
     assert report, report.failure_lines()
 
 
-def test_export_records_islands_and_reasons(overflow_weights, tmp_path):
+def test_export_records_islands_and_reasons(overflow_weights, tmp_path, reuse_onnx_exports):
     res = export_artifact(ExportOptions(variant="tiny", out=tmp_path / "a", weights=str(overflow_weights)))
     m = json.loads((tmp_path / "a" / "manifest.json").read_text())
     dec = m["fp16"]["graphs"]["decoder"]
@@ -237,7 +238,8 @@ def test_export_records_islands_and_reasons(overflow_weights, tmp_path):
     assert m["verification"]["onnx_fp16_cuda_emulated"]["passed"]
 
 
-def test_the_cuda_form_without_its_islands_fails_the_export(overflow_weights, tmp_path, monkeypatch):
+def test_the_cuda_form_without_its_islands_fails_the_export(overflow_weights, tmp_path, monkeypatch,
+                                                            reuse_onnx_exports):
     """Negative control of the island mapping: no calibrated ranges for the CUDA form, no islands,
     and its emulated FP16 check sees the overflow."""
     import asym_export.export as ex
@@ -247,7 +249,7 @@ def test_the_cuda_form_without_its_islands_fails_the_export(overflow_weights, tm
         export_artifact(ExportOptions(variant="tiny", out=tmp_path / "a", weights=str(overflow_weights)))
 
 
-def test_export_fails_when_fp16_overflows(overflow_weights, tmp_path, monkeypatch):
+def test_export_fails_when_fp16_overflows(overflow_weights, tmp_path, monkeypatch, reuse_onnx_exports):
     """Without islands the emulated check sees Inf/NaN and the export fails: no manifest."""
     import asym_export.export as ex
 
@@ -282,7 +284,7 @@ def test_manifest_lists_fp16_files_and_their_check(tiny_artifact):
     assert "onnxruntime.transformers.float16" in m["fp16"]["converter"]
 
 
-def test_no_fp16(tmp_path):
+def test_no_fp16(tmp_path, reuse_onnx_exports):
     export_artifact(ExportOptions(variant="tiny", out=tmp_path / "a", random_weights=True, fp16=False))
     m = json.loads((tmp_path / "a" / "manifest.json").read_text())
     assert not any(".fp16." in n for n in m["files"]) and m["fp16"] is None

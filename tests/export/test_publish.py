@@ -23,6 +23,7 @@ from asym_export.cli import main
 from asym_runtime.manifest import GENERATION_PREFIX, read_manifest
 
 CHILD = Path(__file__).with_name("publish_child.py")
+CACHED_CLI = Path(__file__).parents[1] / "cached_cli.py"
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
@@ -60,7 +61,7 @@ def _pickle_only_weights(folder: Path, tiny_vae) -> Path:
 
 @pytest.mark.parametrize("kind", ["missing-weights", "pickle-weights", "failed-verification"])
 def test_a_failing_reexport_leaves_the_old_artifact_byte_identical(tiny_artifact, copy_artifact, tmp_path,
-                                                                   tiny_vae, capsys, kind):
+                                                                   tiny_vae, capsys, kind, reuse_onnx_exports):
     folder = copy_artifact(tiny_artifact)
     before = snapshot(folder)
     argv, code = {
@@ -145,8 +146,11 @@ def test_twenty_kill_points_leave_the_old_or_the_new_artifact(tiny_artifact, cop
 
 # --------------------------------------------------------------------------- concurrency
 
-def _export_cmd(out: Path, seed: int) -> list[str]:
-    return [sys.executable, "-m", "asym_export.cli", "--variant", "tiny", "--random-weights", "--seed", str(seed),
+def _export_cmd(out: Path, seed: int, onnx_cache: Path | None = None) -> list[str]:
+    """asym-export in a process of its own; with ``onnx_cache``, its graph exports are served from
+    that folder (tests/cached_cli.py)."""
+    cli = ["-m", "asym_export.cli"] if onnx_cache is None else [str(CACHED_CLI), str(onnx_cache)]
+    return [sys.executable, *cli, "--variant", "tiny", "--random-weights", "--seed", str(seed),
             "--no-fp16", "--no-cuda-form", "--out", str(out)]
 
 
@@ -159,10 +163,11 @@ def _wait_for(predicate, timeout=300.0, what=""):
 
 
 def test_a_second_export_into_a_busy_folder_fails_at_once_and_a_killed_one_changes_nothing(
-        tiny_artifact, copy_artifact, capsys):
+        tiny_artifact, copy_artifact, capsys, onnx_cache_folder):
     """Export A (seed 1) runs; B into the same folder fails at once naming A's pid; A is then
     killed mid-export (graphs staged): the old artifact is intact; export C succeeds and
-    removes A's staging folder."""
+    removes A's staging folder. (A exports for real, which gives the test time to act while it
+    runs; C reuses the session's exports of the seed-0 model.)"""
     folder = copy_artifact(tiny_artifact)
     before = snapshot(folder)
     a = subprocess.Popen(_export_cmd(folder, 1), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -189,10 +194,12 @@ def test_a_second_export_into_a_busy_folder_fails_at_once_and_a_killed_one_chang
     assert_complete(folder)
     assert [p.name for p in folder.glob(STAGING_PREFIX + "*")], "the kill left no staging folder to clean"
 
-    c = subprocess.run(_export_cmd(folder, 3), env=ENV, capture_output=True, text=True, timeout=600)
+    old = read_manifest(folder).generation
+    c = subprocess.run(_export_cmd(folder, 0, onnx_cache_folder), env=ENV, capture_output=True, text=True,
+                       timeout=600)
     assert c.returncode == 0, c.stderr
     gen = assert_complete(folder)
-    assert read_manifest(folder).data["weights"]["seed"] == 3
+    assert gen != old and read_manifest(folder).data["fp16"] is None  # C's (--no-fp16), not the old one
     assert sorted(p.name for p in folder.iterdir()) == sorted([".lock", "manifest.json", gen])
 
 
