@@ -9,7 +9,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 from onnx_cache import OnnxExportCache
 
 from asym_export import fp16, fp16_emulation
@@ -112,6 +112,85 @@ def test_toposort_orders_appended_casts():
     m.graph.node[0].input[0] = "missing"
     with pytest.raises(fp16.Fp16Error, match="dangling input"):
         fp16.toposort(m)
+
+
+# ----------------------------------------------------------------------- the weights' rounding
+
+def _rounding_cases() -> np.ndarray:
+    """Every value the converter treats apart (zeros of both signs, infinities, NaN, magnitudes
+    around its two thresholds and FP16's own limits), and values spread over 20 decades."""
+    f32 = np.float32
+    edges = [0.0, -0.0, np.inf, -np.inf, np.nan, 1e-45, 1e-8, 2.98e-8, 2.99e-8, 5.96e-08, 6.0e-8, 6.1e-5,
+             65504.0, 65519.0, 65520.0, 1e6, 3.4e38]
+    edges += [np.nextafter(f32(v), f32(d)) for v in (5.96e-08, 65504.0) for d in (0.0, np.inf)]
+    rng = np.random.default_rng(0)
+    spread = rng.standard_normal(200_000) * 10.0 ** rng.integers(-12, 8, 200_000)
+    edges = np.array(edges, np.float32)
+    return np.concatenate([edges, -edges, spread.astype(np.float32)])
+
+
+def test_the_fast_weight_rounding_is_the_converters_bit_for_bit():
+    from onnxruntime.transformers.float16 import convert_np_to_float16
+
+    a = _rounding_cases()
+    calm = a[(np.abs(a) > 1e-3) & (np.abs(a) < 1e3)]  # nothing to clamp: the cast alone
+    for x in (a, a.astype(np.float64), calm, a[:0]):  # raw_data is float32; float_data is read as float64
+        want, got = convert_np_to_float16(x), fp16.float32_to_float16(x)
+        assert got.dtype == want.dtype == np.float16 and got.shape == want.shape
+        assert np.array_equal(got.view(np.uint16), want.view(np.uint16))
+
+
+def _without_location(path: Path) -> bytes:
+    m = onnx.load(str(path), load_external_data=False)
+    for t in m.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = "data"
+    return m.SerializeToString()
+
+
+def test_write_mixed_writes_what_the_converter_alone_writes(tiny_artifact, tmp_path, monkeypatch):
+    """The converter with its own rounding and with the fast one: the same graph and the same
+    weight bytes, for the tiny decoder with two islands and for a weight holding every value the
+    rounding treats apart."""
+    import contextlib
+
+    n = len(_rounding_cases())
+    raw = numpy_helper.from_array(_rounding_cases(), "raw")  # raw_data: saved as external data
+    listed = helper.make_tensor("listed", TensorProto.FLOAT, [n], _rounding_cases().tolist())  # float_data
+    g = helper.make_graph([helper.make_node("Add", ["x", "raw"], ["s"], name="add1"),
+                           helper.make_node("Add", ["s", "listed"], ["y"], name="add2")], "add",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n])], [raw, listed])
+    edges = _save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "edges.onnx")
+    decoder = gen(tiny_artifact) / "decoder.onnx"
+    nodes = onnx.load(str(decoder), load_external_data=False).graph.node
+    islands = fp16.Fp16Plan([fp16.Island(n.name, n.op_type, "test") for n in (nodes[3], nodes[10])])
+    (tmp_path / "fast").mkdir()
+    (tmp_path / "own").mkdir()
+    for src, plan in ((edges, fp16.Fp16Plan()), (decoder, islands)):
+        fast = fp16.write_mixed(src, tmp_path / "fast" / src.name, plan, "g")
+        with monkeypatch.context() as m:
+            m.setattr(fp16, "_fast_weight_rounding", contextlib.nullcontext)
+            own = fp16.write_mixed(src, tmp_path / "own" / src.name, plan, "g")
+        assert _without_location(fast) == _without_location(own)
+        assert Path(str(fast) + ".data").read_bytes() == Path(str(own) + ".data").read_bytes()
+        assert fp16_emulation.fp16_counts(onnx.load(str(fast), load_external_data=False))["fp16_weights"] > 0
+
+
+def test_the_rounding_is_swapped_back_and_a_converter_without_it_is_left_alone(monkeypatch, caplog):
+    from onnxruntime.transformers import float16 as converter
+
+    own = converter.convert_np_to_float16
+    with pytest.raises(RuntimeError, match="inside"):
+        with fp16._fast_weight_rounding():
+            assert converter.convert_np_to_float16 is fp16.float32_to_float16
+            raise RuntimeError("inside")
+    assert converter.convert_np_to_float16 is own
+    monkeypatch.delattr(converter, "convert_np_to_float16")
+    with caplog.at_level("INFO", logger="asym_export.fp16"), fp16._fast_weight_rounding():
+        assert not hasattr(converter, "convert_np_to_float16")
+    assert "its own rounding is used" in caplog.text
 
 
 # ----------------------------------------------------------------------- the overflow proof
