@@ -14,7 +14,9 @@ TensorRT 11 builds only strongly typed networks, so the precision has to be in t
    cupy as hard dependencies), keeping float32 graph inputs/outputs. Two fixes on top: Cast
    pairs the converter leaves *between* two FP32 nodes are folded (otherwise an island of
    several nodes would still round, and overflow, between its nodes), and the graph is
-   topologically sorted again (the converter appends its Cast nodes at the end).
+   topologically sorted again (the converter appends its Cast nodes at the end). The
+   converter's weight rounding runs through :func:`float32_to_float16`: the same bits in
+   fewer passes over each weight (half of the conversion's time on the x2 decoder).
 
 ONNX Runtime's CPU provider does not compute FP16 graphs in FP16: it wraps FP16 nodes in
 casts, computes in FP32 and drops the casts between consecutive upcast nodes, so whether an
