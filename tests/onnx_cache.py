@@ -4,8 +4,8 @@
 machines: tracing and decompositions, whatever the model's size), and a dozen tests export the
 same tiny model only to check what the export does *with* the graphs: FP16 islands, publishing,
 the failure paths, local weights. Those tests opt in (the ``reuse_onnx_exports`` fixture, or
-``cached_cli.py`` for a process of their own); the first export of a model is real and its two
-files are kept; a later export of the same model copies them. Every other step (verification
+``cli_command``: a process of their own running ``cached_cli.py``); the first export of a model
+is real and its two files are kept; a later export of the same model copies them. Every other step (verification
 against PyTorch, FP16, CUDA forms, readiness, publishing) still runs for real.
 
 What makes two exports "the same" is their whole input, read from the objects themselves:
@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -131,6 +132,12 @@ def install(cache: OnnxExportCache, monkeypatch=None) -> None:
         monkeypatch.setattr(_export, "onnx_from_model", cache.export)
     else:
         _export.onnx_from_model = cache.export
+
+
+def cli_command(folder: Path) -> list[str]:
+    """The start of a command line that runs asym-export's ``main()`` in a process of its own with
+    its graph exports served from ``folder`` (tests/cached_cli.py); asym-export's arguments follow."""
+    return [sys.executable, str(Path(__file__).with_name("cached_cli.py")), str(folder)]
 
 
 def shared_folder(tmp_path_factory) -> Path:

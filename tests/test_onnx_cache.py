@@ -5,16 +5,18 @@ tests are there to find."""
 from __future__ import annotations
 
 import copy
-import hashlib
 
+import onnxruntime as ort
 import pytest
 import torch
 from onnx_cache import OnnxExportCache, export_code_is_pristine
 
+import asym_export.export as ex
 import asym_export.onnx_export as oe
 import asym_export.wrappers as w
 from asym_runtime.manifest import generation_folder as gen
-from asym_runtime.specs import DECODER, ENCODER
+from asym_runtime.manifest import sha256_file
+from asym_runtime.specs import DECODER, ENCODER, GRAPHS
 
 
 class Recorder:
@@ -31,9 +33,9 @@ class Recorder:
         return path
 
 
-def _export(cache, vae, graph, folder, name="g.onnx", **kw):
+def _export(cache, vae, graph, folder, name="g.onnx", scaling_factor=0.18215, **kw):
     folder.mkdir(parents=True, exist_ok=True)
-    path = cache.export(vae, graph, folder / name, variant="tiny", scaling_factor=kw.pop("scaling_factor", 0.18215), **kw)
+    path = cache.export(vae, graph, folder / name, variant="tiny", scaling_factor=scaling_factor, **kw)
     return path.read_bytes(), (folder / (name + ".data")).read_bytes()
 
 
@@ -93,17 +95,10 @@ def test_the_tiny_artifact_export_is_what_the_cache_gives_back(tiny_artifact, ti
     """The session's tiny artifact (random weights, seed 0, exported for real by whichever worker
     came first) seeded the cache: the same model's export is a copy of those exact bytes, and the
     copy loads its weights from beside it. The tests that opt in rely on this hit."""
-    from asym_runtime.specs import GRAPHS
-
-    import asym_export.export as ex
-
     for graph in GRAPHS.values():
         name = graph.file_name("fp32")
         path = ex.onnx_from_model(tiny_vae, graph, tmp_path / name, variant="tiny", scaling_factor=0.18215)
         for suffix in ("", ".data"):
-            got = hashlib.sha256((tmp_path / (name + suffix)).read_bytes()).hexdigest()
-            assert got == hashlib.sha256((gen(tiny_artifact) / (name + suffix)).read_bytes()).hexdigest(), name
-        import onnxruntime as ort
-
+            assert sha256_file(tmp_path / (name + suffix)) == sha256_file(gen(tiny_artifact) / (name + suffix)), name
         ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert (reuse_onnx_exports.hits, reuse_onnx_exports.misses, reuse_onnx_exports.bypassed) == (len(GRAPHS), 0, 0)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from cli_lines import said
+from onnx_cache import cli_command
 
 from asym_export.cli import main
 from asym_export.engine_verify import profile_shapes
@@ -20,7 +21,6 @@ from asym_runtime.manifest import read_manifest
 from asym_runtime.specs import DECODER, ENCODER, GRAPHS, Shape, ShapeLimits
 from asym_runtime.manifest import generation_folder as gen
 
-CACHED_CLI = Path(__file__).parents[1] / "cached_cli.py"
 NO_ENGINES_HERE = tensorrt_unavailable_reason() is not None
 needs_no_gpu = pytest.mark.skipif(not NO_ENGINES_HERE, reason="this machine can build engines")
 
@@ -106,7 +106,7 @@ def test_engines_without_a_gpu_still_write_the_verified_onnx_artifact(tmp_path, 
     ONNX artifact complete and verified (tiny variant: same code path as x2; asym-export's main()
     in its own process, its graph exports reused from the session's, see tests/cached_cli.py)."""
     out = tmp_path / "a"
-    r = subprocess.run([sys.executable, str(CACHED_CLI), str(onnx_cache_folder), "--variant", "tiny",
+    r = subprocess.run([*cli_command(onnx_cache_folder), "--variant", "tiny",
                         "--random-weights", "--engines", "--verify-shapes", "1x64x96", "--no-cuda-form",
                         "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 1, r.stderr

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from onnx_cache import cli_command
 
 import asym_runtime
 from asym_export.artifact import STAGING_PREFIX, ArtifactWriter, OutputBusyError, OutputDirError
@@ -23,7 +24,6 @@ from asym_export.cli import main
 from asym_runtime.manifest import GENERATION_PREFIX, read_manifest
 
 CHILD = Path(__file__).with_name("publish_child.py")
-CACHED_CLI = Path(__file__).parents[1] / "cached_cli.py"
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
@@ -148,9 +148,9 @@ def test_twenty_kill_points_leave_the_old_or_the_new_artifact(tiny_artifact, cop
 
 def _export_cmd(out: Path, seed: int, onnx_cache: Path | None = None) -> list[str]:
     """asym-export in a process of its own; with ``onnx_cache``, its graph exports are served from
-    that folder (tests/cached_cli.py)."""
-    cli = ["-m", "asym_export.cli"] if onnx_cache is None else [str(CACHED_CLI), str(onnx_cache)]
-    return [sys.executable, *cli, "--variant", "tiny", "--random-weights", "--seed", str(seed),
+    that folder (onnx_cache.cli_command)."""
+    cli = [sys.executable, "-m", "asym_export.cli"] if onnx_cache is None else cli_command(onnx_cache)
+    return [*cli, "--variant", "tiny", "--random-weights", "--seed", str(seed),
             "--no-fp16", "--no-cuda-form", "--out", str(out)]
 
 
