@@ -100,7 +100,7 @@ backends, written BACKEND/PRECISION[/OPTION] as asym_runtime.load names them:
   {", ".join(TORCH_CONTENDERS)} (PyTorch).
   onnxruntime-cuda runs the folder's CUDA form, /portable the standard graphs, /cudagraph
   replays a CUDA graph; tensorrt alone runs the engines as built; openvino runs the FP32 graphs
-  (bf16: BF16 compute, on CPUs with BF16 units); every asym_runtime call is numpy in, numpy out.
+  (bf16: BF16 compute, where OpenVINO computes BF16: CPUs with BF16 units, emulated on AVX-512); every asym_runtime call is numpy in, numpy out.
   The names of earlier releases (ort-cpu-fp32, tensorrt-engine, diffusers-fp32, ...) are
   accepted with a note that gives the name above.
 graphs: {", ".join(BENCH_GRAPHS)}.
@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backends", metavar="LIST",
                    help="comma-separated backends to time against the reference (listed below; default: on a "
                         "CPU onnxruntime-cpu/fp32, onnxruntime-cpu/fp16, and where OpenVINO is installed "
-                        "openvino/fp32 (plus openvino/bf16 and diffusers/bf16 on CPUs with BF16 units); on a GPU "
+                        "openvino/fp32 (plus openvino/bf16 and diffusers/bf16 where OpenVINO computes BF16); on a GPU "
                         "torch-compile/fp16, onnxruntime-cuda/fp32, onnxruntime-cuda/fp16, "
                         "onnxruntime-cuda/fp16/cudagraph, and tensorrt where it runs)")
     p.add_argument("--reference", default=None, metavar="{" + ",".join(REFERENCES) + "}",

@@ -80,7 +80,8 @@ def _bf16_verdict(flags: set[str]) -> str:
         from asym_runtime.backends import openvino as ov
 
         if ov.unavailable_reason() is None:
-            return "OpenVINO BF16: yes" if ov.bf16_reason() is None else "OpenVINO BF16: no"
+            return {"units": "OpenVINO BF16: yes", "emulated": "OpenVINO BF16: emulated, slower than FP32",
+                    "none": "OpenVINO BF16: no"}[ov.bf16_support()]
     except Exception:  # noqa: BLE001 - a report field, never a reason to fail
         pass
     return "BF16 units" if {"avx512_bf16", "amx_bf16"} & flags else "no BF16 units"

@@ -34,7 +34,7 @@ FP32_MAX_ABS = 1e-3
 #: peak-to-peak range; logvar only sets the sampling noise (std = exp(logvar / 2)), so it is
 #: held to 40 dB, the floor the FP16 issue sets for any output.
 FP16_MIN_PSNR_DB = {"sample": 50.0, "latent_mean": 50.0, "latent_logvar": 40.0}
-#: BF16 (OpenVINO on CPUs with BF16 units) keeps 8 bits of mantissa against FP16's 11, so its
+#: BF16 (OpenVINO on the CPU) keeps 8 bits of mantissa against FP16's 11, so its
 #: floors are lower: 44 dB for images and latent means, the least a BF16 decode may give
 #: (measured on an AMX Xeon for x2 through OpenVINO: 44.5 dB); 35 dB for the log-variance,
 #: which nothing downstream reads at full precision.

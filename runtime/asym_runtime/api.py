@@ -56,8 +56,9 @@ def load(path: str | os.PathLike, backend: str = "auto", precision: str | None =
         precision: ``"fp32"`` or ``"fp16"`` picks the graph pair (ONNX graphs
             ``encoder.onnx`` or ``encoder.fp16.onnx``, ...) and, for TensorRT, the engines
             of that precision. None (default): the engines as built for TensorRT, the FP32
-            graphs for ONNX Runtime. OpenVINO: ``"fp32"`` or ``"bf16"`` (BF16 compute on a CPU
-            with BF16 units; refused with BackendUnavailableError on one without).
+            graphs for ONNX Runtime. OpenVINO: ``"fp32"`` or ``"bf16"`` (BF16 compute: fast on a
+            CPU with BF16 units, emulated and slower than FP32 with a warning on one with
+            AVX-512 only, refused with BackendUnavailableError on others).
         verify_onnx: check the sha256 of every ONNX file against the manifest before
             loading it (default True). Engines are always checked.
         device_id: the CUDA device for GPU backends.
@@ -229,7 +230,7 @@ def _tensorrt_engines(manifest: Manifest, backend: str, precision: str | None, w
 
 
 def _require_openvino(precision: str | None) -> None:
-    """BackendUnavailableError unless OpenVINO runs here (and, for bf16, the CPU has BF16 units)."""
+    """BackendUnavailableError unless OpenVINO runs here (and, for bf16, computes BF16 on this CPU)."""
     from .backends import openvino as ov_backend
 
     reason = ov_backend.unavailable_reason() or (ov_backend.bf16_reason() if precision == "bf16" else None)
@@ -244,6 +245,8 @@ def _load_openvino(manifest: Manifest, precision: str, wanted: tuple[str, ...], 
     from .backends import openvino as ov_backend
 
     _require_openvino(precision)
+    if precision == "bf16" and (warning := ov_backend.emulated_bf16_warning()):
+        log.warning("%s: %s", manifest.root, warning)
     if cache_dir is None or cache_dir is True:
         cache_dir = ov_backend.default_cache_dir()
     backends: dict[str, Backend] = {}

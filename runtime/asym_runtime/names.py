@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from .errors import AsymInputError
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "onnxruntime-cuda", "onnxruntime-cpu", "openvino")
-#: bf16: OpenVINO only (the FP32 graphs computed in BF16 on CPUs with BF16 units)
+#: bf16: OpenVINO only (the FP32 graphs computed in BF16: fast on CPUs with BF16 units, emulated on AVX-512)
 PRECISIONS = ("fp32", "fp16", "bf16")
 #: Which ONNX graphs the CUDA provider runs: "auto" (the CUDA form where the folder has one),
 #: "cuda" (the CUDA form, or an error) or "portable" (the standard graphs every provider runs).

@@ -30,7 +30,7 @@ def test_bench_end_to_end_on_tiny(tiny_artifact, tmp_path, capsys):
     names = [b["name"] for b in r["backends"]]
     from asym_runtime.backends.openvino import bf16_reason
 
-    bf16 = ["openvino/bf16", "diffusers/bf16"] if bf16_reason() is None else []  # CPUs with BF16 units
+    bf16 = ["openvino/bf16", "diffusers/bf16"] if bf16_reason() is None else []  # where OpenVINO computes BF16
     assert sorted(names) == sorted(["diffusers/fp32", "onnxruntime-cpu/fp32", "onnxruntime-cpu/fp16", "openvino/fp32"] + bf16)
     assert all(b["load_s"] > 0 for b in r["backends"])
     assert {b["device"] for b in r["backends"]} == {"cpu"}  # OpenVINO was reported as "cuda" once
@@ -175,3 +175,21 @@ def test_every_contender_name_is_the_runtimes_scheme():
         assert str(name) == text
         assert name.backend in BACKENDS or text in TORCH_CONTENDERS
     assert set(OLD_NAMES.values()) <= set(RUNTIME_CONTENDERS + TORCH_CONTENDERS)
+
+
+@pytest.mark.parametrize("support, verdict", [("units", "OpenVINO BF16: yes"),
+                                              ("emulated", "OpenVINO BF16: emulated, slower than FP32"),
+                                              ("none", "OpenVINO BF16: no")])
+def test_the_cpu_line_says_how_openvino_computes_bf16(monkeypatch, support, verdict):
+    """The report's CPU line tells a CPU with BF16 units from one where OpenVINO emulates BF16
+    (AVX-512 without units: BF16 contenders run, slowly) and from one where it cannot."""
+    ov = pytest.importorskip("asym_runtime.backends.openvino")
+    if ov.unavailable_reason() is not None:
+        pytest.skip(ov.unavailable_reason())
+    from asym_export.bench_machine import device_name
+
+    monkeypatch.setattr(ov, "bf16_support", lambda: support)
+    line = device_name("cpu")
+    if "logical CPUs (" not in line:
+        pytest.skip("no /proc/cpuinfo flags on this machine")
+    assert line.endswith(f"; {verdict})"), line

@@ -1,5 +1,6 @@
-"""The OpenVINO backend: FP32 on any CPU against diffusers, BF16 only where the CPU has BF16
-units (refused in one sentence elsewhere), compiled models cached per graph digest."""
+"""The OpenVINO backend: FP32 on any CPU against diffusers, BF16 where OpenVINO computes it
+(BF16 units, or emulated on AVX-512 with a warning; refused in one sentence elsewhere),
+compiled models cached per graph digest."""
 
 from __future__ import annotations
 
@@ -24,7 +25,11 @@ UNSEEN = [Shape(1, 64, 64), Shape(2, 72, 88)]  # not the export's verification s
 
 
 def _bf16_reason():
-    return ov_backend.bf16_reason()
+    return ov_backend.bf16_reason() if ov_backend.unavailable_reason() is None else "openvino is not installed"
+
+
+def _bf16_support():
+    return ov_backend.bf16_support() if ov_backend.unavailable_reason() is None else "none"
 
 
 @pytest.fixture(scope="module")
@@ -252,12 +257,28 @@ def test_bf16_needs_openvino_and_a_precision_it_runs():
         asym_runtime.load("unused", backend="openvino", precision="fp16")
 
 
-@pytest.mark.skipif(_bf16_reason() is None, reason="this CPU has BF16 units")
-def test_bf16_on_a_cpu_without_bf16_units_is_refused_in_one_sentence(tiny_artifact):
+@pytest.mark.skipif(_bf16_reason() is None, reason="OpenVINO computes BF16 on this CPU")
+def test_bf16_on_a_cpu_without_bf16_is_refused_in_one_sentence(tiny_artifact):
     with pytest.raises(BackendUnavailableError, match=r"^this CPU has no BF16 units \(OpenVINO reports [A-Z0-9_, ]+; "
-                                                      r"its BF16 needs Intel AMX, AVX512-BF16 or AVX-NE-CONVERT\); "
-                                                      r"use precision='fp32'$"):
+                                                      r"its BF16 needs Intel AMX, AVX512-BF16 or AVX-NE-CONVERT, or "
+                                                      r"AVX-512 to emulate it\); use precision='fp32'$"):
         asym_runtime.load(tiny_artifact, backend="openvino", precision="bf16")
+
+
+@pytest.mark.skipif(_bf16_support() != "emulated", reason="OpenVINO does not emulate BF16 on this CPU")
+def test_emulated_bf16_loads_with_a_warning_and_computes_bf16(tiny_artifact, caplog):
+    """AVX-512 without BF16 units: OpenVINO computes BF16 in software. The load says so (it is
+    slower than FP32), and the numbers are BF16's: they differ from FP32's by more than FP32
+    rounding and by no more than BF16's floors allow (the floors test below)."""
+    z = np.random.default_rng(3).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    with caplog.at_level("WARNING", logger="asym_runtime.api"):
+        bf16 = asym_runtime.load(tiny_artifact, backend="openvino", precision="bf16", cache_dir=False)
+    with bf16, asym_runtime.load(tiny_artifact, backend="openvino", cache_dir=False) as fp32:
+        assert bf16.precision == "bf16"
+        diff = np.abs(bf16.decode(z) - fp32.decode(z)).max()
+    assert diff > 1e-3, diff  # FP32 throughout would agree to ~1e-6
+    emulated = [r.getMessage() for r in caplog.records if "no BF16 units" in r.getMessage()]
+    assert len(emulated) == 1 and "the speed is below FP32's" in emulated[0], emulated  # once per load
 
 
 @pytest.mark.skipif(_bf16_reason() is not None, reason=str(_bf16_reason()))

@@ -2,8 +2,12 @@
 
 OpenVINO's CPU plugin (oneDNN) runs the exported ONNX graphs unchanged. ``precision="bf16"``
 asks for BF16 inference (``INFERENCE_PRECISION_HINT``), which pays off on CPUs with BF16
-units (Intel AMX, AVX512-BF16). Where the CPU has none, OpenVINO silently computes in FP32;
-this backend refuses instead, so a BF16 request never runs as something else.
+units (Intel AMX, AVX512-BF16). A CPU with AVX-512 but no such units still computes BF16 when
+asked (oneDNN emulates it: BF16's numbers, below FP32's speed); the load goes ahead with a
+warning that says so. Where OpenVINO cannot compute BF16 at all (AVX2 CPUs) it silently
+computes in FP32; this backend refuses instead, so a BF16 request never runs as something
+else. :func:`bf16_support` decides which case a CPU is by compiling one convolution under the
+bf16 hint and reading the precision OpenVINO runs it in.
 
 The graph reaches OpenVINO as the checked bytes (``manifest.GraphSource``): its external data
 is embedded into an in-memory ONNX model, nothing is read again by path.
@@ -34,6 +38,7 @@ cores.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -79,13 +84,49 @@ def cpu_capabilities() -> list[str]:
     return list(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
 
 
-def bf16_reason() -> str | None:
-    """Why this CPU cannot run BF16, or None."""
-    caps = cpu_capabilities()
-    if "BF16" in caps:
+@functools.lru_cache(maxsize=None)
+def bf16_support() -> str:
+    """How OpenVINO computes BF16 on this CPU: ``"units"`` (BF16 dot-product units: AMX,
+    AVX512-BF16, AVX-NE-CONVERT; OpenVINO lists BF16 among its capabilities), ``"emulated"``
+    (no such units, but OpenVINO still computes BF16 when asked, with plain AVX-512
+    instructions: BF16's numbers at below FP32's speed) or ``"none"`` (it silently computes
+    FP32). Decided by compiling one small convolution under the bf16 hint and reading the
+    precision OpenVINO runs it in, not by a list of CPU flags."""
+    import openvino as ov
+    from openvino import opset13 as ops
+
+    x = ops.parameter([1, 16, 8, 8], np.float32, name="x")
+    conv = ops.convolution(x, ops.constant(np.ones((16, 16, 3, 3), np.float32)), [1, 1], [1, 1], [1, 1], [1, 1])
+    core = ov.Core()
+    compiled = core.compile_model(ov.Model([conv], [x]), "CPU", {"INFERENCE_PRECISION_HINT": "bf16"})
+    runs = {str(op.get_rt_info()["runtimePrecision"].astype(str)) for op in compiled.get_runtime_model().get_ops()
+            if str(op.get_rt_info()["layerType"].astype(str)) == "Convolution"}
+    if runs != {"bf16"}:
+        return "none"
+    return "units" if "BF16" in cpu_capabilities() else "emulated"
+
+
+def emulated_bf16_warning() -> str | None:
+    """What a BF16 load on this CPU should warn about (emulated BF16 is slow), or None."""
+    if bf16_support() != "emulated":
         return None
+    return EMULATED_BF16.format(caps=", ".join(cpu_capabilities()))
+
+
+def bf16_reason() -> str | None:
+    """Why OpenVINO cannot compute BF16 on this CPU, or None (also where it emulates it)."""
+    if bf16_support() != "none":
+        return None
+    caps = cpu_capabilities()
     return (f"this CPU has no BF16 units (OpenVINO reports {', '.join(caps)}; its BF16 needs Intel AMX, "
-            "AVX512-BF16 or AVX-NE-CONVERT); use precision='fp32'")
+            "AVX512-BF16 or AVX-NE-CONVERT, or AVX-512 to emulate it); use precision='fp32'")
+
+
+#: logged when a BF16 load lands on a CPU that emulates BF16 (measured on a 2-core Xeon with
+#: AVX-512 but no BF16 units: the x2 decoder 4-5x slower in BF16 than in FP32)
+EMULATED_BF16 = ("this CPU has no BF16 units (OpenVINO reports {caps}): OpenVINO computes BF16 with plain "
+                 "AVX-512 instructions, so the results are BF16's but the speed is below FP32's; use "
+                 "precision='fp32' unless BF16's numbers are what you want")
 
 
 def default_cache_dir() -> Path:
