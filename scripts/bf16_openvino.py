@@ -70,7 +70,8 @@ def node_parts(model) -> dict[str, tuple[str, str | None, bool]]:
         block = hierarchy[-2].rsplit(".", 1)[-1] if len(hierarchy) >= 2 else ""
         residual = (n.op_type in ("Add", "Div") and block in RESIDUAL_BLOCKS
                     and hierarchy[-1] in ("aten.add.Tensor", "aten.div.Tensor")) or \
-                   (not named and len(hierarchy) == 2 and n.op_type in ("Add", "Sub", "Mul"))  # the mask blends
+                   (not named and len(hierarchy) == 2 and not hierarchy[0].startswith("_")  # the wrapper's own:
+                    and n.op_type in ("Add", "Sub", "Mul"))  # the mask blends (not the exporter's shape arithmetic)
         out[n.name] = (n.op_type, part, residual)
     return out
 

@@ -51,6 +51,8 @@ def test_marks_keep_what_they_name_in_fp32(tiny_artifact, tmp_path, capsys):
     # sums and the blends only
     marked = [n for n in model.graph.node if parts[n.name][2]]
     assert resid["onnx_nodes_marked"] == len(marked) > 0 and {n.op_type for n in marked} <= {"Add", "Div", "Sub", "Mul"}
+    # ... on images, never the exporter's shape arithmetic (its nodes sit in "_..." scopes)
+    assert not [n.name for n in marked if any(p.value.startswith("['_") for p in n.metadata_props)]
     assert resid["convolutions"] == {"bf16": n_conv}
     # every part marked: every convolution runs in FP32 (the mark reaches OpenVINO's kernels) and
     # the result is far closer to FP32 than all-BF16 (what stays BF16 is fused norm/activation work)
