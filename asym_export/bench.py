@@ -100,7 +100,8 @@ backends, written BACKEND/PRECISION[/OPTION] as asym_runtime.load names them:
   {", ".join(TORCH_CONTENDERS)} (PyTorch).
   onnxruntime-cuda runs the folder's CUDA form, /portable the standard graphs, /cudagraph
   replays a CUDA graph; tensorrt alone runs the engines as built; openvino runs the FP32 graphs
-  (bf16: BF16 compute, where OpenVINO computes BF16: CPUs with BF16 units, emulated on AVX-512); every asym_runtime call is numpy in, numpy out.
+  (bf16: BF16 compute where OpenVINO computes BF16: CPUs with BF16 units, emulated on AVX-512
+  without them); every asym_runtime call is numpy in, numpy out.
   The names of earlier releases (ort-cpu-fp32, tensorrt-engine, diffusers-fp32, ...) are
   accepted with a note that gives the name above.
 graphs: {", ".join(BENCH_GRAPHS)}.
