@@ -82,6 +82,18 @@ def output_stats(name: str, ref: np.ndarray, out: np.ndarray,
     return OutputStats(name, float(diff.max()), float(diff.mean()), psnr(ref, out, peak), True, peak)
 
 
+def output_summary(graph: GraphSpec, ref: dict[str, np.ndarray], out: dict[str, np.ndarray]) -> tuple[dict, str]:
+    """PSNR and max abs error of every output of ``graph``, as a JSON-ready dict and one line of
+    text; for images also the max error in 8-bit levels (x 127.5), which means something there."""
+    stats = {s.name: output_stats(s.name, ref[s.name], out[s.name], s.value_range) for s in graph.outputs}
+    images = {s.name for s in graph.outputs if s.value_range == (-1.0, 1.0)}
+    data = {n: {"psnr_db": s.psnr_db, "max_abs": s.max_abs,
+                **({"max_8bit_levels": s.max_abs * 127.5} if n in images else {})} for n, s in stats.items()}
+    text = "  ".join(f"{n} {s.psnr_db:5.1f} dB max {s.max_abs:.3g}"
+                     + (f" ({s.max_abs * 127.5:.1f} levels)" if n in images else "") for n, s in stats.items())
+    return data, text
+
+
 @dataclass
 class Tolerance:
     """Pass criteria for one comparison. ``None`` disables a criterion."""

@@ -121,16 +121,6 @@ def mark_fp32(core, model, names: set[str], onnx_names: set[str], workdir: str):
     return core.read_model(xml), len(marked)
 
 
-def conv_precisions(compiled) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for op in compiled.get_runtime_model().get_ops():
-        info = op.get_rt_info()
-        if info["layerType"].astype(str) == "Convolution":
-            p = info["runtimePrecision"].astype(str)
-            out[p] = out.get(p, 0) + 1
-    return out
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("artifact", help="an asym-export folder")
@@ -148,13 +138,14 @@ def main(argv=None) -> int:
 
     from asym_export.feeds import make_feed
     from asym_export.reference import reference_from_manifest, reference_outputs
-    from asym_export.verify import output_stats
-    from asym_runtime.backends.openvino import bf16_reason, bf16_support, embedded_model
+    from asym_export.verify import output_summary
+    from asym_runtime.backends.openvino import bf16_reason, bf16_support, conv_precisions, embedded_model
     from asym_runtime.manifest import read_manifest
     from asym_runtime.specs import GRAPHS, Shape
 
-    if bf16_reason():
-        print(f"error: {bf16_reason()}", file=sys.stderr)
+    reason = bf16_reason()
+    if reason:
+        print(f"error: {reason}", file=sys.stderr)
         return 2
     manifest = read_manifest(args.artifact)
     graph = GRAPHS[args.graph]
@@ -193,15 +184,9 @@ def main(argv=None) -> int:
             infer_s = time.perf_counter() - t0
             convs = conv_precisions(compiled)
             del request, compiled, model
-        stats = {s.name: output_stats(s.name, ref[s.name], got[s.name], s.value_range) for s in graph.outputs}
-        images = {s.name for s in graph.outputs if s.value_range == (-1.0, 1.0)}
+        outputs, text = output_summary(graph, ref, got)
         results.append({"row": label, "onnx_nodes_marked": len(names), "layers_marked": marked,
-                        "convolutions": convs, "compile_s": compile_s, "infer_s": infer_s,
-                        "outputs": {n: {"psnr_db": s.psnr_db, "max_abs": s.max_abs,
-                                        **({"max_8bit_levels": s.max_abs * 127.5} if n in images else {})}
-                                    for n, s in stats.items()}})
-        text = "  ".join(f"{n} {s.psnr_db:5.1f} dB max {s.max_abs:.3g}"
-                         + (f" ({s.max_abs * 127.5:.1f} levels)" if n in images else "") for n, s in stats.items())
+                        "convolutions": convs, "compile_s": compile_s, "infer_s": infer_s, "outputs": outputs})
         conv_text = ", ".join(f"{k} {v}" for k, v in sorted(convs.items()))
         print(f"{label:40s} convolutions {conv_text:16s} {text}  [{infer_s:.1f} s per call]", flush=True)
     if args.json:

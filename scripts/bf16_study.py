@@ -144,7 +144,7 @@ def main(argv=None) -> int:
     from asym_export.feeds import make_feed
     from asym_export.reference import reference_outputs
     from asym_export.variants import get_variant
-    from asym_export.verify import output_stats
+    from asym_export.verify import output_summary
     from asym_export.weights import load_reference, random_model
     from asym_runtime.specs import GRAPHS, Shape
 
@@ -176,15 +176,10 @@ def main(argv=None) -> int:
     for label, keep, residual in rows:
         t0 = time.perf_counter()
         out = reference_outputs(emulate(vae, root, keep, residual), graph, feed_bf16)
-        stats = {s.name: output_stats(s.name, ref[s.name], out[s.name], s.value_range) for s in graph.outputs}
+        outputs, text = output_summary(graph, ref, out)
         kept = mac_share(macs, keep)
-        images = {s.name for s in graph.outputs if s.value_range == (-1.0, 1.0)}  # 8-bit levels mean something
         results.append({"row": label, "keep": list(keep), "residual_fp32": residual, "fp32_mac_share": kept,
-                        "outputs": {n: {"psnr_db": s.psnr_db, "max_abs": s.max_abs,
-                                        **({"max_8bit_levels": s.max_abs * 127.5} if n in images else {})}
-                                    for n, s in stats.items()}})
-        text = "  ".join(f"{n} {s.psnr_db:5.1f} dB max {s.max_abs:.3g}"
-                         + (f" ({s.max_abs * 127.5:.1f} levels)" if n in images else "") for n, s in stats.items())
+                        "outputs": outputs})
         print(f"{label:44s} {100 * kept:5.1f} % MACs fp32  {text}  [{time.perf_counter() - t0:.0f} s]", flush=True)
     if args.json:
         with open(args.json, "w") as f:

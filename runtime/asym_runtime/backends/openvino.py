@@ -84,6 +84,18 @@ def cpu_capabilities() -> list[str]:
     return list(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
 
 
+def conv_precisions(compiled) -> dict[str, int]:
+    """How many convolutions a compiled model runs in which precision (``{"bf16": 74}``), as
+    its runtime model reports them."""
+    out: dict[str, int] = {}
+    for op in compiled.get_runtime_model().get_ops():
+        info = op.get_rt_info()
+        if info["layerType"].astype(str) == "Convolution":
+            p = info["runtimePrecision"].astype(str)
+            out[p] = out.get(p, 0) + 1
+    return out
+
+
 @functools.lru_cache(maxsize=None)
 def bf16_support() -> str:
     """How OpenVINO computes BF16 on this CPU: ``"units"`` (BF16 dot-product units: AMX,
@@ -99,9 +111,7 @@ def bf16_support() -> str:
     conv = ops.convolution(x, ops.constant(np.ones((16, 16, 3, 3), np.float32)), [1, 1], [1, 1], [1, 1], [1, 1])
     core = ov.Core()
     compiled = core.compile_model(ov.Model([conv], [x]), "CPU", {"INFERENCE_PRECISION_HINT": "bf16"})
-    runs = {str(op.get_rt_info()["runtimePrecision"].astype(str)) for op in compiled.get_runtime_model().get_ops()
-            if str(op.get_rt_info()["layerType"].astype(str)) == "Convolution"}
-    if runs != {"bf16"}:
+    if set(conv_precisions(compiled)) != {"bf16"}:
         return "none"
     return "units" if "BF16" in cpu_capabilities() else "emulated"
 
