@@ -29,7 +29,7 @@ import numpy as np
 
 from .. import arrays
 from ..checks import output_shapes, request_shape
-from ..errors import ArtifactError, AsymInputError, BackendUnavailableError
+from ..errors import ArtifactError, AsymInputError, BackendError, BackendUnavailableError
 from ..manifest import GraphSource
 from ..specs import GraphSpec
 from .base import Backend
@@ -60,6 +60,17 @@ CUDA_PROVIDER_OPTIONS = {
 #: the capture) hung on an H100 with onnxruntime-gpu 1.31.1, cause not established; this one
 #: avoids all four and is ONNX Runtime's documented single-graph use.
 CUDA_GRAPH_ID = "1"
+
+
+class _Closed(RuntimeError):
+    """A call on a closed AsymVAE (another thread closed it): the caller's doing, never wrapped
+    as a backend failure."""
+
+
+def _is_onnxruntime_failure(e: BaseException) -> bool:
+    """An error a session's run raised: onnxruntime's own exception types (Fail,
+    RuntimeException, ...) and the RuntimeError its C++ layer turns into (Error in execution)."""
+    return type(e).__module__.startswith("onnxruntime") or type(e) is RuntimeError
 
 
 def session_options(device: str):
@@ -266,20 +277,28 @@ class OnnxRuntimeBackend(Backend):
         # one read of the session per call: close() from another thread sets it to None
         sess = self.session
         if sess is None:
-            raise RuntimeError("this AsymVAE is closed")
+            raise _Closed("this AsymVAE is closed")
         ref = next(iter(feed.values()))
-        if self.device == "cuda":
-            if arrays.is_cuda_tensor(ref) and (ref.device.index or 0) != self.device_id:
-                raise AsymInputError(f"inputs are on {ref.device}, this session runs on cuda:{self.device_id}; "
-                                     f"move them there or load the folder with device_id={ref.device.index}")
-            if self.cuda_graph:
-                return self._infer_graph(sess, feed)
-            if arrays.is_cuda_tensor(ref):
-                return self._infer_cuda_tensors(sess, feed)
-            return self._infer_bound_host(sess, feed)
-        host = {k: arrays.to_numpy(v) for k, v in feed.items()}
-        outs = sess.run(self.graph.output_names, host)
-        return {k: arrays.like(v, ref) for k, v in zip(self.graph.output_names, outs)}
+        if self.device == "cuda" and arrays.is_cuda_tensor(ref) and (ref.device.index or 0) != self.device_id:
+            raise AsymInputError(f"inputs are on {ref.device}, this session runs on cuda:{self.device_id}; "
+                                 f"move them there or load the folder with device_id={ref.device.index}")
+        try:
+            if self.device == "cuda":
+                if self.cuda_graph:
+                    return self._infer_graph(sess, feed)
+                if arrays.is_cuda_tensor(ref):
+                    return self._infer_cuda_tensors(sess, feed)
+                return self._infer_bound_host(sess, feed)
+            host = {k: arrays.to_numpy(v) for k, v in feed.items()}
+            outs = sess.run(self.graph.output_names, host)
+            return {k: arrays.like(v, ref) for k, v in zip(self.graph.output_names, outs)}
+        except Exception as e:
+            if not _is_onnxruntime_failure(e):
+                raise
+            # inputs were checked before any backend ran: this is the run failing (a cuDNN
+            # launch, memory), said as the runtime's BackendError, ONNX Runtime's words kept
+            raise BackendError(f"ONNX Runtime ({self.device}, {self.precision}) failed running "
+                               f"{self.graph.name} at {request_shape(self.graph, feed)}: {e}") from e
 
     def _infer_bound_host(self, sess, feed: dict[str, Any]) -> dict[str, Any]:
         """Host inputs on the CUDA provider: bind them, keep outputs on the GPU until one copy back."""
@@ -367,7 +386,7 @@ class OnnxRuntimeBackend(Backend):
         key = (torch_kind, tuple(sorted((k, tuple(v.shape)) for k, v in feed.items())))
         with self._lock:  # a capturing session runs one call at a time
             if self.session is None:
-                raise RuntimeError("this AsymVAE is closed")
+                raise _Closed("this AsymVAE is closed")
             if self._bound is None:
                 self._bound = self._bind(sess, feed, key)
                 log.info("%s: CUDA graph for inputs %s", self.graph.name, dict(key[1]))
