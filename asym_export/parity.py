@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from asym_runtime.errors import (ArtifactError, AsymInputError, BackendUnavailableError,
+from asym_runtime.errors import (ArtifactError, AsymInputError, BackendError, BackendUnavailableError,
                                  IncompatibleEngineError)
 from asym_runtime.manifest import FORMAT_ONNX, FORMAT_ONNX_CUDA, FORMAT_PLAN, Manifest, read_manifest
 from asym_runtime.names import PRECISIONS, BackendName, parse_backend_name
@@ -72,9 +72,10 @@ class ParityResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (label, reason)
     skipped_shapes: list[tuple[Shape, str]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # label -> seconds of runtime calls
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (label, BackendError) for a run that failed
 
     def __bool__(self) -> bool:
-        return bool(self.reports) and all(self.reports)
+        return bool(self.reports) and all(self.reports) and not self.errors
 
 
 def candidates(manifest: Manifest, backends: list | None = None) -> list[Candidate]:
@@ -188,6 +189,9 @@ def run_parity(root: str | Path, *, backends: list[str] | None = None, shapes: l
                 out = g.runtime_call(rt, feed)  # through the public API, as a caller runs it
                 t_total += time.perf_counter() - t0
                 report.add(g.spec, s, ref, {k: np.asarray(v) for k, v in out.items()})
+        except BackendError as e:  # this backend failed at a shape; the others are still compared
+            result.errors.append((cand.label, f"{g.spec.name} at {s} did not run: {e}"))
+            continue
         finally:
             rt.close()
         result.reports.append(report)
@@ -294,17 +298,20 @@ def _main(args) -> int:
         print(f"skipped {label}: {reason}")
     for s, reason in result.skipped_shapes:
         print(f"skipped shape {s}: {reason}")
-    if not result.reports:
+    for label, message in result.errors:
+        print(f"FAILED {label}: {message}", file=sys.stderr)
+    if not result.reports and not result.errors:
         print("asym-parity: no backend could run on this machine", file=sys.stderr)
         return EXIT_FAILED
     failed = [r for r in result.reports if not r]
     for r in failed:
         print(f"FAILED {r.stage}:\n  " + "\n  ".join(r.failure_lines()), file=sys.stderr)
-    ran = ", ".join(r.stage for r in result.reports)
+    ran = ", ".join([r.stage for r in result.reports] + [f"{label} (failed to run)" for label, _ in result.errors])
     # a backend asked for but not run is said in the verdict itself, never only above it
     not_run = f"; not run: {', '.join(label for label, _ in result.skipped)}" if result.skipped else ""
-    print(f"asym-parity: {'FAILED' if failed else 'passed'} ({ran}){not_run}")
-    return EXIT_FAILED if failed else EXIT_OK
+    bad = failed or result.errors
+    print(f"asym-parity: {'FAILED' if bad else 'passed'} ({ran}){not_run}")
+    return EXIT_FAILED if bad else EXIT_OK
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -89,6 +89,34 @@ def test_a_backend_that_could_not_run_is_named_in_the_verdict(tiny_artifact, cap
     assert verdict.startswith("asym-parity: passed (onnxruntime-cpu/fp32); not run: onnxruntime-cuda/fp32"), verdict
 
 
+def test_a_backend_that_fails_while_running_is_a_failure_and_the_others_still_run(tiny_artifact, capsys,
+                                                                                monkeypatch):
+    """On an H200 a cuDNN launch failed inside ONNX Runtime and took the whole comparison with
+    it. Now that backend is a failure named in the verdict (exit 1) with ONNX Runtime's words,
+    and the backends after it are still compared."""
+    from failing_runs import make_runs_fail
+
+    import asym_runtime
+
+    real_load = asym_runtime.load
+
+    def load(root, **kw):
+        vae = real_load(root, **kw)
+        if kw.get("precision") == "fp32":  # the first candidate fails; fp16, after it, must still run
+            make_runs_fail(vae, "decoder")
+        return vae
+
+    monkeypatch.setattr(asym_runtime, "load", load)
+    assert main([str(tiny_artifact), "--backends", "onnxruntime-cpu", "--shapes", "1x64x64"]) == EXIT_FAILED
+    captured = capsys.readouterr()
+    assert "FAILED onnxruntime-cpu/fp32: decoder at 1x64x64 did not run: ONNX Runtime (cpu, fp32) failed " \
+           "running decoder at 1x64x64: " in captured.err
+    assert "terminate flag" in captured.err
+    assert "onnxruntime-cpu/fp16: pass when" in captured.out  # compared after the failure
+    verdict = captured.out.strip().splitlines()[-1]
+    assert verdict == "asym-parity: FAILED (onnxruntime-cpu/fp16, onnxruntime-cpu/fp32 (failed to run))", verdict
+
+
 def test_parity_with_no_runnable_backend_is_a_failure(tiny_artifact, capsys):
     from asym_runtime.backends.onnxrt import cuda_provider_available
 

@@ -430,23 +430,6 @@ def test_an_error_inside_the_with_block_propagates_and_the_vae_is_closed(tiny_ar
         rt.decode(feed("decoder", Shape(1, 64, 64))["latent"])
 
 
-class _TerminatingSession:
-    """The real onnxruntime session, run with ONNX Runtime's own terminate flag: a real failure
-    inside ONNX Runtime's run (as a cuDNN launch or an allocation failing on a GPU), no stand-in."""
-
-    def __init__(self, session):
-        self._session = session
-
-    def run(self, names, feed, run_options=None):
-        import onnxruntime as ort
-
-        ro = ort.RunOptions()
-        ro.terminate = True
-        return self._session.run(names, feed, ro)
-
-    def __getattr__(self, name):
-        return getattr(self._session, name)
-
 
 def test_a_failure_inside_onnx_runtime_is_a_backend_error(tiny_artifact):
     """A run that fails inside ONNX Runtime (seen on an H200: a cuDNN kernel launch failing)
@@ -454,12 +437,13 @@ def test_a_failure_inside_onnx_runtime_is_a_backend_error(tiny_artifact):
     shape and keeping ONNX Runtime's words; before, onnxruntime's own exception types escaped.
     The caller's mistakes stay what they were: bad input is AsymInputError, a closed VAE a plain
     RuntimeError, neither wrapped."""
+    from failing_runs import make_runs_fail
+
     from asym_runtime.errors import AsymInputError, BackendError
 
     f = feed("decoder", Shape(1, 64, 64))
     with asym_runtime.load(tiny_artifact, backend="onnxruntime-cpu", graphs="decoder") as rt:
-        backend = rt.backends["decoder"]
-        backend.session = _TerminatingSession(backend.session)
+        make_runs_fail(rt, "decoder")
         with pytest.raises(BackendError, match=r"^ONNX Runtime \(cpu, fp32\) failed running decoder at "
                                                r"1x64x64: .*terminate flag") as err:
             rt.decode(f["latent"], image=f["image"], mask=f["mask"])
