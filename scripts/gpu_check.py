@@ -6,24 +6,39 @@ contender against what a user would run instead.
     python scripts/gpu_check.py --report out/gpu            # x2, seeded random weights
     python scripts/gpu_check.py --artifact artifacts/x2 --report out/gpu   # an existing folder
 
-Steps (a failing step is recorded and the check goes on; the exit code is 1 if any failed):
+Steps (a failing step is recorded and the check goes on; the exit code is 1 if any failed).
+Every step that uses the GPU runs in a child process of its own, with a time limit: a CUDA
+failure, GPU memory left allocated or a hang in one step cannot reach the next (on an H200 a
+cuDNN launch failure in the timings was followed by allocation failures in the parity step of
+the same process). The GPU memory in use is printed after each step.
   1. export: ``asym-export --variant x2 --random-weights`` (``--engines`` when tensorrt is
      installed) into --out, unless --artifact names a folder;
-  2. ONNX Runtime CUDA settings sweep: the decoder at 1x512x512, each candidate in its own
+  2. reference: the conditional decode's feed and diffusers' true-FP32 output at 1x512x512
+     and 1x1024x1024, on the GPU;
+  3. ONNX Runtime CUDA settings sweep: the decoder at both sizes, each candidate in its own
      process (a bad setting can crash it), with ONNX Runtime's warnings captured (cuDNN
      "Fallback mode"), median latency and PSNR against the FP32 reference; the best FP16
-     setting is used for the steps below when it beats the runtime's default;
-  3. runtime paths: numpy in/out, CUDA graphs (capture, replay, another shape, back), torch
+     setting (geometric mean over the sizes) is used for the steps below when it beats the
+     runtime's default by more than 3 %;
+  4. runtime paths: numpy in/out, CUDA graphs (capture, replay, another shape, back), torch
      CUDA tensors on torch's stream: the same numbers, and what each costs;
-  4. asym-parity on every CUDA backend and precision (CUDA form and portable graphs, TensorRT
+  5. asym-bench of the conditional decode at --sizes, with every contender's CUDA kernels
+     (GPU busy time against latency, launches, milliseconds per kind of work): diffusers FP16
+     (the reference) and torch.compile FP16 in one process, diffusers FP16 and every runtime
+     configuration in another (interleaved within each; the rows are merged, and each runtime
+     row is compared with torch.compile's median at the same shape). The CUDA-graph contender
+     only runs when step 4 saw CUDA graphs work;
+  6. asym-parity on every CUDA backend and precision (CUDA form and portable graphs, TensorRT
      engines) at the shape limits' min, opt and max, reference on the GPU in true FP32, with
-     every ONNX Runtime warning counted;
-  5. ``pytest -m gpu`` (TensorRT engines, ONNX Runtime CUDA: FP16 islands on real FP16 kernels,
-     threads raced, TF32 off for FP32); the step fails, saying so, where pytest is missing;
-  6. asym-bench at --sizes (default 512,1024), every graph, with diffusers FP16 (reference),
-     torch.compile FP16 and every runtime configuration, interleaved; for the conditional
-     decode also every contender's CUDA kernels (``asym-bench --kernels``: GPU busy time against
-     latency, launches, milliseconds per kind of work), to show where a gap to torch.compile is.
+     every ONNX Runtime warning counted; a backend that fails to run is a failure, the others
+     are still compared;
+  7. ``pytest -m gpu`` (TensorRT engines, ONNX Runtime CUDA: FP16 islands on real FP16 kernels,
+     threads raced, TF32 off for FP32), each test's outcome, time and failure printed as it
+     ends; the step fails, saying so, where pytest is missing;
+  8. one process: torch.compile's decode and ONNX Runtime's CUDA decode at 512, interleaved, as
+     a pipeline that compiles its UNet and decodes with asym_runtime would run them; whether
+     that works is recorded (it failed on an H200, cuDNN launch error, cause not established);
+  9. asym-bench of the plain decode and the encoder, as in step 5.
 
 Writes into --report: gpu_check.json (everything, with verdicts), bench.json, bench.png,
 parity.txt, pytest.xml (the GPU tests' results). Needs a CUDA GPU, a CUDA build of torch, and
@@ -80,28 +95,6 @@ def psnr(ref, out, peak: float = 2.0) -> float:
     return math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)
 
 
-@contextlib.contextmanager
-def captured_stderr():
-    """Everything written to file descriptor 2 (ONNX Runtime's C++ log included) into a list of
-    lines, still echoed to the real stderr at the end."""
-    lines: list[str] = []
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile(mode="w+b") as tmp:
-        os.dup2(tmp.fileno(), 2)
-        try:
-            yield lines
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            tmp.seek(0)
-            text = tmp.read().decode("utf-8", "replace")
-            lines.extend(text.splitlines())
-            if text:
-                sys.stderr.write(text[-4000:])
-
-
 def count_warnings(lines: list[str]) -> dict[str, int]:
     return {p: sum(1 for ln in lines if p in ln) for p in WARNING_PATTERNS}
 
@@ -143,27 +136,109 @@ def export(out: Path, engines: bool, weights: str | None) -> None:
         raise RuntimeError("asym-export failed (see above)")
 
 
-def reference_decode(artifact: Path, cache: dict, shape) -> tuple[dict, object]:
-    """The conditional decode's feed at ``shape`` and diffusers' true-FP32 output, on the GPU."""
-    import torch
+# --------------------------------------------------------------------------- child processes
+
+#: Lines that carry nothing (ONNX Runtime 1.31 says this once per CUDA session it opens)
+NOISE = ("No registered plugin EP device found",)
+
+
+def run_streamed(cmd: list[str], timeout: float, env: dict | None = None) -> tuple[int | None, list[str]]:
+    """Run ``cmd``, echoing its output (stdout and stderr, as they come: a child killed at its
+    limit leaves its progress in the log) and keeping it. Returns (exit code, lines); the exit
+    code is None when the child was killed after ``timeout`` seconds (with its process group)."""
+    import signal
+    import threading
+
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+                         bufsize=1, start_new_session=True, env=env)
+    killed = threading.Event()
+
+    def kill():
+        killed.set()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+
+    timer = threading.Timer(timeout, kill)
+    timer.start()
+    lines = []
+    try:
+        for line in p.stdout:
+            line = line.rstrip("\n")
+            lines.append(line)
+            if not any(n in line for n in NOISE):
+                print(line, flush=True)
+        p.wait()
+    finally:
+        timer.cancel()
+    return (None if killed.is_set() else p.returncode), lines
+
+
+def run_child(kind: str, job: dict, timeout: float) -> tuple[dict | None, list[str], str | None]:
+    """One step in a child process of this script (``--child KIND JOB``). Returns (its result,
+    its output lines, what went wrong or None)."""
+    job = dict(job, timeout=timeout)
+    code, lines = run_streamed([sys.executable, __file__, "--child", kind, json.dumps(job)], timeout)
+    result = next((json.loads(ln[len(RESULT):]) for ln in lines if ln.startswith(RESULT)), None)
+    if code is None:
+        return result, lines, f"{kind}: no result after {timeout:.0f} s (killed; its stacks are printed above)"
+    if code or result is None:
+        tail = " | ".join(ln for ln in lines[-8:] if not any(n in ln for n in NOISE))[-1500:]
+        return result, lines, f"{kind}: exit {code}: {tail}"
+    return result, lines, None
+
+
+RESULT = "CHILD_RESULT "
+
+
+def child_main(kind: str, job_text: str) -> int:
+    job = json.loads(job_text)
+    # a hang leaves its stacks in the log before the parent kills it
+    faulthandler.dump_traceback_later(max(job["timeout"] - 10, 1), exit=True)
+    result = CHILDREN[kind](job)
+    print(RESULT + json.dumps(result, default=str), flush=True)
+    return 0
+
+
+def gpu_memory() -> str:
+    """The GPU memory in use now (nvidia-smi; every process's), for the log after each step."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used,memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=20).stdout.split("\n")[0]
+        used, total = (float(x) for x in out.split(","))
+        return f"GPU memory in use: {used / 1024:.1f} of {total / 1024:.1f} GiB"
+    except Exception as e:  # noqa: BLE001 - a diagnostic only
+        return f"GPU memory in use: unknown ({type(e).__name__})"
+
+
+# --------------------------------------------------------------------------- children
+
+
+def child_reference(job: dict) -> dict:
+    """The conditional decode's feed and diffusers' true-FP32 output at each size, on the GPU,
+    saved into the work folder."""
+    import numpy as np
 
     from asym_export.feeds import make_feed
     from asym_export.reference import reference_from_manifest, reference_outputs, true_fp32
     from asym_runtime import read_manifest
-    from asym_runtime.specs import DECODER
+    from asym_runtime.specs import DECODER, Shape
 
-    m = read_manifest(artifact)
-    feed = make_feed(DECODER, shape, 7, m.scaling_factor)
-    vae = reference_from_manifest(m, cache).to("cuda")
-    with true_fp32():
-        ref = reference_outputs(vae, DECODER, feed)["sample"]
-    del vae
-    torch.cuda.empty_cache()
-    return feed, ref
+    m = read_manifest(job["artifact"])
+    vae = reference_from_manifest(m, {}).to("cuda")
+    out = {}
+    for h, w in job["sizes"]:
+        feed = make_feed(DECODER, Shape(1, h, w), 7, m.scaling_factor)
+        with true_fp32():
+            ref = reference_outputs(vae, DECODER, feed)["sample"]
+        base = Path(job["work"]) / f"decode-1x{h}x{w}"
+        np.savez(f"{base}-feed.npz", **feed)
+        np.save(f"{base}-ref.npy", ref)
+        out[f"1x{h}x{w}"] = {"feed": f"{base}-feed.npz", "ref": f"{base}-ref.npy"}
+    return out
 
 
-def sweep_one(args) -> int:
-    """Child process of the sweep: load one decoder session, time it, save its output."""
+def child_sweep(job: dict) -> dict:
+    """One sweep candidate: one decoder session, timed at every reference shape."""
     import numpy as np
     import onnxruntime as ort
 
@@ -171,79 +246,72 @@ def sweep_one(args) -> int:
     from asym_runtime.backends.onnxrt import session_options
     from asym_runtime.manifest import FORMAT_ONNX, FORMAT_ONNX_CUDA
 
-    job = json.loads(args.sweep_one)
     m = read_manifest(job["artifact"])
     fmt = FORMAT_ONNX_CUDA if job["form"] == "cuda" else FORMAT_ONNX
     entry = m.find("decoder", fmt, job["precision"])
-    feed = dict(np.load(job["feed"]))
-    result = {"file": entry.name}
     so = session_options("cuda")
     so.log_severity_level = 2
     t = time.perf_counter()
     sess = ort.InferenceSession(str(m.path(entry.name)), so,
                                 providers=[("CUDAExecutionProvider", {"device_id": "0", **job["options"]})])
-    result["load_s"] = time.perf_counter() - t
+    result = {"file": entry.name, "load_s": time.perf_counter() - t, "shapes": {}}
+    for shape, files in job["references"].items():
+        feed = dict(np.load(files["feed"]))
+        ref = np.load(files["ref"])
 
-    def call():
-        io = sess.io_binding()
-        for k, v in feed.items():
-            io.bind_cpu_input(k, v)
-        io.bind_output("sample", "cuda", 0)
-        sess.run_with_iobinding(io)
-        return io.copy_outputs_to_cpu()[0]
+        def call():
+            io = sess.io_binding()
+            for k, v in feed.items():
+                io.bind_cpu_input(k, v)
+            io.bind_output("sample", "cuda", 0)
+            sess.run_with_iobinding(io)
+            return io.copy_outputs_to_cpu()[0]
 
-    t = time.perf_counter()
-    out = call()
-    result["first_s"] = time.perf_counter() - t
-    call()
-    times = []
-    for _ in range(job["repeats"]):
         t = time.perf_counter()
+        out = call()
+        first = time.perf_counter() - t
         call()
-        times.append(time.perf_counter() - t)
-    result["times_s"] = times
-    result["median_s"] = statistics.median(times)
-    np.save(job["out"], out)
-    print("SWEEP_RESULT " + json.dumps(result), flush=True)
-    return 0
+        times = []
+        for _ in range(job["repeats"]):
+            t = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - t)
+        result["shapes"][shape] = {"first_s": first, "times_s": times, "median_s": statistics.median(times),
+                                   "psnr_db": psnr(ref, out), "max_abs": float(np.abs(ref - out).max())}
+    return result
 
 
-def sweep(artifact: Path, feed: dict, ref, repeats: int, work: Path) -> list[dict]:
-    import numpy as np
-
-    feed_path = work / "feed.npz"
-    np.savez(feed_path, **feed)
+def sweep(artifact: Path, references: dict, repeats: int) -> list[dict]:
     rows = []
     for label, precision, form, options in SWEEP:
-        out = work / f"{label}.npy"
         job = {"artifact": str(artifact), "precision": precision, "form": form, "options": options,
-               "feed": str(feed_path), "out": str(out), "repeats": repeats}
+               "references": references, "repeats": repeats}
         row = {"label": label, "precision": precision, "form": form, "options": options}
-        try:
-            p = subprocess.run([sys.executable, __file__, "--sweep-one", json.dumps(job)], capture_output=True,
-                               text=True, timeout=180)
-            lines = (p.stdout + p.stderr).splitlines()
-            row["warnings"] = count_warnings(lines)
-            res = next((json.loads(ln[len("SWEEP_RESULT "):]) for ln in lines if ln.startswith("SWEEP_RESULT ")), None)
-            if p.returncode or res is None:
-                row["error"] = f"exit {p.returncode}: " + " | ".join(ln for ln in lines[-6:])[-600:]
-            else:
-                row.update(res)
-                o = np.load(out)
-                row["psnr_db"] = psnr(ref, o)
-                row["max_abs"] = float(np.abs(ref - o).max())
-        except subprocess.TimeoutExpired:
-            row["error"] = "timed out after 180 s"
+        res, lines, error = run_child("sweep", job, timeout=180)
+        row["warnings"] = count_warnings(lines)
+        if error:
+            row["error"] = error
+        else:
+            row.update(res)
+            row["median_s"] = geomean([v["median_s"] for v in res["shapes"].values()])
+            row["psnr_db"] = min(v["psnr_db"] for v in res["shapes"].values())
+            row["max_abs"] = max(v["max_abs"] for v in res["shapes"].values())
         say(f"sweep {label}: " + (row.get("error") or
-                                  f"{1000 * row['median_s']:.1f} ms, PSNR {row['psnr_db']:.1f} dB, "
-                                  f"max abs {row['max_abs']:.2e}, warnings {row['warnings']}"))
+                                  "; ".join(f"{k} {1000 * v['median_s']:.1f} ms, PSNR {v['psnr_db']:.1f} dB, "
+                                            f"max abs {v['max_abs']:.2e}" for k, v in row["shapes"].items())
+                                  + f"; warnings {row['warnings']}"))
         rows.append(row)
     return rows
 
 
+def geomean(xs: list[float]) -> float:
+    return math.exp(sum(math.log(x) for x in xs) / len(xs))
+
+
 def best_options(rows: list[dict], precision: str, form: str = "cuda") -> tuple[dict | None, str]:
-    """The fastest clean setting of ``precision`` (no warnings, parity kept) if it beats the
-    runtime's default by more than 3 %; else None (keep the default)."""
+    """The fastest clean setting of ``precision`` (no warnings, parity kept; speed as the
+    geometric mean of its medians over the swept sizes) if it beats the runtime's default by
+    more than 3 %; else None (keep the default)."""
     from asym_runtime.backends.onnxrt import CUDA_PROVIDER_OPTIONS
 
     floor = 50.0 if precision == "fp16" else 70.0
@@ -255,43 +323,16 @@ def best_options(rows: list[dict], precision: str, form: str = "cuda") -> tuple[
     best = min(ok, key=lambda r: r["median_s"])
     default = next((r for r in ok if r["options"] == CUDA_PROVIDER_OPTIONS[precision]), None)
     if default is None or best["median_s"] < 0.97 * default["median_s"]:
-        return dict(best["options"]), f"{best['label']} ({1000 * best['median_s']:.1f} ms)"
-    return None, f"the default ({1000 * default['median_s']:.1f} ms) is within 3 % of the best"
+        return dict(best["options"]), f"{best['label']} ({1000 * best['median_s']:.1f} ms, geometric mean)"
+    return None, f"the default ({1000 * default['median_s']:.1f} ms, geometric mean) is within 3 % of the best"
 
 
-def paths_one(args) -> int:
-    """Child process of the paths step (a hang there must not take the whole check with it)."""
-    import faulthandler
-
+def child_paths(job: dict) -> dict:
     import numpy as np
 
-    job = json.loads(args.paths_one)
-    faulthandler.dump_traceback_later(job["timeout"] - 10, exit=True)  # a hang leaves its stack
-    feed = dict(np.load(job["feed"]))
-    out = runtime_paths(Path(job["artifact"]), feed, np.load(job["ref"]), job["options"])
-    print("PATHS_RESULT " + json.dumps(out), flush=True)
-    return 0
-
-
-def paths(artifact: Path, feed: dict, ref, options: dict | None, work: Path, timeout: int = 150) -> dict:
-    import numpy as np
-
-    np.savez(work / "paths_feed.npz", **feed)
-    np.save(work / "paths_ref.npy", ref)
-    job = {"artifact": str(artifact), "feed": str(work / "paths_feed.npz"), "ref": str(work / "paths_ref.npy"),
-           "options": options, "timeout": timeout}
-    try:
-        p = subprocess.run([sys.executable, __file__, "--paths-one", json.dumps(job)], capture_output=True,
-                           text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as e:
-        raise RuntimeError(f"the runtime paths did not finish in {timeout} s: "
-                           f"{(e.stdout or '')[-1500:]} {(e.stderr or '')[-3000:]}") from None
-    lines = p.stdout.splitlines()
-    res = next((json.loads(ln[len("PATHS_RESULT "):]) for ln in lines if ln.startswith("PATHS_RESULT ")), None)
-    if p.returncode or res is None:
-        tail = "\n".join(ln for ln in (p.stdout + p.stderr).splitlines() if "W:onnxruntime" not in ln)[-3000:]
-        raise RuntimeError(f"the runtime paths failed (exit {p.returncode}):\n{tail}")
-    return res
+    files = job["reference"]
+    return runtime_paths(Path(job["artifact"]), dict(np.load(files["feed"])), np.load(files["ref"]),
+                         job["options"])
 
 
 def runtime_paths(artifact: Path, feed: dict, ref, options: dict | None) -> dict:
@@ -317,8 +358,12 @@ def runtime_paths(artifact: Path, feed: dict, ref, options: dict | None) -> dict
     opts = {"provider_options": options} if options else {}
     with asym_runtime.load(artifact, backend="onnxruntime-cuda", precision="fp16", graphs=("decoder",), **opts) as rt:
         base = rt.decode(lat, image=img, mask=mask)
+        again = rt.decode(lat, image=img, mask=mask)
         out["graph_form"] = rt.graph_form
         out["numpy_psnr_db"] = psnr(ref, base)
+        # the same session twice on the same input: how far apart ONNX Runtime's FP16 runs are
+        # (its GroupNorm kernels sum with atomics, so the order, and the last bits, vary)
+        out["numpy_repeat_max_diff"] = float(np.abs(again - base).max())
         out["numpy_ms"] = 1000 * timed(lambda: rt.decode(lat, image=img, mask=mask))
         tl, ti, tm = (torch.from_numpy(x).cuda() for x in (lat, img, mask))
         got = rt.decode(tl, image=ti, mask=tm)
@@ -334,6 +379,7 @@ def runtime_paths(artifact: Path, feed: dict, ref, options: dict | None) -> dict
                       mask=mask[:, :, :8 * h, :8 * w].copy())
         runs.append(rt.decode(lat, image=img, mask=mask))
         out["cuda_graph_max_diff_vs_numpy"] = [float(np.abs(r - base).max()) for r in runs]
+        out["cuda_graph_replay_max_diff"] = max(float(np.abs(r - runs[1]).max()) for r in runs[2:])
         out["cuda_graph_psnr_db"] = psnr(ref, runs[-1])
         out["cuda_graph_ms"] = 1000 * timed(lambda: rt.decode(lat, image=img, mask=mask))
         out["captured_shape"] = str(rt.backends["decoder"].captured_shape)
@@ -348,56 +394,140 @@ def runtime_paths(artifact: Path, feed: dict, ref, options: dict | None) -> dict
     return out
 
 
-def parity(artifact: Path, backends: list[str], options: dict | None, cache: dict, report_dir: Path) -> dict:
+def child_parity(job: dict) -> dict:
     from asym_export.parity import run_parity
     from asym_runtime import read_manifest
 
+    artifact = Path(job["artifact"])
     lim = read_manifest(artifact).limits
     shapes = list(dict.fromkeys([lim.min, lim.opt, lim.max]))
     os.environ["ASYM_ORT_LOG_SEVERITY"] = "2"
-    try:
-        with captured_stderr() as lines:
-            res = run_parity(artifact, backends=backends, shapes=shapes, reference_device="cuda",
-                             provider_options=options, reference_cache=cache)
-    finally:
-        os.environ.pop("ASYM_ORT_LOG_SEVERITY", None)
+    res = run_parity(artifact, backends=job["backends"], shapes=shapes, reference_device="cuda",
+                     provider_options=job["options"])
     text = "\n\n".join(r.table() + f"\n  {r.stage}: {res.timings[r.stage]:.2f} s in runtime calls"
                        for r in res.reports)
+    text += "".join(f"\nFAILED {label}: {message}" for label, message in res.errors)
     text += "".join(f"\nskipped {label}: {why}" for label, why in res.skipped)
-    (report_dir / "parity.txt").write_text(text + "\n")
+    Path(job["text"]).write_text(text + "\n")
     print(text, flush=True)
     return {"passed": bool(res), "shapes": [str(s) for s in shapes],
-            "stages": {r.stage: r.to_dict() for r in res.reports},
-            "timings_s": res.timings, "skipped": res.skipped, "ort_warnings": count_warnings(lines)}
+            "stages": {r.stage: r.to_dict() for r in res.reports}, "errors": res.errors,
+            "timings_s": res.timings, "skipped": res.skipped}
+
+
+def parity(artifact: Path, backends: list[str], options: dict | None, report_dir: Path, timeout: float) -> dict:
+    res, lines, error = run_child("parity", {"artifact": str(artifact), "backends": backends, "options": options,
+                                             "text": str(report_dir / "parity.txt")}, timeout)
+    if error:
+        raise RuntimeError(error)
+    res["ort_warnings"] = count_warnings(lines)
+    return res
+
+
+def child_bench(job: dict) -> dict:
+    from asym_export.artifact import write_json_atomic
+    from asym_export.bench_kernels import kernel_table
+    from asym_export.bench_measure import run_benchmark
+
+    from asym_runtime import read_manifest
+
+    artifact = Path(job["artifact"])
+    res = run_benchmark(read_manifest(artifact).variant, artifact, backends=job["backends"], graphs=job["graphs"],
+                        sizes=[tuple(s) for s in job["sizes"]], batches=[1], warmup=1, repeats=job["repeats"],
+                        reference=job.get("reference", "diffusers/fp16"), progress=say,
+                        provider_options=job["options"], reference_cache={}, kernels=job["kernels"])
+    if job["kernels"]:
+        print("GPU kernels per call:\n" + kernel_table(res), flush=True)
+    write_json_atomic(Path(job["json"]), res)
+    return {"json": job["json"]}
+
+
+def merge_bench(torch_res: dict | None, runtime_res: dict | None) -> dict:
+    """One result of the two bench processes: the runtime's (its diffusers reference and every
+    runtime contender, compared with torch.compile's median at the same graph and shape) and
+    torch.compile's (its own diffusers reference kept as a row of its own, so the eager time of
+    both processes is visible)."""
+    parts = [r for r in (runtime_res, torch_res) if r]
+    if not parts:
+        raise ValueError("neither bench process gave a result")
+    out = json.loads(json.dumps(parts[0]))
+    out["processes"] = {}
+    if runtime_res:
+        out["processes"]["runtime"] = [b["name"] for b in runtime_res["backends"]]
+    if torch_res and torch_res is not parts[0]:
+        own = f"{torch_res['reference']} (torch.compile's process)"
+        for b in torch_res["backends"]:
+            out["backends"].append(dict(b, name=own) if b["name"] == torch_res["reference"] else b)
+        for r in torch_res["rows"]:
+            out["rows"].append(dict(r, backend=own) if r["backend"] == torch_res["reference"] else r)
+        out["skipped"] += torch_res.get("skipped", [])
+    if torch_res:
+        out["processes"]["torch"] = [b["name"] for b in torch_res["backends"]]
+    compile_ms = {(r["graph"], r["shape"]): r["median_s"] for r in out["rows"] if r["backend"] == "torch-compile/fp16"}
+    for r in out["rows"]:
+        c = compile_ms.get((r["graph"], r["shape"]))
+        r["ratio_vs_compile"] = c / r["median_s"] if c else None
+    return out
 
 
 def bench(artifact: Path, sizes: list[tuple[int, int]], repeats: int, options: dict | None, have: dict,
-          cache: dict, report_dir: Path, graphs: list[str], previous: dict | None = None,
-          kernels: bool = False) -> dict:
-    from asym_export.bench_kernels import kernel_table
-    from asym_export.bench_measure import run_benchmark
-    from asym_export.bench_report import plot, table
+          report_dir: Path, work: Path, graphs: list[str], previous: dict | None = None,
+          kernels: bool = False, timeout: float = 420) -> dict:
     from asym_export.artifact import write_json_atomic
+    from asym_export.bench_report import plot, table
 
-    backends = ["torch-compile/fp16"]
+    runtime = []
     if have.get("onnxruntime_cuda"):
-        # FP32 speed is no target (parity is: step 4); its rows would cost a minute at 1024
-        backends += ["onnxruntime-cuda/fp16", "onnxruntime-cuda/fp16/cudagraph", "onnxruntime-cuda/fp16/portable"]
+        # FP32 speed is no target (parity is: step 6); its rows would cost a minute at 1024
+        runtime += ["onnxruntime-cuda/fp16", "onnxruntime-cuda/fp16/portable"]
+        if have.get("cuda_graph_ok", True):  # the paths step saw CUDA graphs work (in a child process)
+            runtime.insert(1, "onnxruntime-cuda/fp16/cudagraph")
+        else:
+            say("bench: no CUDA-graph contender (the runtime paths step failed)")
     if have.get("tensorrt"):
-        backends.append("tensorrt")
-    res = run_benchmark("x2", artifact, backends=backends, graphs=graphs,
-                        sizes=sizes, batches=[1], warmup=1, repeats=repeats, reference="diffusers/fp16",
-                        progress=say, provider_options=options, reference_cache=cache, kernels=kernels)
-    res["command"] = "scripts/gpu_check.py (asym-bench, in process)"
-    if kernels:
-        print("GPU kernels per call:\n" + kernel_table(res), flush=True)
+        runtime.append("tensorrt")
+    tag = "-".join(graphs)
+    results, errors = {}, []
+    for part, backends in (("torch", ["torch-compile/fp16"]), ("runtime", runtime)):
+        if not backends:
+            continue
+        job = {"artifact": str(artifact), "backends": backends, "graphs": graphs, "sizes": sizes,
+               "repeats": repeats, "options": options, "kernels": kernels,
+               "json": str(work / f"bench-{tag}-{part}.json")}
+        say(f"bench {tag}, {part} process: diffusers/fp16 (reference), {', '.join(backends)}")
+        res, _, error = run_child("bench", job, timeout)
+        if error:
+            errors.append(error)
+        else:
+            results[part] = json.loads(Path(res["json"]).read_text())
+    if not results:
+        raise RuntimeError("; ".join(errors))
+    res = merge_bench(results.get("torch"), results.get("runtime"))
+    res["command"] = "scripts/gpu_check.py (asym-bench, in two processes)"
     if previous:  # one table for both parts (the decode first, so its numbers come early)
         res["rows"] = previous["rows"] + res["rows"]
-        res["backends"] = previous["backends"] + res["backends"]
+        res["backends"] = previous["backends"] + [b for b in res["backends"] if b not in previous["backends"]]
     print(table(res), flush=True)
     write_json_atomic(report_dir / "bench.json", res)
     plot(res, report_dir / "bench.png")
+    if errors:  # the rows that were measured are written; the step still fails
+        raise RuntimeError("; ".join(errors))
     return res
+
+
+def child_mixed(job: dict) -> dict:
+    """torch.compile and ONNX Runtime's CUDA provider in one process, interleaved."""
+    from asym_export.bench_measure import run_benchmark
+
+    res = run_benchmark("x2", Path(job["artifact"]), backends=["torch-compile/fp16", "onnxruntime-cuda/fp16"],
+                        graphs=["decode"], sizes=[(512, 512)], batches=[1], warmup=1, repeats=job["repeats"],
+                        reference="diffusers/fp16", progress=say, provider_options=job["options"],
+                        reference_cache={})
+    return {r["backend"]: round(1000 * r["median_s"], 2) for r in res["rows"]}
+
+
+CHILDREN = {"reference": child_reference, "sweep": child_sweep, "paths": child_paths, "parity": child_parity,
+            "bench": child_bench, "mixed": child_mixed}
 
 
 def verdicts(res: dict) -> dict:
@@ -422,18 +552,16 @@ def main() -> int:
     p.add_argument("--out", type=Path, help="where to export (default: a temporary folder)")
     p.add_argument("--weights", help="real weights (folder or hub id) for the export; default: seeded random")
     p.add_argument("--report", type=Path, default=Path("gpu-check"), help="folder for the results (default gpu-check)")
-    p.add_argument("--sizes", default="512,1024", help="asym-bench resolutions (default 512,1024)")
+    p.add_argument("--sizes", default="512,1024", help="asym-bench and sweep resolutions (default 512,1024)")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds per bench row (default 5)")
-    p.add_argument("--skip", default="", help="comma-separated steps to skip: sweep,paths,parity,pytest,bench")
+    p.add_argument("--skip", default="",
+                   help="comma-separated steps to skip: sweep,paths,bench (both bench steps),parity,pytest,mixed")
     p.add_argument("--pytest-timeout", type=int, default=300, metavar="S",
                    help="seconds the GPU tests may take before they are killed (default 300)")
-    p.add_argument("--sweep-one", help=argparse.SUPPRESS)
-    p.add_argument("--paths-one", help=argparse.SUPPRESS)
+    p.add_argument("--child", nargs=2, metavar=("KIND", "JOB"), help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.sweep_one:
-        return sweep_one(args)
-    if args.paths_one:
-        return paths_one(args)
+    if args.child:
+        return child_main(*args.child)
 
     missing, have = prerequisites()
     if missing:
@@ -450,7 +578,6 @@ def main() -> int:
             versions[mod] = __import__(mod).__version__
     summary["versions"] = versions
     work = Path(tempfile.mkdtemp(prefix="asym-gpu-check-"))
-    cache: dict = {}
 
     def step(name, fn):
         if name in skip or name.split("_")[0] in skip:
@@ -458,7 +585,6 @@ def main() -> int:
             return None
         t = time.perf_counter()
         say(f"{name} ...")
-        faulthandler.dump_traceback_later(300)  # a step still running after 5 minutes shows where
         try:
             value = fn()
             summary["steps"][name] = {"seconds": round(time.perf_counter() - t, 1)}
@@ -466,25 +592,32 @@ def main() -> int:
         except Exception as e:  # noqa: BLE001 - record, go on with the other steps
             traceback.print_exc()
             summary["errors"][name] = f"{type(e).__name__}: {e}"
+            summary["steps"][name] = {"seconds": round(time.perf_counter() - t, 1), "failed": True}
             return None
         finally:
-            faulthandler.cancel_dump_traceback_later()
+            say(f"{name} ended; {gpu_memory()}")
             (report_dir / "gpu_check.json").write_text(json.dumps(summary, indent=2, default=str))
 
     artifact = args.artifact
     if artifact is None:
         artifact = args.out or work / "x2"
         step("export", lambda: export(artifact, have["tensorrt"], args.weights))
-    from asym_runtime.specs import Shape, parse_size
+    from asym_runtime.specs import parse_size
 
     sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
     options = None
+    bench_have = dict(have)  # what the bench may run: CUDA graphs only once seen working
     if have["onnxruntime_cuda"]:
-        ref = step("reference", lambda: reference_decode(artifact, cache, Shape(1, 512, 512)))
-        if ref is not None:
-            feed, ref_out = ref
+        def reference():
+            res, _, error = run_child("reference", {"artifact": str(artifact), "sizes": sizes, "work": str(work)}, 240)
+            if error:
+                raise RuntimeError(error)
+            return res
+
+        refs = step("reference", reference)
+        if refs:
             def run_sweep():
-                summary["sweep"] = sweep(artifact, feed, ref_out, args.repeats, work)  # in the JSON at once
+                summary["sweep"] = sweep(artifact, refs, args.repeats)  # in the JSON at once
                 return summary["sweep"]
 
             rows = step("sweep", run_sweep)
@@ -495,42 +628,63 @@ def main() -> int:
                 summary["options_used"] = {"fp16": fp16 or "default", "fp32": fp32 or "default",
                                            "why": {"fp16": why, "fp32": why32}}
                 say(f"provider options for the next steps: {summary['options_used']}")
-            summary["paths"] = step("paths", lambda: paths(artifact, feed, ref_out, (options or {}).get("fp16"), work))
+
+            def run_paths():
+                res, _, error = run_child("paths", {"artifact": str(artifact), "reference": next(iter(refs.values())),
+                                                    "options": (options or {}).get("fp16")}, 150)
+                if error:
+                    raise RuntimeError(f"the runtime paths failed: {error}")
+                return res
+
+            summary["paths"] = step("paths", run_paths)
+            if "paths" not in skip:
+                bench_have["cuda_graph_ok"] = bool(summary["paths"] and summary["paths"].get("ok"))
     backends = (["onnxruntime-cuda"] if have["onnxruntime_cuda"] else []) + (["tensorrt"] if have["tensorrt"] else [])
-    # the conditional decode's timings first (the headline), then parity, then the other graphs
-    res = step("bench_decode", lambda: bench(artifact, sizes, args.repeats, options, have, cache, report_dir,
+    # the conditional decode's timings first (the headline), then parity, tests, the rest
+    res = step("bench_decode", lambda: bench(artifact, sizes, args.repeats, options, bench_have, report_dir, work,
                                              ["decode"], kernels=True))
-    summary["parity"] = step("parity", lambda: parity(artifact, backends, options, cache, report_dir))
+    summary["parity"] = step("parity", lambda: parity(artifact, backends, options, report_dir, timeout=420))
     if "pytest" not in skip:
         def tests():
             if importlib.util.find_spec("pytest") is None:
                 raise RuntimeError("pytest is not installed here (pip install -e '.[test]'); the GPU tests "
                                    "(tests marked gpu) did not run")
             # a hanging GPU test (a CUDA-graph capture, a race) must not eat the rest of the check:
-            # its stacks are dumped after 120 s, the run is killed at --pytest-timeout; the
-            # results are in the report (pytest.xml) either way
-            cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-o", "faulthandler_timeout=120",
-                   f"--junitxml={(report_dir / 'pytest.xml').resolve()}", "tests"]
-            try:
-                rc = subprocess.run(cmd, cwd=ROOT, timeout=args.pytest_timeout).returncode
-            except subprocess.TimeoutExpired:
-                raise RuntimeError(f"pytest -m gpu did not finish in {args.pytest_timeout} s (killed; "
-                                   "the stacks of a test running past 120 s are printed above)") from None
-            if rc:
-                raise RuntimeError(f"pytest -m gpu exited {rc}")
+            # its stacks are dumped after 120 s, the run is killed at --pytest-timeout; each test's
+            # outcome and failure are printed as it ends (ASYM_LIVE_REPORT, tests/conftest.py),
+            # so a killed run still says what failed and why
+            cmd = [sys.executable, "-m", "pytest", "-v", "-m", "gpu", "-p", "no:cacheprovider",
+                   "-o", "faulthandler_timeout=120", f"--junitxml={(report_dir / 'pytest.xml').resolve()}",
+                   str(ROOT / "tests")]
+            code, lines = run_streamed(cmd, args.pytest_timeout, env={**os.environ, "ASYM_LIVE_REPORT": "1"})
+            summary["pytest_outcomes"] = [ln[ln.index("LIVE "):] for ln in lines if "LIVE " in ln]
+            if code is None:
+                raise RuntimeError(f"pytest -m gpu did not finish in {args.pytest_timeout} s (killed; what ran "
+                                   "is above and in pytest_outcomes)")
+            if code:
+                raise RuntimeError(f"pytest -m gpu exited {code}")
         step("pytest", tests)
-    res = step("bench_other", lambda: bench(artifact, sizes, args.repeats, options, have, cache, report_dir,
+    if have["onnxruntime_cuda"]:
+        def mixed():
+            res, _, error = run_child("mixed", {"artifact": str(artifact), "repeats": args.repeats,
+                                                "options": options}, 300)
+            if error:
+                raise RuntimeError(f"torch.compile and ONNX Runtime CUDA in one process: {error}")
+            return res
+
+        summary["mixed"] = step("mixed", mixed)
+    res = step("bench_other", lambda: bench(artifact, sizes, args.repeats, options, bench_have, report_dir, work,
                                             ["decode_uncond", "encode"], res)) or res
     if res:
         summary["verdicts"] = verdicts(res)
-        summary["bench_rows"] = [{k: r[k] for k in ("graph", "shape", "backend", "first_call_s", "median_s",
-                                                    "ratio_vs_reference", "ratio_vs_compile", "tflops", "kernels")}
+        summary["bench_rows"] = [{k: r.get(k) for k in ("graph", "shape", "backend", "first_call_s", "median_s",
+                                                        "ratio_vs_reference", "ratio_vs_compile", "tflops", "kernels")}
                                  for r in res["rows"]]
     summary["total_s"] = round(time.perf_counter() - T0, 1)
     (report_dir / "gpu_check.json").write_text(json.dumps(summary, indent=2, default=str))
     failed = dict(summary["errors"])
     if summary.get("parity") and not summary["parity"]["passed"]:
-        failed["parity"] = "a backend failed its tolerance"
+        failed["parity"] = "a backend failed its tolerance or failed to run"
     if summary.get("paths") and not summary["paths"]["ok"]:
         failed["paths"] = "runtime paths disagree"
     say(f"done in {summary['total_s']} s; " + (f"FAILED: {failed}" if failed else "every step passed"))

@@ -153,3 +153,22 @@ def offline_hub(tmp_path, monkeypatch):
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True, raising=False)
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"), raising=False)
     return tmp_path / "hf-home"
+
+
+def pytest_runtest_logreport(report):
+    """With ASYM_LIVE_REPORT=1 (scripts/gpu_check.py sets it for the GPU tests), each test's
+    outcome, time and failure are written the moment it ends, as lines starting "LIVE ": a run
+    killed at its time limit (a GPU session's minutes are few) still says what failed and why."""
+    if os.environ.get("ASYM_LIVE_REPORT") != "1":
+        return
+    if report.when != "call" and not (report.failed or report.skipped):
+        return
+    import sys
+
+    out = sys.__stderr__
+    # on a line of its own: pytest's progress characters go to stdout, on the same terminal line
+    out.write(f"\nLIVE {report.outcome.upper()} {report.when} {report.nodeid} ({report.duration:.1f} s)\n")
+    if report.failed:
+        for line in report.longreprtext.splitlines()[-40:]:
+            out.write(f"LIVE | {line}\n")
+    out.flush()
