@@ -58,7 +58,9 @@ CUDA_PROVIDER_OPTIONS = {
 #: uses it; the session only ever sees one input shape. A first design (a graph per shape, a
 #: warm-up run under id -1, the session on torch's stream, fuse_conv_bias's blocking memset in
 #: the capture) hung on an H100 with onnxruntime-gpu 1.31.1, cause not established; this one
-#: avoids all four and is ONNX Runtime's documented single-graph use.
+#: avoids all four and is ONNX Runtime's documented single-graph use. It ran on an H200 (x2,
+#: 1x512x512: the ordinary session's numbers within FP16 run-to-run spread, 63.5 ms against
+#: 59.9 ms without it: no fused conv bias under capture).
 CUDA_GRAPH_ID = "1"
 
 
