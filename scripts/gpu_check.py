@@ -145,32 +145,40 @@ NOISE = ("No registered plugin EP device found",)
 def run_streamed(cmd: list[str], timeout: float, env: dict | None = None) -> tuple[int | None, list[str]]:
     """Run ``cmd``, echoing its output (stdout and stderr, as they come: a child killed at its
     limit leaves its progress in the log) and keeping it. Returns (exit code, lines); the exit
-    code is None when the child was killed after ``timeout`` seconds (with its process group)."""
+    code is None when the child was killed after ``timeout`` seconds. The child gets a process
+    group of its own, which is killed with it, and also once it has exited if something it
+    started (torch.compile's compile workers, say) still holds its output open after 10 s."""
     import signal
     import threading
 
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
                          bufsize=1, start_new_session=True, env=env)
-    killed = threading.Event()
+    lines: list[str] = []
 
-    def kill():
-        killed.set()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(p.pid, signal.SIGKILL)
-
-    timer = threading.Timer(timeout, kill)
-    timer.start()
-    lines = []
-    try:
+    def read():
         for line in p.stdout:
             line = line.rstrip("\n")
             lines.append(line)
             if not any(n in line for n in NOISE):
                 print(line, flush=True)
+
+    def kill_group():
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(p.pid, signal.SIGKILL)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        code = p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group()
         p.wait()
-    finally:
-        timer.cancel()
-    return (None if killed.is_set() else p.returncode), lines
+        code = None
+    reader.join(10)
+    if reader.is_alive():
+        kill_group()
+        reader.join(5)
+    return code, list(lines)
 
 
 def run_child(kind: str, job: dict, timeout: float) -> tuple[dict | None, list[str], str | None]:

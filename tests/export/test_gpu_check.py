@@ -23,6 +23,13 @@ def test_a_child_past_its_limit_is_killed_and_its_output_kept():
     assert rc is None and lines == ["step one"]
     rc, lines = gpu_check.run_streamed([sys.executable, "-c", "import sys; print('x'); sys.exit(3)"], timeout=30)
     assert rc == 3 and lines == ["x"]
+    # a child that has ended while something it started still holds its output open (as
+    # torch.compile's compile workers can): its exit code after 10 s, not the limit
+    code = ("import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+            "print('done', flush=True)")
+    t = time.perf_counter()
+    rc, lines = gpu_check.run_streamed([sys.executable, "-c", code], timeout=100)
+    assert rc == 0 and lines == ["done"] and time.perf_counter() - t < 40
 
 
 def test_a_bench_child_runs_and_its_result_comes_back(tiny_artifact, tmp_path):
