@@ -7,7 +7,7 @@ contender against what a user would run instead.
     python scripts/gpu_check.py --artifact artifacts/x2 --report out/gpu   # an existing folder
 
 Steps (a failing step is recorded and the check goes on; the exit code is 1 if any failed).
-Every step that uses the GPU runs in a child process of its own, with a time limit: a CUDA
+Every step after the export runs in a child process of its own, with a time limit: a CUDA
 failure, GPU memory left allocated or a hang in one step cannot reach the next (on an H200 a
 cuDNN launch failure in the timings was followed by allocation failures in the parity step of
 the same process). The GPU memory in use is printed after each step.
@@ -183,19 +183,26 @@ def run_streamed(cmd: list[str], timeout: float, env: dict | None = None) -> tup
 
 def run_child(kind: str, job: dict, timeout: float) -> tuple[dict | None, list[str], str | None]:
     """One step in a child process of this script (``--child KIND JOB``). Returns (its result,
-    its output lines, what went wrong or None)."""
-    job = dict(job, timeout=timeout)
-    code, lines = run_streamed([sys.executable, __file__, "--child", kind, json.dumps(job)], timeout)
-    result = next((json.loads(ln[len(RESULT):]) for ln in lines if ln.startswith(RESULT)), None)
+    its output lines, what went wrong or None). The child writes its result into a file of its
+    own (not into the output it shares with ONNX Runtime's C++ log); a result written counts,
+    whatever happens in the child after it."""
+    fd, result_file = tempfile.mkstemp(prefix=f"gpu-check-{kind}-", suffix=".json")
+    os.close(fd)
+    job = dict(job, timeout=timeout, result_file=result_file)
+    try:
+        code, lines = run_streamed([sys.executable, __file__, "--child", kind, json.dumps(job)], timeout)
+        text = Path(result_file).read_text()
+    finally:
+        os.unlink(result_file)
+    result = json.loads(text) if text else None
+    if result is not None:
+        if code:
+            say(f"{kind}: the child wrote its result, then ended with {'a kill' if code is None else f'exit {code}'}")
+        return result, lines, None
     if code is None:
-        return result, lines, f"{kind}: no result after {timeout:.0f} s (killed; its stacks are printed above)"
-    if code or result is None:
-        tail = " | ".join(ln for ln in lines[-8:] if not any(n in ln for n in NOISE))[-1500:]
-        return result, lines, f"{kind}: exit {code}: {tail}"
-    return result, lines, None
-
-
-RESULT = "CHILD_RESULT "
+        return None, lines, f"{kind}: no result after {timeout:.0f} s (killed; its stacks are printed above)"
+    tail = " | ".join(ln for ln in lines[-8:] if not any(n in ln for n in NOISE))[-1500:]
+    return None, lines, f"{kind}: exit {code}: {tail}"
 
 
 def child_main(kind: str, job_text: str) -> int:
@@ -203,8 +210,15 @@ def child_main(kind: str, job_text: str) -> int:
     # a hang leaves its stacks in the log before the parent kills it
     faulthandler.dump_traceback_later(max(job["timeout"] - 10, 1), exit=True)
     result = CHILDREN[kind](job)
-    print(RESULT + json.dumps(result, default=str), flush=True)
-    return 0
+    faulthandler.cancel_dump_traceback_later()
+    tmp = job["result_file"] + ".tmp"
+    Path(tmp).write_text(json.dumps(result, default=str))
+    os.replace(tmp, job["result_file"])  # whole or not at all
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # the result is out: no teardown (CUDA, ONNX Runtime, torch.compile's workers) can lose it
+    # or hold the step up
+    os._exit(0)
 
 
 def gpu_memory() -> str:
@@ -467,7 +481,7 @@ def merge_bench(torch_res: dict | None, runtime_res: dict | None) -> dict:
         for b in torch_res["backends"]:
             out["backends"].append(dict(b, name=own) if b["name"] == torch_res["reference"] else b)
         for r in torch_res["rows"]:
-            out["rows"].append(dict(r, backend=own) if r["backend"] == torch_res["reference"] else r)
+            out["rows"].append(dict(r, backend=own) if r["backend"] == torch_res["reference"] else dict(r))
         out["skipped"] += torch_res.get("skipped", [])
     if torch_res:
         out["processes"]["torch"] = [b["name"] for b in torch_res["backends"]]
@@ -480,7 +494,10 @@ def merge_bench(torch_res: dict | None, runtime_res: dict | None) -> dict:
 
 def bench(artifact: Path, sizes: list[tuple[int, int]], repeats: int, options: dict | None, have: dict,
           report_dir: Path, work: Path, graphs: list[str], previous: dict | None = None,
-          kernels: bool = False, timeout: float = 420) -> dict:
+          kernels: bool = False, timeout: float = 420, partial: dict | None = None) -> dict:
+    """Both bench processes of ``graphs``, merged (after ``previous``), written and returned. When
+    one process failed, what the other measured is still written and left in ``partial["result"]``
+    before the step fails."""
     from asym_export.artifact import write_json_atomic
     from asym_export.bench_report import plot, table
 
@@ -488,10 +505,10 @@ def bench(artifact: Path, sizes: list[tuple[int, int]], repeats: int, options: d
     if have.get("onnxruntime_cuda"):
         # FP32 speed is no target (parity is: step 6); its rows would cost a minute at 1024
         runtime += ["onnxruntime-cuda/fp16", "onnxruntime-cuda/fp16/portable"]
-        if have.get("cuda_graph_ok", True):  # the paths step saw CUDA graphs work (in a child process)
+        if have.get("cuda_graph_ok"):  # the paths step saw CUDA graphs work (in a child process)
             runtime.insert(1, "onnxruntime-cuda/fp16/cudagraph")
         else:
-            say("bench: no CUDA-graph contender (the runtime paths step failed)")
+            say("bench: no CUDA-graph contender (the runtime paths step did not see CUDA graphs work)")
     if have.get("tensorrt"):
         runtime.append("tensorrt")
     tag = "-".join(graphs)
@@ -513,12 +530,18 @@ def bench(artifact: Path, sizes: list[tuple[int, int]], repeats: int, options: d
     res = merge_bench(results.get("torch"), results.get("runtime"))
     res["command"] = "scripts/gpu_check.py (asym-bench, in two processes)"
     if previous:  # one table for both parts (the decode first, so its numbers come early)
+        seen = {b["name"] for b in previous["backends"]}
         res["rows"] = previous["rows"] + res["rows"]
-        res["backends"] = previous["backends"] + [b for b in res["backends"] if b not in previous["backends"]]
+        res["backends"] = previous["backends"] + [b for b in res["backends"] if b["name"] not in seen]
+        res["skipped"] = previous.get("skipped", []) + res["skipped"]
+        res["processes"] = {k: list(dict.fromkeys(previous.get("processes", {}).get(k, []) + v))
+                            for k, v in res["processes"].items()}
     print(table(res), flush=True)
     write_json_atomic(report_dir / "bench.json", res)
     plot(res, report_dir / "bench.png")
-    if errors:  # the rows that were measured are written; the step still fails
+    if errors:  # the rows that were measured are written and kept; the step still fails
+        if partial is not None:
+            partial["result"] = res
         raise RuntimeError("; ".join(errors))
     return res
 
@@ -526,8 +549,10 @@ def bench(artifact: Path, sizes: list[tuple[int, int]], repeats: int, options: d
 def child_mixed(job: dict) -> dict:
     """torch.compile and ONNX Runtime's CUDA provider in one process, interleaved."""
     from asym_export.bench_measure import run_benchmark
+    from asym_runtime import read_manifest
 
-    res = run_benchmark("x2", Path(job["artifact"]), backends=["torch-compile/fp16", "onnxruntime-cuda/fp16"],
+    artifact = Path(job["artifact"])
+    res = run_benchmark(read_manifest(artifact).variant, artifact, backends=["torch-compile/fp16", "onnxruntime-cuda/fp16"],
                         graphs=["decode"], sizes=[(512, 512)], batches=[1], warmup=1, repeats=job["repeats"],
                         reference="diffusers/fp16", progress=say, provider_options=job["options"],
                         reference_cache={})
@@ -614,7 +639,7 @@ def main() -> int:
 
     sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
     options = None
-    bench_have = dict(have)  # what the bench may run: CUDA graphs only once seen working
+    bench_have = dict(have, cuda_graph_ok=False)  # what the bench may run: CUDA graphs only once seen working
     if have["onnxruntime_cuda"]:
         def reference():
             res, _, error = run_child("reference", {"artifact": str(artifact), "sizes": sizes, "work": str(work)}, 240)
@@ -645,12 +670,12 @@ def main() -> int:
                 return res
 
             summary["paths"] = step("paths", run_paths)
-            if "paths" not in skip:
-                bench_have["cuda_graph_ok"] = bool(summary["paths"] and summary["paths"].get("ok"))
+            bench_have["cuda_graph_ok"] = bool(summary["paths"] and summary["paths"].get("ok"))
     backends = (["onnxruntime-cuda"] if have["onnxruntime_cuda"] else []) + (["tensorrt"] if have["tensorrt"] else [])
     # the conditional decode's timings first (the headline), then parity, tests, the rest
+    partial: dict = {}  # what a bench step measured before one of its processes failed
     res = step("bench_decode", lambda: bench(artifact, sizes, args.repeats, options, bench_have, report_dir, work,
-                                             ["decode"], kernels=True))
+                                             ["decode"], kernels=True, partial=partial)) or partial.pop("result", None)
     summary["parity"] = step("parity", lambda: parity(artifact, backends, options, report_dir, timeout=420))
     if "pytest" not in skip:
         def tests():
@@ -682,7 +707,8 @@ def main() -> int:
 
         summary["mixed"] = step("mixed", mixed)
     res = step("bench_other", lambda: bench(artifact, sizes, args.repeats, options, bench_have, report_dir, work,
-                                            ["decode_uncond", "encode"], res)) or res
+                                            ["decode_uncond", "encode"], res, partial=partial)) \
+        or partial.pop("result", None) or res
     if res:
         summary["verdicts"] = verdicts(res)
         summary["bench_rows"] = [{k: r.get(k) for k in ("graph", "shape", "backend", "first_call_s", "median_s",

@@ -81,7 +81,8 @@ def test_the_two_bench_processes_merge_with_torch_compile_ratios():
     assert m["reference"] == ref and [b["name"] for b in m["backends"]] == [ref, "onnxruntime-cuda/fp16", own,
                                                                            "torch-compile/fp16"]
     assert m["processes"] == {"runtime": [ref, "onnxruntime-cuda/fp16"], "torch": [ref, "torch-compile/fp16"]}
-    assert runtime_res["rows"][1]["ratio_vs_compile"] is None  # the inputs are left as they were
+    # the inputs are left as they were
+    assert runtime_res["rows"][1]["ratio_vs_compile"] is None and torch_res["rows"][1]["ratio_vs_compile"] is None
     # one process only: its rows, and no ratio that was not measured
     alone = gpu_check.merge_bench(None, runtime_res)
     assert [r["ratio_vs_compile"] for r in alone["rows"]] == [None] * 4

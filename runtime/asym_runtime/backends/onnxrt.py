@@ -69,10 +69,16 @@ class _Closed(RuntimeError):
     as a backend failure."""
 
 
-def _is_onnxruntime_failure(e: BaseException) -> bool:
-    """An error a session's run raised: onnxruntime's own exception types (Fail,
-    RuntimeException, ...) and the RuntimeError its C++ layer turns into (Error in execution)."""
-    return type(e).__module__.startswith("onnxruntime") or type(e) is RuntimeError
+def _is_run_failure(e: BaseException) -> bool:
+    """An error of the run itself, on checked input: onnxruntime's own exception types (Fail,
+    RuntimeException, ...), the plain RuntimeError its C++ layer turns into ("Error in
+    execution"), and torch's RuntimeErrors on the torch-tensor paths (torch.OutOfMemoryError for
+    an output buffer, torch.AcceleratorError from a stream after a failed launch). Not the
+    caller's mistakes (ValueError subclasses) nor a call on a closed VAE."""
+    t = type(e)
+    if t.__module__.startswith("onnxruntime") or t is RuntimeError:
+        return True
+    return isinstance(e, RuntimeError) and not isinstance(e, _Closed) and t.__module__.split(".")[0] == "torch"
 
 
 def session_options(device: str):
@@ -295,7 +301,7 @@ class OnnxRuntimeBackend(Backend):
             outs = sess.run(self.graph.output_names, host)
             return {k: arrays.like(v, ref) for k, v in zip(self.graph.output_names, outs)}
         except Exception as e:
-            if not _is_onnxruntime_failure(e):
+            if not _is_run_failure(e):
                 raise
             # inputs were checked before any backend ran: this is the run failing (a cuDNN
             # launch, memory), said as the runtime's BackendError, ONNX Runtime's words kept
