@@ -61,6 +61,56 @@ def test_fp32_matches_diffusers_within_the_fp32_tolerance(ov_fp32, tiny_vae, gra
         assert np.abs(got[name] - ref).max() <= FP32_MAX_ABS, name
 
 
+@pytest.mark.parametrize("graph", ["encoder", "decoder", "decoder_uncond"])
+def test_the_embedded_model_is_the_graph_with_its_checked_weights(tiny_artifact, graph):
+    """OpenVINO reads the model bytes embedded_model() splices together (the weights appended in
+    protobuf's wire format, one copy instead of protobuf's five): parsed by onnx, they are the
+    graph the protobuf path builds, every initializer with the same header and bytes, only in
+    another order, and the ONNX checker accepts them."""
+    import onnx
+
+    from asym_runtime import read_manifest
+
+    m = read_manifest(tiny_artifact)
+    name = m.find(graph, "onnx", "fp32").name
+    spliced = onnx.load_from_string(ov_backend.embedded_model(m.graph_source(name)))
+    proto = onnx.load_from_string(ov_backend._embedded_through_protobuf(
+        onnx.ModelProto.FromString(bytes(m.graph_source(name).model)), m.graph_source(name)))
+    assert not any(t.external_data or t.data_location for t in spliced.graph.initializer)
+    for t in proto.graph.initializer:  # the protobuf path writes data_location = DEFAULT (0) out; same meaning
+        t.ClearField("data_location")
+    inits = {t.name: t.SerializeToString(deterministic=True) for t in proto.graph.initializer}
+    assert {t.name: t.SerializeToString(deterministic=True) for t in spliced.graph.initializer} == inits
+    assert len(spliced.graph.initializer) == len(inits) and sum(len(t.raw_data) for t in spliced.graph.initializer) > 10**5
+    del spliced.graph.initializer[:]
+    del proto.graph.initializer[:]
+    assert spliced.SerializeToString(deterministic=True) == proto.SerializeToString(deterministic=True)
+    onnx.checker.check_model(onnx.load_from_string(ov_backend.embedded_model(m.graph_source(name))))
+
+
+def test_a_tensor_reading_past_its_data_is_refused_on_both_paths(tiny_artifact):
+    import dataclasses
+
+    import onnx
+
+    from asym_runtime import read_manifest
+    from asym_runtime.errors import ArtifactError
+    from asym_runtime.onnx_data import external_tensors
+
+    m = read_manifest(tiny_artifact)
+    source = m.graph_source(m.find("decoder", "onnx", "fp32").name)
+    model = onnx.ModelProto.FromString(bytes(source.model))
+    t = next(t for t in external_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL)
+    for e in t.external_data:
+        if e.key == "offset":
+            e.value = str(10**12)
+    source = dataclasses.replace(source, model=model.SerializeToString())
+    with pytest.raises(ArtifactError, match="reads past the end of"):
+        ov_backend.embedded_model(source)
+    with pytest.raises(ArtifactError, match="reads past the end of"):
+        ov_backend._embedded_through_protobuf(model, source)
+
+
 def test_inputs_are_checked_as_on_every_backend(ov_fp32):
     with pytest.raises(asym_runtime.AsymInputError, match="multiple of 8"):
         ov_fp32.decode(np.zeros((1, 4, 8, 8), np.float32), image=np.zeros((1, 3, 60, 64), np.float32),
@@ -309,3 +359,28 @@ def test_x2_bf16_meets_its_floors_at_real_size(x2_artifact, x2_vae, graph):
             feed = make_feed(graph, shape, seed=79, scaling_factor=x2_vae.config.scaling_factor)
             report.add(graph, shape, reference_outputs(x2_vae, graph, feed), _run(rt, graph, feed))
     assert report, report.failure_lines()
+
+
+def test_load_memory_reports_a_loads_peak_and_the_weights(tiny_artifact, tmp_path):
+    """scripts/load_memory.py (the README's load-memory numbers): one load in a process of its own,
+    its peak and what stays, beside the size of the graph's weights."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from asym_runtime import read_manifest
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "mem.json"
+    p = subprocess.run([sys.executable, "scripts/load_memory.py", str(tiny_artifact), "--backend", "openvino",
+                        "--graph", "decoder", "--cache-dir", str(tmp_path / "cache"), "--json", str(out)],
+                       cwd=root, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    got = json.loads(out.read_text())
+    m = read_manifest(tiny_artifact)
+    data = m.path(m.find("decoder", "onnx", "fp32").name + ".data").stat().st_size
+    assert got["weights_gib"] == round(data / 2**30, 3) > 0
+    assert got["backend"] == "openvino" and got["precision"] == "fp32" and got["graph"] == "decoder"
+    assert got["peak_gib"] >= got["after_gib"] and got["peak_gib"] > 0
+    assert "x the weights" in p.stdout and list((tmp_path / "cache").rglob("*.blob"))
