@@ -38,12 +38,15 @@ def refuse_links(root: Path, rel: str) -> Path:
     return path
 
 
-def read_regular(path: Path, *, max_size: int | None = None, expect_size: int | None = None) -> bytes:
+def read_regular(path: Path, *, max_size: int | None = None, expect_size: int | None = None,
+                 allocate=None) -> bytes:
     """The bytes of ``path``, which must be a regular file (not a link, FIFO, device or folder).
 
     Opened with O_NOFOLLOW and O_NONBLOCK (a FIFO must not block the load), checked with
     fstat on the open descriptor, then read through that same descriptor. A wrong size
     (``expect_size``) or one above ``max_size`` fails before anything is read.
+    ``allocate(size)``: the writable buffer to read into (one a library owns, so that what it is
+    handed next needs no copy), returned filled; default a bytearray.
     """
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
     try:
@@ -61,7 +64,7 @@ def read_regular(path: Path, *, max_size: int | None = None, expect_size: int | 
                                 "the file was changed or truncated after export")
         if max_size is not None and st.st_size > max_size:
             raise ArtifactError(f"{path} is {st.st_size} bytes, more than the {max_size} a manifest may have")
-        buf = bytearray(st.st_size)
+        buf = allocate(st.st_size) if allocate is not None else bytearray(st.st_size)
         view, got = memoryview(buf), 0
         with os.fdopen(fd, "rb", closefd=False) as f:
             while got < len(buf):
@@ -72,6 +75,8 @@ def read_regular(path: Path, *, max_size: int | None = None, expect_size: int | 
             grew = bool(f.read(1))
         if got != len(buf) or grew:
             raise ArtifactError(f"{path} changed size while it was read; the folder is being rewritten")
+        if allocate is not None:
+            return buf
         return bytes(buf) if len(buf) < (1 << 20) else buf  # large files: no second copy
     finally:
         os.close(fd)

@@ -315,3 +315,26 @@ def test_read_regular_checks_size_before_reading_and_closes_its_descriptor(tmp_p
             with pytest.raises(ArtifactError, match=error):
                 read_regular(path, **kwargs)
     assert _open_on(path) == [], "read_regular left a file descriptor open"
+
+
+def test_read_regular_reads_into_a_buffer_it_is_given(tmp_path):
+    """allocate=: the bytes land in the caller's buffer (OpenVINO's own tensor for a cached
+    compiled model, so import_model needs no copy), that very buffer is returned, and the file's
+    checks come first: a wrong size allocates nothing."""
+    import numpy as np
+
+    from asym_runtime.files import read_regular
+
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"0123456789")
+    made = []
+
+    def allocate(n):
+        made.append(np.zeros(n, dtype=np.uint8))
+        return made[-1]
+
+    got = read_regular(path, allocate=allocate)
+    assert got is made[0] and bytes(got) == b"0123456789"
+    with pytest.raises(ArtifactError, match="the manifest records 11"):
+        read_regular(path, expect_size=11, allocate=allocate)
+    assert len(made) == 1
