@@ -161,6 +161,26 @@ def test_the_cache_is_keyed_by_the_graph_digest(tiny_artifact, copy_artifact, tm
     assert np.abs(second - first).max() > 1e-2
 
 
+def test_a_model_from_the_cache_keeps_the_memory_its_weights_are_in(tiny_artifact, tmp_path):
+    """A cached compiled model is imported from the tensor the blob was read into, and computes
+    from that memory: it must stay with the model after the load returns (memory allocated and
+    freed meanwhile must not change a decode)."""
+    import gc
+
+    cache = tmp_path / "cache"
+    f = make_feed(DECODER, Shape(1, 64, 64), 5, 0.18215)
+    with asym_runtime.load(tiny_artifact, backend="openvino", graphs="decoder", cache_dir=cache) as rt:
+        compiled = rt.decode(f["latent"], image=f["image"], mask=f["mask"])
+    assert list(cache.rglob("*.blob"))
+    with asym_runtime.load(tiny_artifact, backend="openvino", graphs="decoder", cache_dir=cache) as rt:
+        gc.collect()
+        junk = [np.full(1 << 24, 7.0) for _ in range(4)]  # 512 MiB written over whatever was freed
+        del junk
+        gc.collect()
+        for _ in range(2):
+            np.testing.assert_array_equal(rt.decode(f["latent"], image=f["image"], mask=f["mask"]), compiled)
+
+
 def _cached_decode(artifact, cache, seed):
     """A plain decode of one seeded latent by a fresh OpenVINO load on ``cache`` (each call loads)."""
     z = np.random.default_rng(seed).standard_normal((1, 4, 8, 8)).astype(np.float32)
