@@ -88,11 +88,11 @@ def say(msg: str) -> None:
     print(f"[gpu_check {time.perf_counter() - T0:6.1f} s] {msg}", flush=True)
 
 
-def psnr(ref, out, peak: float = 2.0) -> float:
-    import numpy as np
+def psnr(ref, out) -> float:
+    """PSNR of a decode (values in [-1, 1], peak 2), computed as the export's verification does."""
+    from asym_export.verify import psnr as verification_psnr
 
-    mse = float(np.mean((ref.astype(np.float64) - out.astype(np.float64)) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)
+    return verification_psnr(ref, out, 2.0)
 
 
 def count_warnings(lines: list[str]) -> dict[str, int]:
