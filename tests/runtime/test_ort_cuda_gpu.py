@@ -1,12 +1,24 @@
 """ONNX Runtime's CUDA provider on a GPU: the CUDA form's kernels against the portable graphs and
 the reference, CUDA graphs, torch tensors. Skips itself without onnxruntime-gpu and a GPU (no
-mock stands in for either); ``scripts/gpu_check.py`` runs the same paths on x2."""
+mock stands in for either); ``scripts/gpu_check.py`` runs the same paths on x2.
+
+Every output is held to the artifact's contract against diffusers' FP32 decode of the same
+input: max abs 1e-3 for FP32 graphs, PSNR >= 50 dB (and finite) for FP16 graphs. FP16 outputs
+are never held to each other with a fixed bound, because two FP16 results of the same request
+are not the same numbers on ONNX Runtime's GPU: its GroupNorm / SkipGroupNorm kernel adds each
+group's partial sums with float atomics, in whatever order the blocks finish (ONNX Runtime says
+so itself: "GroupNorm has no deterministic CUDA kernel" under deterministic compute), and a
+capturing session runs other kernels (no fused conv bias). A different rounding of one FP16
+activation can move an output pixel by as much as FP16 itself does: on the tiny VAE the export's
+emulated FP16 CUDA form is 67-68 dB from FP32 with single pixels up to 2.7e-2 away. A request
+that picked up another call's input or buffer, or a replay of stale inputs, is far outside the
+contract (another input's decode is 8.5 dB from this one's reference on the tiny VAE)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from runtime_helpers import check_race, diffusers_decode, feed, race
+from runtime_helpers import diffusers_decode, feed, race
 
 import asym_runtime
 from asym_runtime.backends.onnxrt import cuda_provider_available
@@ -31,91 +43,130 @@ def _psnr(ref, out, peak=2.0):
     return 10 * np.log10(peak * peak / np.mean((ref.astype(np.float64) - out) ** 2))
 
 
+def _contract_failure(out, ref, precision: str) -> str | None:
+    """Why ``out`` breaks the contract against the FP32 reference ``ref``, or None."""
+    out = np.asarray(out.cpu().numpy() if hasattr(out, "cpu") else out, dtype=np.float32)
+    if out.shape != ref.shape:
+        return f"shape {out.shape}, expected {ref.shape}"
+    if not np.isfinite(out).all():
+        return "NaN/Inf in the output"
+    err = float(np.abs(out - ref).max())
+    if precision == "fp32":
+        return None if err <= FP32_ATOL else f"max abs {err:.3g} > {FP32_ATOL}"
+    p = _psnr(ref, out)
+    return None if p >= FP16_MIN_PSNR else f"PSNR {p:.1f} dB < {FP16_MIN_PSNR} (max abs {err:.3g})"
+
+
+def _assert_contract(out, ref, precision: str, what: str) -> None:
+    why = _contract_failure(out, ref, precision)
+    assert why is None, f"{what}: {why}"
+
+
+def _decode(rt, f):
+    return rt.decode(f["latent"], image=f["image"], mask=f["mask"])
+
+
+def _reference(vae, f):
+    return diffusers_decode(vae, f["latent"], image=f["image"], mask=f["mask"])
+
+
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_cuda_form_matches_the_reference_and_the_portable_graph(tiny_artifact, tiny_vae, precision):
     f = feed("decoder", Shape(2, 64, 96), seed=3)
-    ref = diffusers_decode(tiny_vae, **f)
-    outs = {}
-    for form in ("cuda", "portable"):
+    ref = _reference(tiny_vae, f)
+    failures = []
+    for form in ("cuda", "portable"):  # both forms are run and reported before the verdict
         with asym_runtime.load(tiny_artifact, backend="onnxruntime-cuda", precision=precision,
                                graph_form=form) as rt:
             assert rt.graph_form == form
-            outs[form] = rt.decode(f["latent"], image=f["image"], mask=f["mask"])
-    for out in outs.values():
-        if precision == "fp32":
-            np.testing.assert_allclose(out, ref, atol=FP32_ATOL, rtol=0)
-        else:
-            assert _psnr(ref, out) >= FP16_MIN_PSNR
+            why = _contract_failure(_decode(rt, f), ref, precision)
+        if why:
+            failures.append(f"{form} form: {why}")
+    assert not failures, "; ".join(failures)
 
 
-def test_cuda_graph_replays_the_same_numbers_and_other_shapes_still_run(tiny_artifact):
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_cuda_graph_replays_new_inputs_and_other_shapes_still_run(tiny_artifact, tiny_vae, precision):
+    """Two inputs of the captured shape, alternated (a replay that kept the first call's input
+    would give the first decode again), another shape in between (the ordinary session), and
+    back."""
     f = feed("decoder", Shape(1, 64, 64), seed=4)
+    f2 = feed("decoder", Shape(1, 64, 64), seed=9)
     g = feed("decoder", Shape(2, 96, 64), seed=5)
-    with asym_runtime.load(tiny_artifact, backend="onnxruntime-cuda", precision="fp16", graphs=("decoder",)) as rt:
-        want_f = rt.decode(f["latent"], image=f["image"], mask=f["mask"])
-        want_g = rt.decode(g["latent"], image=g["image"], mask=g["mask"])
-    with asym_runtime.load(tiny_artifact, backend="onnxruntime-cuda", precision="fp16", graphs=("decoder",),
+    refs = {"f": _reference(tiny_vae, f), "f2": _reference(tiny_vae, f2), "g": _reference(tiny_vae, g)}
+    order = ["f", "f", "f2", "f", "g", "f2", "f"]
+    feeds = {"f": f, "f2": f2, "g": g}
+    with asym_runtime.load(tiny_artifact, backend="onnxruntime-cuda", precision=precision, graphs=("decoder",),
                            cuda_graph=True) as rt:
-        first = [rt.decode(f["latent"], image=f["image"], mask=f["mask"]) for _ in range(3)]
-        other = rt.decode(g["latent"], image=g["image"], mask=g["mask"])
-        again = rt.decode(f["latent"], image=f["image"], mask=f["mask"])
+        outs = [_decode(rt, feeds[k]) for k in order]
         assert rt.backends["decoder"].captured_shape is not None
-    for out in first + [again]:
-        np.testing.assert_allclose(out, want_f, atol=1e-2, rtol=0)
-    np.testing.assert_allclose(other, want_g, atol=1e-2, rtol=0)
+    for i, (k, out) in enumerate(zip(order, outs)):
+        _assert_contract(out, refs[k], precision, f"call {i} ({k})")
 
 
-def test_torch_cuda_tensors_give_the_numpy_numbers(tiny_artifact):
+def test_torch_cuda_tensors_give_the_numpy_numbers(tiny_artifact, tiny_vae):
     import torch
 
     f = feed("decoder", Shape(1, 64, 64), seed=6)
+    ref = _reference(tiny_vae, f)
     with asym_runtime.load(tiny_artifact, backend="onnxruntime-cuda", precision="fp16") as rt:
-        want = rt.decode(f["latent"], image=f["image"], mask=f["mask"])
+        want = _decode(rt, f)
         t = {k: torch.from_numpy(v).cuda() for k, v in f.items()}
         got = rt.decode(t["latent"], image=t["image"], mask=t["mask"])
         assert got.is_cuda
         plain = rt.decode(t["latent"])
         assert plain.shape == (1, 3, 64, 64)
-    np.testing.assert_allclose(got.cpu().numpy(), want, atol=1e-2, rtol=0)
+    _assert_contract(want, ref, "fp16", "numpy call")
+    _assert_contract(got, ref, "fp16", "torch CUDA call")
 
 
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
 @pytest.mark.parametrize("cuda_graph", [False, True], ids=["plain", "cuda-graph"])
-def test_each_input_kind_gets_its_own_kind_back(tiny_artifact, cuda_graph):
+def test_each_input_kind_gets_its_own_kind_back(tiny_artifact, tiny_vae, cuda_graph, precision):
     """numpy in, numpy out; CPU tensors in, CPU tensors out; CUDA tensors in, CUDA tensors out:
     on the captured shape (bound buffers, replayed) and on another one (the ordinary session)."""
     import torch
 
     feeds = [feed("decoder", Shape(1, 64, 64), seed=7), feed("decoder", Shape(2, 64, 96), seed=8)]
-    with asym_runtime.load(tiny_artifact, backend="onnxruntime-cuda", precision="fp16", graphs=("decoder",),
+    refs = [_reference(tiny_vae, f) for f in feeds]
+    with asym_runtime.load(tiny_artifact, backend="onnxruntime-cuda", precision=precision, graphs=("decoder",),
                            cuda_graph=cuda_graph) as rt:
-        for f in feeds * 2:  # the first shape is the captured one; each kind twice per shape
-            want = rt.decode(f["latent"], image=f["image"], mask=f["mask"])
+        for n, (f, ref) in enumerate(zip(feeds * 2, refs * 2)):  # the first shape is the captured one
+            want = _decode(rt, f)
             assert isinstance(want, np.ndarray)
+            _assert_contract(want, ref, precision, f"numpy, call {n}")
             for device in ("cpu", "cuda"):
                 t = {k: torch.from_numpy(v).to(device) for k, v in f.items()}
                 got = rt.decode(t["latent"], image=t["image"], mask=t["mask"])
                 assert isinstance(got, torch.Tensor) and got.device.type == device, (type(got), device)
-                np.testing.assert_allclose(got.cpu().numpy(), want, atol=2e-3, rtol=0)
+                _assert_contract(got, ref, precision, f"{device} tensors, call {n}")
 
 
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
 @pytest.mark.parametrize("cuda_graph", [False, True], ids=["plain", "cuda-graph"])
-def test_threads_give_serial_results(tiny_artifact, cuda_graph):
+def test_threads_give_serial_results(tiny_artifact, tiny_vae, cuda_graph, precision):
     """Per-call IO binding (plain) and, with cuda_graph=True, every call behind the backend's
     lock (the first call's shape is captured into bound buffers, the others run on the ordinary
     session): 4 threads released together for 25 rounds, two of them on the same call each
-    round, give the serial results of the same session."""
+    round, each result within the contract of its own request's reference."""
     feeds = [feed("decoder", s, seed=40 + i) for i, s in enumerate([Shape(2, 256, 256), Shape(1, 128, 256),
                                                                     Shape(2, 256, 128)])]
-    with asym_runtime.load(tiny_artifact, backend="onnxruntime-cuda", precision="fp16", graphs=("decoder",),
+    refs = [_reference(tiny_vae, f) for f in feeds]
+    with asym_runtime.load(tiny_artifact, backend="onnxruntime-cuda", precision=precision, graphs=("decoder",),
                            cuda_graph=cuda_graph) as rt:
-        calls = [lambda f=f: rt.decode(f["latent"], image=f["image"], mask=f["mask"]) for f in feeds]
-        serial = [c() for c in calls]
+        calls = [lambda f=f: _decode(rt, f) for f in feeds]
+        for i, c in enumerate(calls):  # serial first: the first call's shape is the captured one
+            _assert_contract(c(), refs[i], precision, f"serial call {i}")
         if cuda_graph:
             assert rt.backends["decoder"].captured_shape is not None
-        # same session, same kernels per shape; FP16 outputs in [-1, 1] differ by at most a few
-        # FP16 steps if a kernel is not bit-reproducible (2e-3), while another call's input or
-        # buffer shows up as O(0.1) errors
-        check_race(race(calls, threads=4, rounds=25), serial, exact=False, atol=2e-3)
+        results = race(calls, threads=4, rounds=25)
+    failures = []
+    for (r, t), got in sorted(results.items()):
+        i = (t + r) % len(calls)
+        why = _contract_failure(got, refs[i], precision)
+        if why:
+            failures.append(f"round {r}, thread {t}, call {i}: {why}")
+    assert not failures, f"{len(failures)} of {len(results)} raced results: " + "; ".join(failures[:5])
 
 
 @pytest.mark.parametrize("precision, tf32", [("fp32", "0"), ("fp16", "1")])
