@@ -52,7 +52,6 @@ import contextlib
 import faulthandler
 import importlib.util
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -315,7 +314,7 @@ def sweep(artifact: Path, references: dict, repeats: int) -> list[dict]:
             row["error"] = error
         else:
             row.update(res)
-            row["median_s"] = geomean([v["median_s"] for v in res["shapes"].values()])
+            row["median_s"] = statistics.geometric_mean([v["median_s"] for v in res["shapes"].values()])
             row["psnr_db"] = min(v["psnr_db"] for v in res["shapes"].values())
             row["max_abs"] = max(v["max_abs"] for v in res["shapes"].values())
         say(f"sweep {label}: " + (row.get("error") or
@@ -324,10 +323,6 @@ def sweep(artifact: Path, references: dict, repeats: int) -> list[dict]:
                                   + f"; warnings {row['warnings']}"))
         rows.append(row)
     return rows
-
-
-def geomean(xs: list[float]) -> float:
-    return math.exp(sum(math.log(x) for x in xs) / len(xs))
 
 
 def best_options(rows: list[dict], precision: str, form: str = "cuda") -> tuple[dict | None, str]:
@@ -358,12 +353,17 @@ def child_paths(job: dict) -> dict:
 
 
 def runtime_paths(artifact: Path, feed: dict, ref, options: dict | None) -> dict:
-    """numpy in/out, CUDA graphs and torch CUDA tensors through asym_runtime: same numbers?"""
+    """numpy in/out, CUDA graphs and torch CUDA tensors through asym_runtime: every output within
+    the FP16 contract of the FP32 reference (``ok``), and how far apart they are (recorded, not
+    judged: ONNX Runtime's FP16 runs are not bit-reproducible, its GroupNorm kernels sum with
+    atomics in whatever order the blocks finish, and a capturing session runs without the fused
+    conv bias)."""
     import numpy as np
     import torch
 
     import asym_runtime
     out: dict = {}
+    outputs: dict[str, object] = {}  # every output the step produced, by path
 
     def timed(fn, n=10):
         fn()
@@ -376,21 +376,22 @@ def runtime_paths(artifact: Path, feed: dict, ref, options: dict | None) -> dict
             ts.append(time.perf_counter() - t)
         return statistics.median(ts)
 
+    def host(x):
+        return x.cpu().numpy() if isinstance(x, torch.Tensor) else x
+
     lat, img, mask = feed["latent"], feed["image"], feed["mask"]
     opts = {"provider_options": options} if options else {}
     with asym_runtime.load(artifact, backend="onnxruntime-cuda", precision="fp16", graphs=("decoder",), **opts) as rt:
-        base = rt.decode(lat, image=img, mask=mask)
-        again = rt.decode(lat, image=img, mask=mask)
+        base = outputs["numpy"] = rt.decode(lat, image=img, mask=mask)
+        again = outputs["numpy_again"] = rt.decode(lat, image=img, mask=mask)
         out["graph_form"] = rt.graph_form
-        out["numpy_psnr_db"] = psnr(ref, base)
         # the same session twice on the same input: how far apart ONNX Runtime's FP16 runs are
-        # (its GroupNorm kernels sum with atomics, so the order, and the last bits, vary)
         out["numpy_repeat_max_diff"] = float(np.abs(again - base).max())
         out["numpy_ms"] = 1000 * timed(lambda: rt.decode(lat, image=img, mask=mask))
         tl, ti, tm = (torch.from_numpy(x).cuda() for x in (lat, img, mask))
-        got = rt.decode(tl, image=ti, mask=tm)
+        got = outputs["torch"] = host(rt.decode(tl, image=ti, mask=tm))
         out["torch_stream_shared"] = rt.backends["decoder"]._stream is not None
-        out["torch_max_diff_vs_numpy"] = float(np.abs(got.cpu().numpy() - base).max())
+        out["torch_max_diff_vs_numpy"] = float(np.abs(got - base).max())
         out["torch_ms"] = 1000 * timed(lambda: rt.decode(tl, image=ti, mask=tm))
     with asym_runtime.load(artifact, backend="onnxruntime-cuda", precision="fp16", graphs=("decoder",),
                            cuda_graph=True, **opts) as rt:
@@ -400,19 +401,23 @@ def runtime_paths(artifact: Path, feed: dict, ref, options: dict | None) -> dict
             rt.decode(lat[:, :, :h, :w].copy(), image=img[:, :, :8 * h, :8 * w].copy(),
                       mask=mask[:, :, :8 * h, :8 * w].copy())
         runs.append(rt.decode(lat, image=img, mask=mask))
+        outputs.update({f"cuda_graph_{i}": r for i, r in enumerate(runs)})
         out["cuda_graph_max_diff_vs_numpy"] = [float(np.abs(r - base).max()) for r in runs]
         out["cuda_graph_replay_max_diff"] = max(float(np.abs(r - runs[1]).max()) for r in runs[2:])
-        out["cuda_graph_psnr_db"] = psnr(ref, runs[-1])
         out["cuda_graph_ms"] = 1000 * timed(lambda: rt.decode(lat, image=img, mask=mask))
         out["captured_shape"] = str(rt.backends["decoder"].captured_shape)
     with asym_runtime.load(artifact, backend="onnxruntime-cuda", precision="fp16", graphs=("decoder",),
                            cuda_graph=True, **opts) as rt:  # a torch caller owns this graph
-        got = [rt.decode(tl, image=ti, mask=tm) for _ in range(3)]
-        out["cuda_graph_torch_max_diff_vs_numpy"] = max(float(np.abs(g.cpu().numpy() - base).max()) for g in got)
+        got = [host(rt.decode(tl, image=ti, mask=tm)) for _ in range(3)]
+        outputs.update({f"cuda_graph_torch_{i}": g for i, g in enumerate(got)})
+        out["cuda_graph_torch_max_diff_vs_numpy"] = max(float(np.abs(g - base).max()) for g in got)
         out["cuda_graph_torch_ms"] = 1000 * timed(lambda: rt.decode(tl, image=ti, mask=tm))
-    out["ok"] = (out["numpy_psnr_db"] >= 50 and out["cuda_graph_psnr_db"] >= 50
-                 and max(out["cuda_graph_max_diff_vs_numpy"]) < 0.05 and out["torch_max_diff_vs_numpy"] < 0.05
-                 and out["cuda_graph_torch_max_diff_vs_numpy"] < 0.05)
+    out["psnr_db"] = {k: (psnr(ref, v) if np.isfinite(v).all() else float("-inf")) for k, v in outputs.items()}
+    out["numpy_psnr_db"] = out["psnr_db"]["numpy"]
+    out["cuda_graph_psnr_db"] = out["psnr_db"]["cuda_graph_3"]
+    from asym_export.verify import FP16_MIN_PSNR_DB
+
+    out["ok"] = min(out["psnr_db"].values()) >= FP16_MIN_PSNR_DB["sample"]
     return out
 
 
