@@ -26,3 +26,20 @@ def make_runs_fail(vae, graph: str) -> None:
     """Every later run of ``graph`` in ``vae`` (an ONNX Runtime CPU backend) fails inside ONNX Runtime."""
     backend = vae.backends[graph]
     backend.session = TerminatingSession(backend.session)
+
+
+def make_sessions_fail(monkeypatch, tmp_path) -> None:
+    """Every ONNX Runtime session created from now on fails inside ONNX Runtime while it is
+    being created, on a graph that passed every check: its SessionOptions ask it to save the
+    optimized graph into a folder that does not exist (ONNX Runtime's own failure, raised by
+    InferenceSession as on a GPU whose cuDNN does not start)."""
+    from asym_runtime.backends import onnxrt
+
+    real = onnxrt.session_options
+
+    def failing(device):
+        so = real(device)
+        so.optimized_model_filepath = str(tmp_path / "no-such-folder" / "optimized.onnx")
+        return so
+
+    monkeypatch.setattr(onnxrt, "session_options", failing)

@@ -30,7 +30,9 @@ class BackendUnavailableError(RuntimeError):
 
 
 class BackendError(RuntimeError):
-    """A backend failed while running a graph (e.g. ``execute_async_v3`` returned False).
+    """A backend failed while running a graph (e.g. ``execute_async_v3`` returned False), or
+    while starting a session for a file that passed its checks (cuDNN failing to start, an
+    allocation).
 
     Never raised for bad input: inputs are checked before any backend runs.
     """

@@ -466,3 +466,49 @@ def test_what_counts_as_a_failed_run():
     for e in (_Closed("this AsymVAE is closed"), AsymInputError("x"), ShapeOutOfLimitsError("x"), ValueError("x"),
               KeyError("x"), TypeError("x")):
         assert not _is_run_failure(e), e
+
+
+def test_a_session_onnx_runtime_cannot_create_is_a_backend_error(tiny_artifact, monkeypatch, tmp_path):
+    """ONNX Runtime failing while it creates a session for a checked graph (on a GPU: cuDNN not
+    starting, an allocation) is the backend's failure, not a broken folder: before, every such
+    failure was reported as ArtifactError("onnxruntime cannot load ...")."""
+    from failing_runs import make_sessions_fail
+
+    from asym_runtime.errors import BackendError
+
+    make_sessions_fail(monkeypatch, tmp_path)
+    with pytest.raises(BackendError, match=r"^ONNX Runtime could not create a session for decoder\.onnx on the "
+                                           r"CPU: SystemError") as err:
+        asym_runtime.load(tiny_artifact, backend="onnxruntime-cpu", graphs="decoder")
+    assert not isinstance(err.value, ValueError)
+
+
+def test_session_failures_say_whose_they_are(tiny_artifact, tmp_path):
+    """Bytes onnxruntime cannot parse are the artifact's (ArtifactError); a graph whose kernels
+    this onnxruntime lacks (here the CUDA form on the CPU provider, which has no NhwcConv) is the
+    machine's (BackendUnavailableError); INVALID_ARGUMENT with the caller's provider_options in
+    play is the caller's (ValueError); any other failure is the backend's (BackendError)."""
+    import onnxruntime.capi.onnxruntime_pybind11_state as ort_errors
+
+    from asym_runtime.backends.onnxrt import OnnxRuntimeBackend, session_failure
+    from asym_runtime.errors import BackendError
+    from asym_runtime.manifest import read_manifest
+    from asym_runtime.specs import DECODER
+
+    garbage = tmp_path / "decoder.onnx"
+    garbage.write_bytes(b"not a model")
+    with pytest.raises(ArtifactError, match="onnxruntime cannot load decoder.onnx: .*INVALID_PROTOBUF"):
+        OnnxRuntimeBackend(DECODER, garbage, "cpu").activate()
+    cuda_form = read_manifest(tiny_artifact).path("decoder.cuda.onnx")
+    with pytest.raises(BackendUnavailableError, match=r"the installed onnxruntime cannot run decoder\.cuda\.onnx "
+                                                      r"on the CPU: .*NhwcConv"):
+        OnnxRuntimeBackend(DECODER, cuda_form, "cpu").activate()
+
+    bad_option = ort_errors.InvalidArgument("unknown value for cudnn_conv_algo_search")
+    assert type(session_failure("g.onnx", "cuda", bad_option, overrides=True)) is ValueError
+    assert type(session_failure("g.onnx", "cuda", bad_option, overrides=False)) is BackendError
+    for e in (ort_errors.Fail("CUDNN failure 4"), ort_errors.RuntimeException("bad allocation"),
+              ort_errors.EPFail("x"), RuntimeError("x")):
+        assert type(session_failure("g.onnx", "cuda", e)) is BackendError, e
+    assert type(session_failure("g.onnx", "cuda", ort_errors.InvalidGraph("x"))) is ArtifactError
+

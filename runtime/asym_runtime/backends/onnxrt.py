@@ -81,6 +81,31 @@ def _is_run_failure(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and not isinstance(e, _Closed) and t.__module__.split(".")[0] == "torch"
 
 
+#: onnxruntime's exception types that say the model bytes themselves cannot be read as a graph
+_MODEL_FAILURES = frozenset({"InvalidProtobuf", "InvalidGraph", "NoSuchFile", "NoModel"})
+
+
+def session_failure(name: str, device: str, e: BaseException, overrides: bool = False) -> Exception:
+    """What a failure to create a session for the graph file ``name`` on ``device`` is.
+
+    The bytes were checked against the manifest (and verified by the export) before ONNX Runtime
+    saw them, so only a model onnxruntime cannot parse is the artifact's fault (ArtifactError).
+    A kernel this onnxruntime lacks (NOT_IMPLEMENTED: the CUDA form's contrib ops outside the
+    CUDA provider, an older build) means this machine cannot run it (BackendUnavailableError).
+    INVALID_ARGUMENT with the caller's ``provider_options`` in play is the caller's (ValueError).
+    Anything else (cuDNN or CUDA failing to start, an allocation, ...) is the backend failing
+    (BackendError), never a reason to think the folder is broken."""
+    kind = type(e).__name__ if type(e).__module__.startswith("onnxruntime") else ""
+    where = "the GPU" if device == "cuda" else "the CPU"
+    if kind in _MODEL_FAILURES:
+        return ArtifactError(f"onnxruntime cannot load {name}: {e}")
+    if kind == "NotImplemented":
+        return BackendUnavailableError(f"the installed onnxruntime cannot run {name} on {where}: {e}")
+    if kind == "InvalidArgument" and overrides:
+        return ValueError(f"ONNX Runtime refused a session for {name} with the provider_options given: {e}")
+    return BackendError(f"ONNX Runtime could not create a session for {name} on {where}: {e}")
+
+
 def session_options(device: str):
     """SessionOptions per provider (``cpu`` or ``cuda``); the one place to tune them.
 
@@ -217,7 +242,7 @@ class OnnxRuntimeBackend(Backend):
             if capture and "graph capture" in str(e):
                 raise BackendUnavailableError(f"ONNX Runtime cannot capture {self.path.name} in a CUDA graph: "
                                               f"{e}; load without cuda_graph") from None
-            raise ArtifactError(f"onnxruntime cannot load {self.path.name}: {e}") from None
+            raise session_failure(self.path.name, self.device, e, bool(self.provider_overrides)) from None
         if self.device == "cuda" and PROVIDERS["cuda"] not in sess.get_providers():
             raise BackendUnavailableError(
                 "onnxruntime's CUDA provider did not start (no usable GPU, or CUDA/cuDNN libraries "
