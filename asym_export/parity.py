@@ -179,6 +179,9 @@ def run_parity(root: str | Path, *, backends: list[str] | None = None, shapes: l
         except (BackendUnavailableError, IncompatibleEngineError) as e:
             result.skipped.append((cand.label, str(e)))
             continue
+        except BackendError as e:  # it could not start a session; the others are still compared
+            result.errors.append((cand.label, f"did not load: {e}"))
+            continue
         precision = rt.precision
         tol = {"fp32": Tolerance(max_abs=fp32_max_abs), "bf16": BF16_TOLERANCE}.get(precision, FP16_TOLERANCE)
         report = VerificationReport(cand.label, tol)

@@ -117,6 +117,33 @@ def test_a_backend_that_fails_while_running_is_a_failure_and_the_others_still_ru
     assert verdict == "asym-parity: FAILED (onnxruntime-cpu/fp16, onnxruntime-cpu/fp32 (failed to run))", verdict
 
 
+def test_a_backend_that_cannot_start_a_session_is_a_failure_and_the_others_still_run(tiny_artifact, capsys,
+                                                                                   monkeypatch, tmp_path):
+    """ONNX Runtime failing to create a session (on a GPU: cuDNN not starting) used to end the
+    comparison as ArtifactError("cannot load"); now that backend is a named failure and the
+    backends after it are still compared."""
+    from failing_runs import make_sessions_fail
+
+    import asym_runtime
+
+    real_load = asym_runtime.load
+
+    def load(root, **kw):
+        if kw.get("precision") != "fp32":
+            return real_load(root, **kw)
+        with pytest.MonkeyPatch.context() as mp:  # only the first candidate's sessions fail
+            make_sessions_fail(mp, tmp_path)
+            return real_load(root, **kw)
+
+    monkeypatch.setattr(asym_runtime, "load", load)
+    assert main([str(tiny_artifact), "--backends", "onnxruntime-cpu", "--shapes", "1x64x64"]) == EXIT_FAILED
+    captured = capsys.readouterr()
+    assert "FAILED onnxruntime-cpu/fp32: did not load: ONNX Runtime could not create a session for " in captured.err
+    assert "onnxruntime-cpu/fp16: pass when" in captured.out  # compared after the failure
+    verdict = captured.out.strip().splitlines()[-1]
+    assert verdict == "asym-parity: FAILED (onnxruntime-cpu/fp16, onnxruntime-cpu/fp32 (failed to run))", verdict
+
+
 def test_parity_with_no_runnable_backend_is_a_failure(tiny_artifact, capsys):
     from asym_runtime.backends.onnxrt import cuda_provider_available
 
