@@ -12,6 +12,8 @@ Importing this module imports torch and diffusers; ``asym_runtime`` itself never
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from diffusers import AsymmetricAutoencoderKL
 from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
@@ -79,6 +81,18 @@ class RuntimeAsymmetricAutoencoderKL(AsymmetricAutoencoderKL):
 
     def __repr__(self) -> str:
         return f"RuntimeAsymmetricAutoencoderKL({self.runtime!r})"
+
+    def __deepcopy__(self, memo):
+        """``copy.deepcopy(pipe)`` (a pipeline copied to change its scheduler, say): the copy
+        gets an adapter of its own over the same runtime. The adapter holds no weights, and the
+        runtime cannot be copied (its sessions are live on their device) but is thread-safe, so
+        both pipelines share it; closing it ends both."""
+        memo[id(self.runtime)] = self.runtime  # deepcopy hands back the runtime itself
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            new.__dict__[k] = copy.deepcopy(v, memo)
+        return new
 
     # No weights to save or load: a pipeline saved with this VAE would come back with a VAE of
     # random weights (or not at all), so saving and loading say so instead.

@@ -118,6 +118,25 @@ class AsymVAE:
     def __exit__(self, exc_type, exc, tb) -> None:
         self.close()
 
+    # ----- copies: none, the sessions and engines are live on their device
+    def _cannot(self, what: str) -> TypeError:
+        return TypeError(
+            f"an AsymVAE cannot be {what}: it holds live {self.backend} sessions on {self.device}. Share this "
+            f"one (it is thread-safe), or open another where it is needed: asym_runtime.load("
+            f"{str(self.manifest.root)!r}, backend={self.backend!r}, precision={self.precision!r})"
+            if self.backend != "triton" else
+            f"an AsymVAE cannot be {what}: it holds a live connection to a Triton server. Share this one "
+            "(it is thread-safe), or connect again where it is needed with asym_runtime.remote()")
+
+    def __copy__(self):
+        raise self._cannot("copied")
+
+    def __deepcopy__(self, memo):
+        raise self._cannot("copied")
+
+    def __reduce_ex__(self, protocol):
+        raise self._cannot("pickled")
+
     # ----- diffusers
     def as_diffusers(self):
         """An ``AsymmetricAutoencoderKL`` stand-in that runs on this runtime, to assign as
