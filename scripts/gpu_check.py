@@ -108,7 +108,11 @@ def prerequisites() -> tuple[str | None, dict]:
         return "torch is not installed", have
     if not torch.cuda.is_available():
         return "torch sees no CUDA GPU (a CUDA build of torch and a GPU are needed)", have
-    have["gpu"] = torch.cuda.get_device_name()
+    # asked in a process of its own: the device name needs the CUDA runtime, and a context
+    # created here would sit on the GPU for the whole check, beside every step's own
+    name = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.get_device_name())"],
+                          capture_output=True, text=True, timeout=120)
+    have["gpu"] = name.stdout.strip() or f"unknown ({name.stderr.strip().splitlines()[-1:]})"
     try:
         from asym_runtime.backends.onnxrt import cuda_provider_available
 
