@@ -21,7 +21,9 @@ the same process). The GPU memory in use is printed after each step.
      setting (geometric mean over the sizes) is used for the steps below when it beats the
      runtime's default by more than 3 %;
   4. runtime paths: numpy in/out, CUDA graphs (capture, replay, another shape, back), torch
-     CUDA tensors on torch's stream: the same numbers, and what each costs;
+     CUDA tensors on torch's stream: each output within the FP16 contract of the FP32
+     reference, how far apart they are (ONNX Runtime's FP16 runs are not bit-reproducible),
+     and what each costs;
   5. asym-bench of the conditional decode at --sizes, with every contender's CUDA kernels
      (GPU busy time against latency, launches, milliseconds per kind of work): diffusers FP16
      (the reference) and torch.compile FP16 in one process, diffusers FP16 and every runtime
