@@ -731,7 +731,7 @@ def main() -> int:
     if summary.get("parity") and not summary["parity"]["passed"]:
         failed["parity"] = "a backend failed its tolerance or failed to run"
     if summary.get("paths") and not summary["paths"]["ok"]:
-        failed["paths"] = "runtime paths disagree"
+        failed["paths"] = "an output of the runtime paths is below the FP16 floor against the FP32 reference"
     say(f"done in {summary['total_s']} s; " + (f"FAILED: {failed}" if failed else "every step passed"))
     return 1 if failed else 0
 
