@@ -21,7 +21,7 @@ from typing import Iterable
 from .backends import tensorrt as trt_backend
 from .backends.base import Backend
 from .backends.onnxrt import NO_CUDA_PROVIDER, OnnxRuntimeBackend, cuda_provider_available
-from .errors import ArtifactError, BackendUnavailableError, IncompatibleEngineError
+from .errors import ArtifactError, BackendError, BackendUnavailableError, IncompatibleEngineError
 from .manifest import FORMAT_ONNX, FORMAT_ONNX_CUDA, FORMAT_PLAN, MANIFEST_NAME, ArtifactMissing, Manifest, read_manifest
 # load()'s backend, precision and graph-form names, with their written form BACKEND/PRECISION
 from .names import BACKENDS, GRAPH_FORMS, PRECISIONS  # noqa: F401
@@ -90,6 +90,8 @@ def load(path: str | os.PathLike, backend: str = "auto", precision: str | None =
             subclass) for engines of another variant, GPU or TensorRT version when
             ``backend="tensorrt"`` (with ``"auto"`` they are skipped with a warning).
         BackendUnavailableError: the forced backend cannot run on this machine.
+        BackendError: a backend could not start for files that passed their checks (cuDNN
+            not starting, an allocation).
         ValueError: an unknown ``backend`` or ``precision``.
     """
     wanted = _check_arguments(backend, precision, graph_form, graphs)
@@ -413,7 +415,15 @@ def _load_onnxruntime(manifest: Manifest, backend: str, precision: str, verify: 
                                        precision=precision, cuda_graph=cuda_graph and device == "cuda",
                                        provider_overrides=provider_options if device == "cuda" else None)
                 del source  # the backend drops the bytes once its session holds the weights
-                backends[role] = b.activate()
+                try:
+                    backends[role] = b.activate()
+                except BackendError:
+                    if not verify:
+                        # ONNX Runtime opened unchecked files: a damaged folder (a data file
+                        # missing or cut short, one replaced by a new export) fails in it as a
+                        # generic FAIL; checking the files now says it is the folder's
+                        manifest.graph_source(name)
+                    raise
         except BackendUnavailableError as e:
             for b in backends.values():
                 b.deactivate()

@@ -134,6 +134,21 @@ def test_a_wrong_sha256_for_decoder_onnx_in_the_manifest_is_refused(tiny_artifac
         assert rt.backend == "onnxruntime-cpu"
 
 
+@pytest.mark.parametrize("damage", ["removed", "cut short"])
+def test_an_unverified_load_of_a_damaged_folder_says_it_is_the_folder(tiny_artifact, copy_artifact, damage):
+    """verify_onnx=False lets ONNX Runtime open the files itself, which reports a missing or
+    truncated data file as a generic FAIL; the load then checks the files and raises the
+    folder's ArtifactError (a ValueError), not the backend's BackendError."""
+    folder = copy_artifact(tiny_artifact)
+    data = _file(folder, "decoder.onnx.data")
+    if damage == "removed":
+        data.unlink()
+    else:
+        data.write_bytes(data.read_bytes()[:1000])
+    with pytest.raises(ArtifactError, match=r"decoder\.onnx\.data"):
+        asym_runtime.load(folder, backend="onnxruntime-cpu", graphs="decoder", verify_onnx=False)
+
+
 @pytest.mark.parametrize("name", ["decoder.onnx", "decoder.onnx.data", "encoder.onnx.data"])
 def test_a_tampered_file_is_refused(tiny_artifact, copy_artifact, name):
     folder = copy_artifact(tiny_artifact)
