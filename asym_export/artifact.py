@@ -23,6 +23,7 @@ import datetime as _dt
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -39,6 +40,11 @@ from asym_runtime.manifest import (
 log = logging.getLogger(__name__)
 
 STAGING_PREFIX = ".staging-"
+#: The names an export makes in OUT, exactly (tempfile's random part: 8 of [a-z0-9_]); only
+#: these are ever removed as debris, so a user's own "gen-notes" or ".staging-x" stays.
+_GENERATION_NAME = re.compile(re.escape(GENERATION_PREFIX) + r"\d{8}T\d{6}Z-[0-9a-f]{8}")
+_STAGING_NAME = re.compile(re.escape(STAGING_PREFIX) + r"[a-z0-9_]{8}")
+_TMP_MANIFEST_NAME = re.compile(re.escape(f".{MANIFEST_NAME}.") + r"[a-z0-9_]{8}\.tmp")
 LOCK_NAME = ".lock"
 
 
@@ -257,8 +263,9 @@ class ArtifactWriter:
         removed = []
         for p in self.out.iterdir():
             n = p.name
-            ours = (n.startswith(STAGING_PREFIX) or (n.startswith(GENERATION_PREFIX) and n != keep)
-                    or (n.startswith(f".{MANIFEST_NAME}.") and n.endswith(".tmp")))
+            folder = p.is_dir() and not p.is_symlink()
+            ours = ((folder and (_STAGING_NAME.fullmatch(n) or (_GENERATION_NAME.fullmatch(n) and n != keep)))
+                    or (_TMP_MANIFEST_NAME.fullmatch(n) and p.is_file() and not p.is_symlink()))
             if not ours:
                 continue
             try:

@@ -230,6 +230,32 @@ def test_a_manifest_of_another_schema_keeps_its_generation(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [".lock", "gen-20300101T000000Z-0123abcd", "manifest.json"]
 
 
+def test_only_names_an_export_makes_are_debris(tmp_path, capsys):
+    """A user's own entries in --out whose names merely start like an export's (gen-images/,
+    gen-notes.md, .staging-area/, a .manifest.json.*.tmp folder) survive an export, even one that
+    fails at once; what killed exports leave (a generation no manifest names, a staging folder,
+    a temporary manifest) is removed. Before, every name starting with gen- was deleted."""
+    out = tmp_path / "out"
+    mine = {"gen-images": "dir", "gen-notes.md": "file", ".staging-area": "dir", "gen-20200101T000000Z-deadbeef.txt":
+            "file", ".manifest.json.abcd1234.tmp": "dir"}
+    for name, kind in mine.items():
+        if kind == "dir":
+            (out / name).mkdir(parents=True)
+            (out / name / "a.txt").write_text("precious")
+        else:
+            out.mkdir(exist_ok=True)
+            (out / name).write_text("precious")
+    left = ["gen-20200101T000000Z-deadbeef", ".staging-k3j_9x0a"]
+    for name in left:
+        (out / name).mkdir()
+    (out / ".manifest.json.q1w2e3r4.tmp").write_text("{}")
+    assert main(["--variant", "tiny", "--weights", str(tmp_path / "nonexistent"), "--out", str(out)]) == 2
+    capsys.readouterr()
+    assert sorted(p.name for p in out.iterdir()) == sorted([".lock", *mine])
+    for name, kind in mine.items():
+        assert (out / name / "a.txt" if kind == "dir" else out / name).read_text() == "precious"
+
+
 # --------------------------------------------------------------------------- the writer's own guarantees
 
 def _fields(artifact: Path) -> dict:
