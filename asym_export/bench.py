@@ -36,7 +36,8 @@ import tempfile
 from pathlib import Path
 
 from .artifact import write_json_atomic
-from .bench_contenders import GPU_BACKENDS, OLD_NAMES, RUNTIME_CONTENDERS, TORCH_CONTENDERS, default_contenders
+from .bench_contenders import (GPU_BACKENDS, OLD_NAMES, RUNTIME_CONTENDERS, TORCH_CONTENDERS, default_contenders,
+                                offered_by)
 from .bench_measure import run_benchmark
 from .bench_report import plot, table
 from asym_runtime.cliutil import EXIT_FAILED, EXIT_USAGE, OneLineParser, add_debug, exit_codes, guarded, parse
@@ -220,6 +221,11 @@ def _main(args, argv) -> int:
                 print(f"no --artifact: exporting {args.variant} with seeded random weights into {folder}")
                 export_artifact(ExportOptions(variant=args.variant, out=folder, random_weights=True, seed=0),
                                 ConsoleProgress())
+            if not args.backends:  # the defaults the folder can run (an export --no-fp16 has no FP16 graphs)
+                backends, lacks = offered_by(folder, backends)
+                if lacks:
+                    print(f"asym-bench: {folder} has no graphs or engines for {', '.join(lacks)}; "
+                          "leaving them out")
             result = run_benchmark(args.variant, folder, backends=backends, graphs=graphs, sizes=sizes,
                                    batches=batches, warmup=args.warmup, repeats=args.repeats,
                                    reference=reference, kernels=args.kernels)

@@ -180,6 +180,25 @@ def runtime_contender(folder: Path, name: BackendName, provider_options: dict | 
     return c
 
 
+def offered_by(folder: Path, names: list[str]) -> tuple[list[str], list[str]]:
+    """``names`` split into (what the artifact ``folder`` can run, what it lacks): ONNX Runtime
+    needs graphs of the name's precision, OpenVINO the FP32 graphs, TensorRT engines; the
+    PyTorch contenders need nothing from it."""
+    from asym_runtime import read_manifest
+    from asym_runtime.manifest import FORMAT_ONNX, FORMAT_PLAN
+
+    files = read_manifest(folder).files.values()
+    onnx = {e.precision for e in files if e.format == FORMAT_ONNX and e.role == "decoder"}
+    engines = any(e.format == FORMAT_PLAN for e in files)
+    keep, lacks = [], []
+    for text in names:
+        n = parse_backend_name(text, BACKENDS + tuple(c.split("/")[0] for c in TORCH_CONTENDERS))
+        ok = {"tensorrt": engines, "openvino": "fp32" in onnx}.get(
+            n.backend, n.backend not in BACKENDS or n.precision is None or n.precision in onnx)
+        (keep if ok else lacks).append(text)
+    return keep, lacks
+
+
 def default_contenders() -> list[str]:
     """The contenders that can run on this machine, by name."""
     import torch

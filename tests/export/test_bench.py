@@ -63,6 +63,32 @@ def test_bf16_contenders_are_compared_with_torch_bf16(tiny_artifact, tmp_path, c
         assert math.isclose(x["ratio_vs_torch_bf16"], bf16["median_s"] / x["median_s"])
 
 
+def test_default_contenders_are_what_the_folder_offers(tiny_artifact, copy_artifact, tmp_path, capsys):
+    """A folder without FP16 graphs (asym-export --no-fp16) is benchmarked with the defaults it
+    can run, saying what it left out; before, the default onnxruntime-cpu/fp16 made the whole
+    run exit 2 as if the folder were unusable. A contender named with --backends that the folder
+    cannot run is still refused."""
+    from manifest_edits import edit_manifest
+
+    folder = copy_artifact(tiny_artifact)
+
+    def fp32_only(d):
+        for name in [k for k, e in d["files"].items() if e.get("precision") == "fp16"]:
+            del d["files"][name]
+
+    edit_manifest(folder, fp32_only)
+    out_json = tmp_path / "bench.json"
+    common = ["--variant", "tiny", "--artifact", str(folder), "--sizes", "64", "--graphs", "decode",
+              "--warmup", "0", "--repeats", "1"]
+    assert main([*common, "--json", str(out_json)]) == 0
+    text = capsys.readouterr().out
+    assert f"asym-bench: {folder} has no graphs or engines for onnxruntime-cpu/fp16" in text
+    names = {b["name"] for b in json.loads(out_json.read_text())["backends"]}
+    assert "onnxruntime-cpu/fp32" in names and not any(n.endswith("/fp16") for n in names), names
+    assert main([*common, "--backends", "onnxruntime-cpu/fp16"]) == 2
+    assert "has no fp16" in capsys.readouterr().err
+
+
 def test_shapes_outside_the_limits_are_skipped_not_run(tiny_artifact, capsys):
     assert main(["--variant", "tiny", "--artifact", str(tiny_artifact), "--sizes", "32,64", "--graphs", "decode",
                  "--repeats", "1", "--backends", "onnxruntime-cpu/fp32"]) == 0
