@@ -312,6 +312,8 @@ def _main(args) -> int:
     ran = ", ".join([r.stage for r in result.reports] + [f"{label} (failed to run)" for label, _ in result.errors])
     # a backend asked for but not run is said in the verdict itself, never only above it
     not_run = f"; not run: {', '.join(label for label, _ in result.skipped)}" if result.skipped else ""
+    if result.skipped_shapes:  # so is a shape asked for and not compared
+        not_run += f"; shapes not compared: {', '.join(str(s) for s, _ in result.skipped_shapes)}"
     bad = failed or result.errors
     print(f"asym-parity: {'FAILED' if bad else 'passed'} ({ran}){not_run}")
     return EXIT_FAILED if bad else EXIT_OK

@@ -23,6 +23,8 @@ def test_parity_reports_shapes_outside_the_limits(tiny_artifact, capsys):
     assert main([str(tiny_artifact), "--shapes", "1x64x64,1x32x64"]) == EXIT_OK
     out = capsys.readouterr().out
     assert "skipped shape 1x32x64: outside the folder's shape limits" in out
+    verdict = out.strip().splitlines()[-1]  # said in the verdict itself, not only above it
+    assert verdict.startswith("asym-parity: passed (") and verdict.endswith("; shapes not compared: 1x32x64"), verdict
 
 
 def test_parity_fails_with_exit_1_when_a_backend_is_off(tiny_artifact, capsys):
