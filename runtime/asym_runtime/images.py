@@ -95,6 +95,9 @@ def _sized(images: Sequence[Image.Image], size: tuple[int, int] | None, what: st
         raise AsymInputError(f"{what}: images have different sizes {sorted(sizes)} (width x height); "
                              "pass width= and height= to resize them to one")
     (w, h), = sizes
+    if h < VAE_SCALE or w < VAE_SCALE:
+        raise AsymInputError(f"{what}: image is {w}x{h} (width x height); both must be positive multiples "
+                             f"of {VAE_SCALE}")
     if h % VAE_SCALE or w % VAE_SCALE:
         raise AsymInputError(
             f"{what}: image is {w}x{h} (width x height); both must be multiples of {VAE_SCALE}. "

@@ -137,6 +137,9 @@ def test_round_trip_through_the_runtime_gives_the_diffusers_pixels(tiny_rt, tiny
     (lambda: asym_runtime.images_to_batch(_photo(), width=100, height=64), r"size 64x100 is not allowed"),
     (lambda: asym_runtime.images_to_batch(_photo(96, 60)), r"96x60 .* multiples of 8. Pass width=96, height=56"),
     (lambda: asym_runtime.images_to_batch(_photo(), width=0, height=0), r"positive multiples of 8"),
+    # an empty image passed the multiple-of-8 check as it is (0 % 8 == 0)
+    (lambda: asym_runtime.images_to_batch(Image.new("RGB", (0, 0))), r"image is 0x0 .* positive multiples of 8"),
+    (lambda: asym_runtime.masks_to_batch(Image.new("L", (0, 16))), r"image is 0x16 .* positive multiples of 8"),
     (lambda: asym_runtime.images_to_batch(_photo(), size=-8), r"positive multiples of 8"),
     # sizes are integers: a string was read digit by digit ('88' resized to 8x8 without a word),
     # a fraction truncated

@@ -276,6 +276,50 @@ def test_the_cache_keeps_within_its_size_limit(tiny_artifact, tmp_path, monkeypa
     assert left.parent == ours.parent and not others["recent"].exists()
 
 
+def test_pruning_skips_a_key_folder_another_process_removed_meanwhile(tmp_path, monkeypatch):
+    """Another process evicting removes a key's emptied folder; when that happens between this
+    process listing the cache and listing that folder, the pruning goes on (it raised
+    FileNotFoundError out of load() before). The timing is forced: the folder is really removed
+    right after the cache's root is listed."""
+    import os
+    import shutil
+
+    root = tmp_path / "cache"
+    for key in ("key-a", "key-gone", "key-b"):
+        (root / key).mkdir(parents=True)
+        (root / key / "compiled-0.blob").write_bytes(b"x" * 1000)
+    real = os.scandir
+
+    class Listed:
+        def __init__(self, entries):
+            self.entries = entries
+
+        def __iter__(self):
+            return iter(self.entries)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def close(self):
+            pass
+
+    def scandir(path="."):
+        if not isinstance(path, (str, os.PathLike)) or os.fspath(path) != os.fspath(root):
+            return real(path)
+        with real(path) as it:
+            entries = list(it)
+        shutil.rmtree(root / "key-gone", ignore_errors=True)  # the other process, between the listings
+        return Listed(entries)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    removed = ov_backend.prune_cache(root, limit=1000)
+    assert [p.parent.name for p in removed] in (["key-a"], ["key-b"])  # 2000 bytes left, 1000 allowed
+    assert len(list(root.glob("*/compiled-*.blob"))) == 1
+
+
 @pytest.mark.parametrize("value, limit", [(None, 10 * 2**30), ("1.5", int(1.5 * 2**30)), ("0", 0),
                                           ("ten", 10 * 2**30), ("-1", 10 * 2**30), ("nan", 10 * 2**30)])
 def test_the_cache_limit_comes_from_the_environment(monkeypatch, caplog, value, limit):

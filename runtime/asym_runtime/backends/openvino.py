@@ -160,6 +160,25 @@ def cache_limit_bytes() -> int:
     return int(gb * 2**30)
 
 
+def _cache_files(root: Path):
+    """Every entry inside the key folders of ``root``. Other processes remove key folders as
+    they evict (and pathlib's glob raises when one goes between listing ``root`` and listing
+    it), so a folder that is gone, or cannot be listed, is skipped."""
+    try:
+        with os.scandir(root) as it:
+            keys = [e.path for e in it if e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return
+    for key in keys:
+        try:
+            with os.scandir(key) as it:
+                names = [e.name for e in it]
+        except OSError:
+            continue
+        for name in names:
+            yield Path(key) / name
+
+
 def prune_cache(root: Path, limit: int, keep: Path | None = None) -> list[Path]:
     """Delete the least recently used blobs under ``root`` (``<key>/compiled-*.blob``) until they
     fit ``limit`` bytes, never ``keep``; and temporary files older than ``STALE_TMP_S``. Returns
@@ -168,7 +187,8 @@ def prune_cache(root: Path, limit: int, keep: Path | None = None) -> list[Path]:
 
     removed: list[Path] = []
     now = time.time()
-    for tmp in root.glob("*/.tmp-*"):
+    files = list(_cache_files(root))
+    for tmp in (f for f in files if f.name.startswith(".tmp-")):
         try:
             if now - tmp.stat().st_mtime > STALE_TMP_S:
                 tmp.unlink()
@@ -176,7 +196,7 @@ def prune_cache(root: Path, limit: int, keep: Path | None = None) -> list[Path]:
         except OSError:
             pass
     blobs = []
-    for blob in root.glob(f"*/{BLOB_PREFIX}*{BLOB_SUFFIX}"):
+    for blob in (f for f in files if f.name.startswith(BLOB_PREFIX) and f.name.endswith(BLOB_SUFFIX)):
         try:
             st = blob.stat()
         except OSError:
@@ -448,7 +468,11 @@ class OpenVinoBackend(Backend):
             log.warning("%s: could not write the compiled model into the cache %s (%s)", self.label, folder, e)
             return
         limit = cache_limit_bytes()  # read once: a bad value warns once
-        removed = prune_cache(folder.parent, limit, keep=final)
+        try:
+            removed = prune_cache(folder.parent, limit, keep=final)
+        except OSError as e:  # the size limit is kept by the next load; never a reason to fail this one
+            log.warning("%s: could not prune the compiled-model cache %s (%s)", self.label, folder.parent, e)
+            return
         if removed:
             log.info("%s: the compiled-model cache %s was over its limit (%s GiB, %s): deleted %d least "
                      "recently used file(s)", self.label, folder.parent, f"{limit / 2**30:g}",
