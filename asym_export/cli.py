@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a local diffusers folder (config.json + safetensors) or a hub id")
     src.add_argument("--random-weights", action="store_true",
                      help="exact variant config with seeded random weights (offline tests, benchmarks)")
-    w.add_argument("--seed", type=int, default=0, help="seed for --random-weights (default 0)")
+    w.add_argument("--seed", type=int, default=None, help="seed for --random-weights (default 0)")
     w.add_argument("--revision", help="hub revision (branch, tag or commit) for a hub id")
     w.add_argument("--allow-pickle", action="store_true",
                    help="accept pickle (.bin) weights; they can run code when loaded, use only if trusted")
@@ -126,11 +126,23 @@ def _options(args):
     headroom = DEFAULT_HEADROOM if args.fp16_headroom is None else args.fp16_headroom
     if not 1 <= headroom < math.inf:
         raise AsymInputError(f"--fp16-headroom {args.fp16_headroom} must be a finite number of at least 1")
-    if args.seed < 0:
-        raise AsymInputError(f"--seed {args.seed} must be >= 0")
+    # a flag the chosen source or output ignores is refused, as the engine flags are without
+    # --engines: the run would not be the one asked for
+    checks = (
+        ("--seed", args.seed is not None and not args.random_weights, "applies to --random-weights only"),
+        ("--revision", args.revision is not None and args.random_weights, "applies to hub weights, not --random-weights"),
+        ("--allow-pickle", args.allow_pickle and args.random_weights, "applies to weight files, not --random-weights"),
+        ("--fp16-headroom", args.fp16_headroom is not None and args.no_fp16, "applies to the FP16 graphs, not --no-fp16"),
+    )
+    ignored = [f"{flag} {where}" for flag, given, where in checks if given]
+    if ignored:
+        raise AsymInputError("; ".join(ignored))
+    seed = 0 if args.seed is None else args.seed
+    if not 0 <= seed < 2**64:  # torch's seeds are unsigned 64-bit
+        raise AsymInputError(f"--seed {args.seed} must be >= 0 and < 2**64")
     return ExportOptions(
         variant=args.variant, out=args.out, weights=args.weights, random_weights=args.random_weights,
-        seed=args.seed, allow_pickle=args.allow_pickle, revision=args.revision, limits=limits,
+        seed=seed, allow_pickle=args.allow_pickle, revision=args.revision, limits=limits,
         verify_shapes=shapes, fp32_max_abs=atol, fp16=not args.no_fp16, fp16_headroom=headroom,
         cuda_form=not args.no_cuda_form, engine=engine,
     )

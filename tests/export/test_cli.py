@@ -146,6 +146,15 @@ def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(tmp_path,
     (["--variant", "tiny", "--random-weights", "--atol", "0", "--out", "o"], 2, "--atol 0.0 must be a positive"),
     (["--variant", "tiny", "--random-weights", "--fp16-headroom", "0.5", "--out", "o"], 2, "--fp16-headroom 0.5"),
     (["--variant", "tiny", "--random-weights", "--seed", "-1", "--out", "o"], 2, "--seed -1 must be >= 0"),
+    # past torch's 64 bits the seed failed after the folder was locked, as an unexpected error
+    (["--variant", "tiny", "--random-weights", "--seed", str(2**64), "--out", "o"], 2, "< 2**64"),
+    # flags the chosen weights or outputs would ignore: the run would not be the one asked for
+    (["--variant", "tiny", "--weights", "w", "--seed", "3", "--out", "o"], 2, "--seed applies to --random-weights only"),
+    (["--variant", "tiny", "--random-weights", "--revision", "main", "--out", "o"], 2,
+     "--revision applies to hub weights"),
+    (["--variant", "tiny", "--random-weights", "--allow-pickle", "--out", "o"], 2, "--allow-pickle applies to weight"),
+    (["--variant", "tiny", "--random-weights", "--no-fp16", "--fp16-headroom", "2", "--out", "o"], 2,
+     "--fp16-headroom applies to the FP16 graphs"),
     (["--variant", "tiny", "--random-weights", "--opt-level", "3", "--out", "o"], 2, "--opt-level"),
 ])
 def test_bad_options_are_one_line_exit_2(tmp_path, monkeypatch, capsys, argv, code, needle):
@@ -210,15 +219,15 @@ def test_every_option_reaches_the_export_as_given():
     got = options("--variant", "x1.5", "--weights", "org/vae", "--revision", "abc123", "--allow-pickle",
                   "--min-size", "128x64", "--opt-size", "256", "--max-size", "512x768", "--max-batch", "3",
                   "--opt-batch", "2", "--verify-shapes", "1x128x64, 3x512x768", "--atol", "2e-3",
-                  "--no-fp16", "--fp16-headroom", "8", "--no-cuda-form", "--engines", "--opt-level", "5",
+                  "--no-fp16", "--no-cuda-form", "--engines", "--opt-level", "5",
                   "--workspace-gib", "6", "--version-compatible", "--hardware-compat", "ampere_plus")
     assert got == ExportOptions(
         variant="x1.5", out=Path("o"), weights="org/vae", revision="abc123", allow_pickle=True,
         limits=ShapeLimits(min_batch=1, opt_batch=2, max_batch=3, min_height=128, min_width=64, opt_height=256,
                            opt_width=256, max_height=512, max_width=768),
-        verify_shapes=(Shape(1, 128, 64), Shape(3, 512, 768)), fp32_max_abs=2e-3, fp16=False, fp16_headroom=8.0,
+        verify_shapes=(Shape(1, 128, 64), Shape(3, 512, 768)), fp32_max_abs=2e-3, fp16=False,
         cuda_form=False,
         engine=EngineOptions(opt_level=5, workspace_gib=6.0, version_compatible=True, hardware_compat="ampere_plus"))
-    seeded = options("--variant", "tiny", "--random-weights", "--seed", "7", "--engines")
-    assert (seeded.random_weights, seeded.seed, seeded.weights) == (True, 7, None)
+    seeded = options("--variant", "tiny", "--random-weights", "--seed", "7", "--engines", "--fp16-headroom", "8")
+    assert (seeded.random_weights, seeded.seed, seeded.weights, seeded.fp16_headroom) == (True, 7, None, 8.0)
     assert seeded.engine == EngineOptions()  # --engines alone: level 3, TensorRT's workspace, this GPU only
