@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import logging
 import re
 from dataclasses import dataclass, field
@@ -199,6 +200,11 @@ def _load_folder(folder: Path, variant: Variant, allow_pickle: bool):
         raise WeightsError(
             f"{folder}/config.json does not match variant {variant.name}: " + "; ".join(bad)
         )
+    sf = config.get("scaling_factor")  # latents are divided by it (absent: diffusers' default)
+    if "scaling_factor" in config and (isinstance(sf, bool) or not isinstance(sf, (int, float))
+                                       or not 0 < sf < math.inf):
+        raise WeightsError(f"{folder}/config.json: scaling_factor {sf!r} must be a positive finite number "
+                           "(the latents are divided by it)")
 
     safetensors = [n for n in _SAFETENSORS if (folder / n).is_file()]
     pickles = [n for n in _PICKLE if (folder / n).is_file()]
@@ -218,6 +224,13 @@ def _load_folder(folder: Path, variant: Variant, allow_pickle: bool):
         )
     except (OSError, ValueError, RuntimeError) as e:
         raise WeightsError(f"cannot load weights from {folder}: {e}") from None
+    # diffusers leaves a tensor the file does not hold on the meta device (no values) and
+    # loads the rest without a word
+    empty = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if empty:
+        raise WeightsError(f"{folder}: the weights have no values for {len(empty)} of the model's tensors "
+                           f"({', '.join(empty[:3])}{', ...' if len(empty) > 3 else ''}); not a complete "
+                           f"AsymmetricAutoencoderKL {variant.name} checkpoint")
     files = {}
     from asym_runtime.manifest import sha256_file
 

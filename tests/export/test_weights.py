@@ -56,6 +56,31 @@ def test_pickle_weights_are_refused_unless_allowed(tmp_path, tiny_vae):
     assert src.state_dict_sha256 == state_dict_digest(tiny_vae)
 
 
+@pytest.mark.parametrize("value", [-0.5, 0, "0.18", None, float("nan")])
+def test_a_scaling_factor_that_is_not_positive_is_refused_at_once(saved_folder, value):
+    """A non-positive (or null, or text) scaling_factor in config.json ran the whole export and
+    ended as an unexpected error (negative: the manifest schema; zero: NaN in the reference)."""
+    cfg = json.loads((saved_folder / "config.json").read_text())
+    cfg["scaling_factor"] = value
+    (saved_folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(WeightsError, match=r"config.json: scaling_factor .* must be a positive finite number"):
+        load_reference(TINY, str(saved_folder))
+
+
+def test_weights_missing_tensors_are_refused_by_name(saved_folder):
+    """diffusers loads a safetensors file lacking some tensors and leaves those on the meta
+    device; the export then failed with 'Cannot copy out of meta tensor' (exit 1)."""
+    from safetensors.torch import load_file, save_file
+
+    path = saved_folder / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(path)
+    gone = sorted(k for k in tensors if k.startswith("decoder.up_blocks.0."))
+    assert gone
+    save_file({k: v for k, v in tensors.items() if k not in gone}, path)
+    with pytest.raises(WeightsError, match=rf"no values for {len(gone)} of the model's tensors \(decoder\.up_blocks\.0"):
+        load_reference(TINY, str(saved_folder))
+
+
 def test_config_of_another_variant_is_refused(saved_folder):
     with pytest.raises(WeightsError, match="does not match variant x2.*up_block_out_channels"):
         load_reference(get_variant("x2"), str(saved_folder))
