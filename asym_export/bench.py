@@ -144,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="timed interleaved rounds (default 5)")
     p.add_argument("--json", type=Path, metavar="FILE", help="write the full result (every timing) as JSON")
     p.add_argument("--plot", type=Path, metavar="FILE", help="write a PNG of latency against resolution")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="build the diffusers contenders from pickle (.bin) weights, for a folder exported with "
+                        "--allow-pickle; they can run code when loaded, use only if trusted")
     p.add_argument("--kernels", action="store_true",
                    help="GPU only: after the timings, record every row's CUDA kernels for 3 more calls (torch's "
                         "profiler) and print where the GPU time goes: busy time against the latency, kernels per "
@@ -228,7 +231,7 @@ def _main(args, argv) -> int:
                           "leaving them out")
             result = run_benchmark(args.variant, folder, backends=backends, graphs=graphs, sizes=sizes,
                                    batches=batches, warmup=args.warmup, repeats=args.repeats,
-                                   reference=reference, kernels=args.kernels)
+                                   reference=reference, kernels=args.kernels, allow_pickle=args.allow_pickle)
     except VerificationError as e:  # the implicit export did not verify: show what failed
         print(e.report.table(), file=sys.stderr)
         print(f"asym-bench: error: {e}", file=sys.stderr)

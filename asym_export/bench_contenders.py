@@ -55,14 +55,15 @@ def _timed_load(name: str, device: str, fn) -> Contender:
     return b
 
 
-def diffusers_contender(manifest, device: str, dtype: str, cache: dict | None = None) -> Contender:
+def diffusers_contender(manifest, device: str, dtype: str, cache: dict | None = None,
+                        allow_pickle: bool = False) -> Contender:
     """diffusers eager, built from the manifest's weights source, on ``device`` in ``dtype``."""
     import torch
 
     from .reference import reference_from_manifest
 
     def load():
-        vae = reference_from_manifest(manifest, cache).to(device)  # float32, as built or loaded
+        vae = reference_from_manifest(manifest, cache, allow_pickle).to(device)  # float32, as built or loaded
         if dtype == "fp16":
             vae = vae.half()
         elif dtype == "bf16":  # torch's own BF16 on a CPU: what a PyTorch user tries first
@@ -86,7 +87,7 @@ def diffusers_contender(manifest, device: str, dtype: str, cache: dict | None = 
     return _timed_load(str(BackendName("diffusers", dtype)), device, load)
 
 
-def torch_compile_contender(manifest, device: str, cache: dict | None = None) -> Contender:
+def torch_compile_contender(manifest, device: str, cache: dict | None = None, allow_pickle: bool = False) -> Contender:
     """What a PyTorch user would run instead of this toolkit: the diffusers model in FP16,
     channels-last, under ``torch.compile`` (default mode, one static compilation per shape).
     Compilation happens in the first call at each shape, which the table reports apart."""
@@ -95,7 +96,7 @@ def torch_compile_contender(manifest, device: str, cache: dict | None = None) ->
     from .reference import reference_from_manifest
 
     def load():
-        vae = reference_from_manifest(manifest, cache).to(device).half().to(memory_format=torch.channels_last).eval()
+        vae = reference_from_manifest(manifest, cache, allow_pickle).to(device).half().to(memory_format=torch.channels_last).eval()
 
         def prep(feed):
             return {k: torch.from_numpy(v).to(device=device, dtype=torch.float16).contiguous(

@@ -81,7 +81,7 @@ def measure(backends: list[Contender], graph: str, shape: Shape, feed: dict, *, 
 def run_benchmark(variant: str, folder: Path, *, backends: list[str], graphs: list[str],
                   sizes: list[tuple[int, int]], batches: list[int], warmup: int, repeats: int,
                   reference: str, seed: int = 0, progress=print, provider_options: dict | None = None,
-                  reference_cache: dict | None = None, kernels: bool = False) -> dict:
+                  reference_cache: dict | None = None, kernels: bool = False, allow_pickle: bool = False) -> dict:
     """Load every backend, measure every graph x shape, return the JSON-ready result.
 
     ``backends`` and ``reference``: contender names, ``BACKEND/PRECISION[/OPTION]``
@@ -118,9 +118,9 @@ def run_benchmark(variant: str, folder: Path, *, backends: list[str], graphs: li
         name = parse_contender(text)
         progress(f"loading {name} ...")
         if name.backend == "torch-compile":
-            b = torch_compile_contender(manifest, device, reference_cache)
+            b = torch_compile_contender(manifest, device, reference_cache, allow_pickle)
         elif name.backend == "diffusers":
-            b = diffusers_contender(manifest, device, name.precision, reference_cache)
+            b = diffusers_contender(manifest, device, name.precision, reference_cache, allow_pickle)
         else:
             b = runtime_contender(folder, name, provider_options)
         if any(x.name == b.name for x in loaded):  # e.g. tensorrt and tensorrt/fp16 for fp16 engines

@@ -119,7 +119,8 @@ def default_shapes(manifest: Manifest) -> list[Shape]:
 
 def run_parity(root: str | Path, *, backends: list[str] | None = None, shapes: list[Shape] | None = None,
                fp32_max_abs: float | None = None, seed: int | None = None, reference_device: str = "cpu",
-               provider_options: dict | None = None, reference_cache: dict | None = None) -> ParityResult:
+               provider_options: dict | None = None, reference_cache: dict | None = None,
+               allow_pickle: bool = False) -> ParityResult:
     """Compare every available backend with the reference; returns the reports (no printing).
 
     ``reference_device``: where diffusers computes the reference (``cuda`` for the large shapes
@@ -157,7 +158,7 @@ def run_parity(root: str | Path, *, backends: list[str] | None = None, shapes: l
                 raise ParityError(f"--backends {name}: {root} offers nothing it names{_why_not(name)}; it offers "
                                   f"{', '.join(c.label for c in offered)}")
 
-    vae = reference_from_manifest(manifest, reference_cache).to(reference_device)
+    vae = reference_from_manifest(manifest, reference_cache, allow_pickle).to(reference_device)
     sf = manifest.scaling_factor
     cases = []  # (shape, graph, feed, reference outputs), every graph at every shape
     with true_fp32():
@@ -239,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--atol", type=float, default=None, metavar="X",
                    help="max abs error allowed at FP32 (default: the export's tolerance, 1e-3)")
     p.add_argument("--seed", type=int, default=None, help="seed of the inputs (default: the export's)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="rebuild the reference from pickle (.bin) weights, for a folder exported with "
+                        "--allow-pickle; they can run code when loaded, use only if trusted")
     p.add_argument("-v", "--verbose", action="store_true", help="log every step")
     return p
 
@@ -288,7 +292,7 @@ def _main(args) -> int:
         if args.seed is not None and args.seed < 0:
             raise AsymInputError(f"--seed {args.seed} must be >= 0")
         result = run_parity(args.dir, backends=backends, shapes=shapes, fp32_max_abs=args.atol, seed=args.seed,
-                            reference_device=args.reference_device)
+                            reference_device=args.reference_device, allow_pickle=args.allow_pickle)
     except (ArtifactError, AsymInputError, ParityError, ReferenceWeightsError, WeightsError) as e:
         print(f"asym-parity: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -44,20 +44,22 @@ def reference_from_variant(variant, weights: str | None = None, *, random_weight
                           allow_pickle=allow_pickle, revision=revision)
 
 
-def reference_from_manifest(manifest: Manifest, cache: dict | None = None):
+def reference_from_manifest(manifest: Manifest, cache: dict | None = None, allow_pickle: bool = False):
     """diffusers' model with the weights the folder was exported from (digest checked), in
     FP32 on the CPU. ``cache``: a dict kept by the caller; a model built once is copied from
-    it (building and hashing x2 costs seconds each time)."""
+    it (building and hashing x2 costs seconds each time). ``allow_pickle``: the weights may be
+    pickle files (an export made with --allow-pickle), which can run code when loaded: the
+    caller's consent again, not the export's."""
     key = str(Path(manifest.root).resolve())
     if cache is not None and key in cache:
         return copy.deepcopy(cache[key])
-    vae = _build_from_manifest(manifest)
+    vae = _build_from_manifest(manifest, allow_pickle)
     if cache is not None:
         cache[key] = copy.deepcopy(vae)
     return vae
 
 
-def _build_from_manifest(manifest: Manifest):
+def _build_from_manifest(manifest: Manifest, allow_pickle: bool = False):
     from asym_runtime.errors import ArtifactError
 
     from .variants import VARIANTS, get_variant
@@ -72,7 +74,7 @@ def _build_from_manifest(manifest: Manifest):
     if source == "random":
         vae = random_model(variant, int(w.get("seed", 0)))
     elif source in ("local", "hub"):
-        vae, _ = load_reference(variant, w["location"], revision=w.get("revision"))
+        vae, _ = load_reference(variant, w["location"], revision=w.get("revision"), allow_pickle=allow_pickle)
     else:
         raise ReferenceWeightsError(f"manifest weights source {source!r} is unknown")
     want = w.get("state_dict_sha256")

@@ -146,6 +146,26 @@ def test_a_backend_that_cannot_start_a_session_is_a_failure_and_the_others_still
     assert verdict == "asym-parity: FAILED (onnxruntime-cpu/fp16, onnxruntime-cpu/fp32 (failed to run))", verdict
 
 
+def test_a_folder_exported_from_pickle_weights_is_checked_with_consent(tiny_artifact, copy_artifact, tmp_path,
+                                                                         tiny_vae, capsys):
+    """An export made with --allow-pickle rebuilds its reference from the same .bin file: without
+    --allow-pickle asym-parity refuses (exit 2, saying which flag), with it the folder is compared
+    (before, no flag existed and such a folder could never be checked again)."""
+    from asym_export.weights import state_dict_digest
+
+    weights = tmp_path / "pickled"
+    tiny_vae.save_pretrained(weights, safe_serialization=False)  # the weights tiny_artifact was made from
+    folder = copy_artifact(tiny_artifact)
+    data = json.loads((folder / "manifest.json").read_text())
+    data["weights"] = {"source": "local", "location": str(weights), "state_dict_sha256": state_dict_digest(tiny_vae)}
+    (folder / "manifest.json").write_text(json.dumps(data))
+    common = [str(folder), "--backends", "onnxruntime-cpu/fp32", "--shapes", "1x64x64"]
+    assert main(common) == EXIT_USAGE
+    assert "pass --allow-pickle if you trust the file" in capsys.readouterr().err
+    assert main([*common, "--allow-pickle"]) == EXIT_OK
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "asym-parity: passed (onnxruntime-cpu/fp32)"
+
+
 def test_parity_with_no_runnable_backend_is_a_failure(tiny_artifact, capsys):
     from asym_runtime.backends.onnxrt import cuda_provider_available
 
