@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from asym_export.verify import (
-    FP16_MIN_PSNR_DB, FP16_TOLERANCE, FP32_MAX_ABS, OutputStats, Tolerance, VerificationError, VerificationReport,
-    output_stats, psnr,
+    BF16_TOLERANCE, FP16_MIN_PSNR_DB, FP16_TOLERANCE, FP32_MAX_ABS, OutputStats, Tolerance, VerificationError,
+    VerificationReport, output_stats, psnr,
 )
 from asym_runtime.specs import DECODER, ENCODER, Shape
 
@@ -94,6 +94,41 @@ def test_a_nan_in_the_output_fails_with_what_it_is():
         r = VerificationReport("t", tol)
         case = r.add(DECODER, SHAPE, {"sample": _sample()}, {"sample": out})
         assert case.failures == ["sample: NaN/Inf in output"]
+
+
+def test_the_fp32_bound_is_the_bound():
+    """A finite error just past 1e-3 fails and one just inside passes: the other tests' errors
+    are NaN or far larger, so a bound loosened tenfold would have passed them all."""
+    for err, failures in ((2e-3, ["sample: max abs 0.002 > 0.001"]), (9e-4, [])):
+        out = _sample()
+        out.reshape(-1)[5] = err
+        case = VerificationReport("t", Tolerance()).add(DECODER, SHAPE, {"sample": _sample()}, {"sample": out})
+        assert case.failures == failures, err
+
+
+@pytest.mark.parametrize("inf", [math.inf, -math.inf])
+def test_an_infinity_fails_as_a_nan_does(inf):
+    """+-Inf in the output is a failure with what it is (not an exception from the PSNR), and in
+    the reference it fails every tolerance."""
+    out = _sample()
+    out.reshape(-1)[3] = inf
+    for tol in (Tolerance(), FP16_TOLERANCE, BF16_TOLERANCE):
+        case = VerificationReport("t", tol).add(DECODER, SHAPE, {"sample": _sample()}, {"sample": out})
+        assert case.failures == ["sample: NaN/Inf in output"], tol
+        case = VerificationReport("t", tol).add(DECODER, SHAPE, {"sample": out}, {"sample": _sample()})
+        assert case.failures == ["sample: NaN/Inf in the PyTorch reference"], tol
+
+
+def test_the_bf16_floors_are_44_db_for_images_and_latent_means_and_35_for_log_variances():
+    """An error of known PSNR on each output just below and just above its BF16 floor."""
+    for name, floor in (("sample", 44.0), ("latent_mean", 44.0), ("latent_logvar", 35.0)):
+        for db, fails in ((floor - 0.5, True), (floor + 0.5, False)):
+            ref = _sample(0.0)
+            ref.reshape(-1)[0] = 2.0  # peak-to-peak 2.0 for the latents too, as the image range gives
+            off = 2.0 * 10 ** (-db / 20)  # a constant error e gives PSNR 20 log10(2 / e)
+            s = output_stats(name, ref, ref + off, (-1.0, 1.0) if name == "sample" else None)
+            assert s.psnr_db == pytest.approx(db, abs=1e-3)
+            assert bool(BF16_TOLERANCE.failures(s)) is fails, (name, db)
 
 
 def test_one_psnr_floor_for_every_output():

@@ -30,6 +30,21 @@ def test_threads_released_together_give_the_serial_decodes(tiny_rt):
     check_race(race(calls, THREADS, ROUNDS), serial)
 
 
+def test_calls_at_one_shape_with_different_inputs_keep_their_own_results(tiny_rt):
+    """Results are the caller's own: a later call at the same shape never changes an earlier
+    result (a buffer kept per shape and handed out would), and threads on one shape with
+    different inputs each get their own input's decode. In the test above, calls that share a
+    shape also share an input, so a per-shape buffer could not show there."""
+    feeds = [feed("decoder", Shape(2, 64, 64), seed=200 + i) for i in range(3)]
+    calls = [lambda f=f: tiny_rt.decode(f["latent"], image=f["image"], mask=f["mask"]) for f in feeds]
+    first = calls[0]()
+    kept = first.copy()
+    serial = [first] + [c() for c in calls[1:]]
+    np.testing.assert_array_equal(first, kept)  # untouched by the later calls
+    assert all(np.abs(serial[0] - other).max() > 1e-2 for other in serial[1:])  # the inputs differ in the output
+    check_race(race(calls, THREADS, ROUNDS), serial)
+
+
 def test_encode_and_decode_at_once(tiny_rt):
     f = feed("decoder", Shape(2, 64, 96), seed=7)
     image = feed("encoder", Shape(2, 64, 96), seed=8)["image"]
