@@ -40,10 +40,46 @@ def test_bad_urls_are_refused_before_connecting(url, protocol, words):
         asym_runtime.remote(url, protocol=protocol)
 
 
-@pytest.mark.parametrize("timeout", [0, -1, math.nan])
+@pytest.mark.parametrize("timeout", [0, -1, math.nan, math.inf, None, "5", True])
 def test_a_timeout_must_be_positive_seconds(timeout):
-    with pytest.raises(ValueError, match=r"seconds, > 0"):
+    """None and "5" raised TypeError from the comparison, where the docstring promises ValueError."""
+    with pytest.raises(ValueError, match=r"seconds, a finite number > 0"):
         asym_runtime.remote("localhost:8000", timeout=timeout)
+
+
+@pytest.mark.parametrize("scheme", ["", "grpc://"])
+def test_a_server_that_never_answers_is_given_up_within_the_timeout(scheme):
+    """A port that accepts connections and never answers (a hung server, a proxy): remote()
+    says no server answers within its timeout, over gRPC too, whose readiness and config calls
+    had no deadline and waited for ever."""
+    import socket
+    import threading
+    import time
+
+    from asym_runtime.errors import BackendUnavailableError
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    outcome = {}
+
+    def connect():
+        t0 = time.monotonic()
+        try:
+            asym_runtime.remote(f"{scheme}127.0.0.1:{silent.getsockname()[1]}", timeout=1)
+        except Exception as e:  # noqa: BLE001 - judged below
+            outcome["error"] = e
+        outcome["s"] = time.monotonic() - t0
+
+    t = threading.Thread(target=connect, daemon=True)
+    try:
+        t.start()
+        t.join(15)
+        assert not t.is_alive(), "remote() was still waiting after 15 s with timeout=1"
+    finally:
+        silent.close()
+    assert isinstance(outcome["error"], BackendUnavailableError), outcome
+    assert outcome["s"] < 5, outcome
 
 
 def _raise(exc):

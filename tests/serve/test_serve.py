@@ -282,6 +282,19 @@ def test_asym_serve_usage_errors(tiny_artifact, tmp_path, capsys):
     assert "--kind gpu" in capsys.readouterr().err
 
 
+def test_a_server_not_ready_in_time_leaves_its_log_in_the_error(tiny_artifact, tmp_path, capsys):
+    """The error said '(no server log)': the workspace, with Triton's log, was removed before
+    the log's tail was read."""
+    from asym_runtime.serving.cli import serve_main as main
+
+    http, grpc, metrics = free_ports(3)
+    assert main([str(tiny_artifact), "--graphs", "decoder_uncond", "--backend", "onnxruntime-cpu",
+                 "--start-timeout", "0.5", "--http-port", str(http), "--grpc-port", str(grpc),
+                 "--metrics-port", str(metrics)]) == 1
+    err = capsys.readouterr().err
+    assert "tritonserver was not ready within 0.5 s" in err and "(no server log)" not in err, err
+
+
 def test_a_batch_triton_forms_is_cut_to_what_the_loaded_backend_takes():
     """Triton may queue up to the config's max_batch_size (the folder's limit); the loaded
     backend's limit can be lower (a TensorRT engine's profile). The model cuts each group of

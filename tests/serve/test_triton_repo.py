@@ -268,6 +268,28 @@ def test_refuses_to_replace_a_foreign_folder_and_leaves_no_staging(tiny_artifact
     assert main(["--check", str(tmp_path / "r")]) == 1
 
 
+def test_the_repository_is_readable_by_other_users_and_a_file_is_never_replaced(tiny_artifact, tmp_path, capsys):
+    """The repository root came out 0700 (mkdtemp's mode, renamed into place), unreadable by a
+    Triton running as another user; it now follows the umask like its subfolders. An --out that
+    is a file with --force ended as an unexpected NotADirectoryError (exit 1)."""
+    import os
+    import stat
+
+    repo = tmp_path / "repo"
+    umask = os.umask(0o022)
+    try:
+        assert main([str(tiny_artifact), "--out", str(repo), "--kind", "cpu", "--precision", "fp32"]) == 0
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(repo.stat().st_mode) == 0o755
+    assert stat.S_IMODE((repo / "decoder").stat().st_mode) == 0o755
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    capsys.readouterr()
+    assert main([str(tiny_artifact), "--out", str(a_file), "--force"]) == 2
+    assert "not a repository asym-triton-repo wrote" in capsys.readouterr().err and a_file.read_text() == "mine"
+
+
 # --------------------------------------------------------------------------- refusals and the check, case by case
 # (a mutation run of repository.py: 39 mutants, 19 survived the tests above; each test below fails on one)
 

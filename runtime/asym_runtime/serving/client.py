@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import threading
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,12 @@ class _Connection:
         from tritonclient.utils import InferenceServerException
 
         self.ServerError = InferenceServerException
+
+    def timeout_kw(self) -> dict:
+        """The per-call deadline: gRPC calls take it as ``client_timeout`` (its client has no
+        connection timeout, so a call without it waits on a silent server for ever); HTTP's
+        client has it from its construction."""
+        return {} if self.protocol == "http" else {"client_timeout": self.timeout}
 
     def client(self):
         c = getattr(self._local, "client", None)
@@ -153,7 +160,7 @@ class TritonBackend(Backend):
             i.set_data_from_numpy(x)
             inputs.append(i)
         outputs = [tc.InferRequestedOutput(n) for n in self.graph.output_names]
-        kw = {} if self.connection.protocol == "http" else {"client_timeout": self.connection.timeout}
+        kw = self.connection.timeout_kw()
         result = self.connection.call(
             self.graph.name, lambda c: c.infer(self.model, inputs, outputs=outputs, **kw))
         # as_numpy() views the response's immutable bytes (read-only): copy, so callers get arrays
@@ -190,12 +197,12 @@ def remote(url: str = "localhost:8000", *, protocol: str | None = None, timeout:
     """
     from ..vae import AsymVAE
 
-    if not timeout > 0:
-        raise ValueError(f"timeout {timeout!r}: seconds, > 0")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+        raise ValueError(f"timeout {timeout!r}: seconds, a finite number > 0")
     protocol, address = _split_url(url, protocol)
     conn = _Connection(protocol, address, timeout)
     try:
-        ready = conn.call("remote", lambda c: c.is_server_ready())
+        ready = conn.call("remote", lambda c: c.is_server_ready(**conn.timeout_kw()))
     except BackendError as e:
         raise BackendUnavailableError(f"{e}; start one with: asym-serve ARTIFACT_DIR") from None
     if not ready:
@@ -205,9 +212,9 @@ def remote(url: str = "localhost:8000", *, protocol: str | None = None, timeout:
     max_batch = None  # the smallest max_batch_size of the served models (asym-serve --max-batch)
     for graph in GRAPHS.values():
         try:
-            if not conn.call("remote", lambda c: c.is_model_ready(graph.name)):
+            if not conn.call("remote", lambda c: c.is_model_ready(graph.name, **conn.timeout_kw())):
                 continue
-            cfg = conn.call("remote", lambda c: c.get_model_config(graph.name))
+            cfg = conn.call("remote", lambda c: c.get_model_config(graph.name, **conn.timeout_kw()))
         except (BackendError, AsymInputError):
             continue
         params = _parameters(cfg, protocol)

@@ -170,6 +170,9 @@ def write_repository(artifact: str | os.PathLike, out: str | os.PathLike, opts: 
         raise FileExistsError(f"{out} exists and is not a repository asym-triton-repo wrote; not replacing it")
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(stage, 0o777 & ~umask)  # mkdtemp makes 0700; the server may run as another user
     result = RepoResult(out)
     manifest_json = json.dumps(manifest.data, sort_keys=True, separators=(",", ":"))
     if opts.tensorrt_accelerator and opts.tensorrt_cache is None:
@@ -265,7 +268,10 @@ def write_repository(artifact: str | os.PathLike, out: str | os.PathLike, opts: 
 
 
 def is_our_repository(path: Path) -> bool:
-    subdirs = [p for p in Path(path).iterdir() if p.is_dir()]
+    path = Path(path)
+    if path.is_symlink() or not path.is_dir():  # a file or a link is never a repository this tool wrote
+        return False
+    subdirs = [p for p in path.iterdir() if p.is_dir()]
     return bool(subdirs) and all((p / TRAIL_NAME).is_file() for p in subdirs)
 
 

@@ -303,8 +303,9 @@ class TritonServer:
                 pass
             now = time.monotonic()
             if now > deadline:
+                tail = self.log_tail()  # before stop(), which removes the workspace and the log with it
                 self.stop()
-                raise RuntimeError(f"tritonserver was not ready within {self.opts.start_timeout_s:.0f} s:\n{self.log_tail()}")
+                raise RuntimeError(f"tritonserver was not ready within {self.opts.start_timeout_s:g} s:\n{tail}")
             if progress and now - last_note > 10:
                 progress(f"loading {', '.join(self.models)} ...")
                 last_note = now
