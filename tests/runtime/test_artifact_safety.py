@@ -111,6 +111,42 @@ def test_symlinks_are_refused_before_anything_is_read(tiny_artifact, copy_artifa
         _decode(folder)
 
 
+def test_a_generation_that_is_a_plain_file_is_refused(tiny_artifact, copy_artifact):
+    folder = copy_artifact(tiny_artifact)
+    gen = read_manifest(folder).folder
+    shutil.rmtree(gen)
+    gen.write_bytes(b"not a folder")
+    with pytest.raises(ArtifactError, match=r"is not a folder \(a symbolic link or a file\)"):
+        _decode(folder)
+
+
+@pytest.mark.parametrize("what", ["link", "fifo", "folder"])
+def test_check_file_refuses_links_fifos_and_folders_without_reading_them(tiny_artifact, copy_artifact, tmp_path,
+                                                                       what):
+    """check_file (the checks ahead of asym-serve's load and check_loadable): a link, a FIFO or
+    a folder under a listed name is refused, as read_verified refuses it, and a FIFO without
+    blocking."""
+    folder = copy_artifact(tiny_artifact)
+    m = read_manifest(folder)
+    path = m.path("decoder_uncond.onnx.data")
+    if what == "link":
+        outside = tmp_path / "outside.data"
+        shutil.move(path, outside)
+        os.symlink(outside, path)
+    else:
+        path.unlink()
+        os.mkfifo(path) if what == "fifo" else path.mkdir()
+    errors = []
+    t = threading.Thread(target=lambda: errors.append(pytest.raises(ArtifactError, m.check_file,
+                                                                    "decoder_uncond.onnx.data")), daemon=True)
+    t.start()
+    t.join(60)
+    assert not t.is_alive(), "check_file blocked"
+    assert ("is a symbolic link" if what == "link" else "is not a regular file") in str(errors[0].value)
+    with pytest.raises(ArtifactError):
+        asym_runtime.check_loadable(folder, backend="onnxruntime-cpu")
+
+
 def test_a_fifo_is_refused_without_blocking(tiny_artifact, copy_artifact):
     folder = copy_artifact(tiny_artifact)
     path = read_manifest(folder).path("decoder_uncond.onnx.data")

@@ -66,11 +66,15 @@ def _set(path, value):
     (_set(["files", "decoder.onnx", "role"], "vocoder"), r"at 'files/decoder.onnx/role': 'vocoder' is not one of"),
     (lambda d: d["files"].update({"../x.onnx": d["files"]["decoder.onnx"]}), r"at 'files': '../x.onnx' does not match"),
     (lambda d: d["files"].update({"/etc/x.onnx": d["files"]["decoder.onnx"]}), r"at 'files': '/etc/x.onnx' does not match"),
+    (lambda d: d["files"].update({"engines\\x.plan": d["files"]["decoder.onnx"]}),
+     r"at 'files': 'engines\\\\x.plan' does not match"),
     (lambda d: d.update(generation="../elsewhere"), r"at 'generation': '../elsewhere' does not match"),
+    (lambda d: d.update(generation="20260101T000000Z-deadbeef"), r"at 'generation': '20260101T000000Z-deadbeef' does "
+                                                                 "not match"),
     (lambda d: d.pop("generation"), r"at the top level: 'generation' is a required property"),
 ], ids=["files", "model_config", "scaling_factor", "scaling_factor-0", "limits-not-8", "limits-missing",
-        "limits-bool", "sha256-int", "size-str", "role", "name-dotdot", "name-absolute", "generation-outside",
-        "generation-missing"])
+        "limits-bool", "sha256-int", "size-str", "role", "name-dotdot", "name-absolute", "name-backslash",
+        "generation-outside", "generation-without-prefix", "generation-missing"])
 def test_a_malformed_manifest_is_an_artifact_error(tiny_artifact, copy_artifact, change, message):
     folder = copy_artifact(tiny_artifact)
     edit_manifest(folder, change)
