@@ -213,3 +213,41 @@ def test_the_fp16_emulation_keeps_an_fp32_island_in_fp32(tmp_path):
     got = sess.run(None, {"x": x})[0]
     assert np.isfinite(got).all() and np.abs(want).max() > 65504
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-2)
+
+
+@pytest.mark.parametrize("op", ["GroupNorm", "SkipGroupNorm"])
+def test_the_fp16_emulation_rounds_a_fused_norms_output_to_fp16(tmp_path, op):
+    """The other side of the island test above: a fused norm the plan leaves in FP16 writes an
+    FP16 output on the GPU, so the emulation rounds it, and past 65504 it overflows as the
+    kernel's does (an emulation that skipped the rounding hid it: a mutation run found no test
+    that saw it)."""
+    from asym_export.cuda_emulation import write_emulation
+    from asym_export.fp16_emulation import write_emulation_twin
+
+    f = TensorProto.FLOAT
+    ins = ["x", "gamma", "beta"] + (["skip"] if op == "SkipGroupNorm" else [])
+    n = helper.make_node(op, ins, ["y"], name="gn", domain=MS_DOMAIN, groups=2, epsilon=1e-5, activation=0,
+                         channels_last=1)
+    inputs = [helper.make_tensor_value_info(i, f, [1, 4, 4, 4]) for i in ins if i in ("x", "skip")]
+    g = helper.make_graph([n], "g", inputs, [helper.make_tensor_value_info("y", f, [1, 4, 4, 4])],
+                          [numpy_helper.from_array(np.full(4, 1e5, np.float32), "gamma"),
+                           numpy_helper.from_array(np.zeros(4, np.float32), "beta")])
+    onnx.save_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS_DOMAIN, 1)]),
+                    str(tmp_path / "gn.onnx"))
+    write_emulation(tmp_path / "gn.onnx", tmp_path / "emu.onnx", fp16=True, fp32_nodes=set())
+    sess = ort.InferenceSession(str(write_emulation_twin(tmp_path / "emu.onnx", tmp_path / "twin.onnx")),
+                                providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(2)
+    feed = {"x": rng.standard_normal((1, 4, 4, 4)).astype(np.float32)}
+    s = feed["x"].astype(np.float64)
+    if op == "SkipGroupNorm":
+        feed["skip"] = rng.standard_normal((1, 4, 4, 4)).astype(np.float32)
+        s = s + feed["skip"]
+    grp = s.reshape(1, 16, 2, 2)
+    want = 1e5 * ((grp - grp.mean(axis=(1, 3), keepdims=True)) /
+                  np.sqrt(grp.var(axis=(1, 3), keepdims=True) + 1e-5)).reshape(s.shape)
+    got = sess.run(None, feed)[0]
+    over = np.abs(want) > 65520  # rounds past FP16's largest finite value
+    assert over.any() and (~over).any()
+    assert np.isinf(got[over]).all() and np.array_equal(np.sign(got[over]), np.sign(want[over]))
+    np.testing.assert_allclose(got[~over], want[~over].astype(np.float16).astype(np.float32), rtol=2e-3, atol=0)
