@@ -354,6 +354,10 @@ class TritonServer:
                     log.warning("interrupted while tritonserver was stopping; killing it")
                     self._kill(p)
                     raise
+            if p is not None:
+                # Triton stopped while loading leaves its python-backend stubs running, orphaned
+                # in its process group (seen after a start that timed out): end what is left
+                self._kill(p)
         finally:
             if self._own_workspace and self.workspace is not None:
                 shutil.rmtree(self.workspace, ignore_errors=True)
@@ -361,9 +365,10 @@ class TritonServer:
 
     @staticmethod
     def _kill(p: subprocess.Popen) -> None:
+        """SIGKILL to Triton's process group (it leads a session of its own), then reap it."""
         try:
             os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:  # it exited meanwhile
+        except (ProcessLookupError, PermissionError):  # the group is empty: nothing is left
             pass
         p.wait()
 
