@@ -379,14 +379,16 @@ def test_the_switch_leaves_no_temporary_manifest_and_a_new_export_removes_killed
         w.write_manifest(_fields(tiny_artifact))
     gen = read_manifest(out).generation
     assert sorted(p.name for p in out.iterdir()) == [".lock", gen, "manifest.json"]
-    # what an export killed inside write_json_atomic leaves, next to files that are not the writer's
-    (out / ".manifest.json.k1ll3d.tmp").write_text("{}")
+    # what an export killed inside write_json_atomic leaves (mkstemp's name: 8 random characters),
+    # next to files that are not the writer's
+    (out / ".manifest.json.k1ll3d_x.tmp").write_text("{}")
     (out / "notes.txt").write_text("the user's")
     (out / ".manifest.json.k1ll3d").write_text("not a name the writer makes")
+    (out / ".manifest.json.mine.tmp").write_text("nor this one")
     with ArtifactWriter(out):
         pass
-    assert sorted(p.name for p in out.iterdir()) == [".lock", ".manifest.json.k1ll3d", gen, "manifest.json",
-                                                      "notes.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", ".manifest.json.k1ll3d", ".manifest.json.mine.tmp",
+                                                      gen, "manifest.json", "notes.txt"]
 
 
 def test_a_reexport_over_a_schema_1_folder_removes_only_the_files_its_manifest_listed(tiny_artifact, tmp_path):
